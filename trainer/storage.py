@@ -1,0 +1,319 @@
+"""Every user-given location goes through this module: local paths, `gs://`, any fsspec URL.
+
+Nothing else in the trainer calls `open()`, `os.makedirs`, gcsfs or `tf.io.gfile` on a location a
+user named. Remote access goes through fsspec (gcsfs for `gs://`), whose clients already retry
+transient errors with exponential backoff; what still fails after those retries is raised here as
+`RetryableError` so the job exits with the retryable code instead of a traceback.
+
+Writes are whole-or-nothing: a local file is written to a temporary name in the same folder and
+renamed; an object-store upload only becomes visible when it completes.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+
+import fsspec
+
+from trainer.errors import RetryableError, UserError
+
+# gcsfs otherwise probes for hierarchical-namespace buckets over gRPC, which an emulator never
+# answers: each bucket would cost a 60 s timeout. Real GCS keeps the library default.
+if os.environ.get("STORAGE_EMULATOR_HOST"):
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+# What a storage client raises when the service cannot be reached (after its own retries).
+_UNREACHABLE = (ConnectionError, TimeoutError)
+
+
+def is_url(location):
+    """True for `scheme://...` locations, False for local paths (and `file://`)."""
+    return "://" in location and not location.startswith("file://")
+
+
+def is_gcs(location):
+    return location.startswith("gs://")
+
+
+def tensorflow_can_read(location):
+    """Whether TensorFlow's own filesystem reaches `location` (the fastest path).
+
+    TF's `gs://` has the real endpoint compiled in, so it cannot reach an emulator: with
+    STORAGE_EMULATOR_HOST set, `gs://` goes through fsspec instead.
+    """
+    if not is_url(location):
+        return True
+    return is_gcs(location) and not os.environ.get("STORAGE_EMULATOR_HOST")
+
+
+def _local(location):
+    return location[len("file://"):] if location.startswith("file://") else location
+
+
+def join(base, *parts):
+    """Joins path parts with `/` for URLs and the OS separator for local paths."""
+    if is_url(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(_local(base), *parts)
+
+
+def basename(location):
+    return posixpath.basename(location.rstrip("/")) if is_url(location) else os.path.basename(location)
+
+
+def dirname(location):
+    if is_url(location):
+        scheme, rest = location.split("://", 1)
+        return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+    return os.path.dirname(os.path.abspath(_local(location)))
+
+
+def _remote(url):
+    # No listings cache: another process (a peer worker, a rerun) may have written since.
+    filesystem, path = fsspec.core.url_to_fs(url, use_listings_cache=False)
+    return filesystem, path
+
+
+@contextlib.contextmanager
+def _translate_errors(location):
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except _UNREACHABLE as error:
+        raise RetryableError(f"storage unreachable at {location}: {error}") from error
+    except OSError as error:
+        # aiohttp connection errors are OSErrors; a local permission problem is the user's.
+        if is_url(location):
+            raise RetryableError(f"storage error at {location}: {error}") from error
+        raise UserError(f"cannot access {location}: {error}") from error
+
+
+def exists(location):
+    with _translate_errors(location):
+        if is_url(location):
+            filesystem, path = _remote(location)
+            return filesystem.exists(path)
+        return os.path.exists(_local(location))
+
+
+def isdir(location):
+    """True for a local folder, or a URL prefix that has objects under it."""
+    with _translate_errors(location):
+        if is_url(location):
+            filesystem, path = _remote(location)
+            return filesystem.isdir(path)
+        return os.path.isdir(_local(location))
+
+
+def size(location):
+    with _translate_errors(location):
+        if is_url(location):
+            filesystem, path = _remote(location)
+            return filesystem.size(path)
+        return os.path.getsize(_local(location))
+
+
+def makedirs(location):
+    """Creates a local folder (and parents). Object stores have no folders: a no-op there."""
+    if not is_url(location):
+        with _translate_errors(location):
+            os.makedirs(_local(location), exist_ok=True)
+
+
+def list_files(location):
+    """Every file under `location`, recursively, as sorted `(relative_path, size)` pairs.
+
+    Relative paths always use `/`. Raises FileNotFoundError when `location` does not exist.
+    """
+    with _translate_errors(location):
+        if is_url(location):
+            filesystem, path = _remote(location)
+            path = path.rstrip("/")
+            if not filesystem.isdir(path):
+                raise FileNotFoundError(location)
+            found = filesystem.find(path, detail=True)
+            return sorted(
+                (posixpath.relpath(name, path), int(info.get("size") or 0))
+                for name, info in found.items()
+                if info.get("type") != "directory" and not name.endswith("/")
+            )
+        root = _local(location)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(location)
+        files = []
+        for folder, _, names in os.walk(root):
+            for name in names:
+                full = os.path.join(folder, name)
+                relative = os.path.relpath(full, root).replace(os.sep, "/")
+                files.append((relative, os.path.getsize(full)))
+        return sorted(files)
+
+
+def glob(pattern):
+    """Sorted full locations matching a glob pattern (`*`, `?`, `[..]`, `**`)."""
+    with _translate_errors(pattern):
+        if is_url(pattern):
+            filesystem, path = _remote(pattern)
+            return sorted(filesystem.unstrip_protocol(name) for name in filesystem.glob(path))
+        import glob as globmodule  # local only; the name `glob` is this function
+
+        return sorted(globmodule.glob(_local(pattern), recursive=True))
+
+
+@contextlib.contextmanager
+def open_file(location, mode="rb", block_size=None):
+    """Opens a file for reading or (whole-file, atomic) writing. Modes: rb, r, wb, w.
+
+    Args:
+      location: a local path or URL.
+      mode: "rb"/"r" to read, "wb"/"w" to write (replacing any existing file).
+      block_size: read-ahead size for remote files (large reads suit object storage).
+
+    Raises:
+      FileNotFoundError: reading a location that does not exist.
+      RetryableError: remote storage unreachable after the client's retries.
+    """
+    if mode not in ("rb", "r", "wb", "w"):
+        raise ValueError(f"unsupported mode {mode!r}")
+    with _translate_errors(location):
+        if is_url(location):
+            filesystem, path = _remote(location)
+            options = {"block_size": block_size} if block_size else {}
+            with filesystem.open(path, mode, **options) as handle:
+                yield handle
+        elif mode.startswith("r"):
+            with open(_local(location), mode) as handle:
+                yield handle
+        else:
+            path = _local(location)
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            try:
+                with os.fdopen(descriptor, mode) as handle:
+                    yield handle
+                os.replace(temporary, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
+                raise
+
+
+def read_bytes(location):
+    with open_file(location, "rb") as handle:
+        return handle.read()
+
+
+def write_bytes(location, data):
+    with open_file(location, "wb") as handle:
+        handle.write(data)
+
+
+def read_text(location):
+    return read_bytes(location).decode("utf-8")
+
+
+def write_text(location, text):
+    write_bytes(location, text.encode("utf-8"))
+
+
+def read_json(location):
+    return json.loads(read_bytes(location))
+
+
+def write_json(location, value):
+    write_text(location, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def write_if_absent(location, data):
+    """Creates `location` with `data` only if nothing is there yet; returns whether it did.
+
+    `gs://` uses a generation precondition (`ifGenerationMatch=0`), so of two concurrent writers
+    exactly one wins. Local files use O_EXCL on a hard link. Other fsspec stores fall back to
+    check-then-write, which is not atomic.
+    """
+    with _translate_errors(location):
+        if is_gcs(location):
+            from google.api_core import exceptions
+            from google.cloud import storage as gcs
+
+            bucket, _, name = location[len("gs://"):].partition("/")
+            client = gcs.Client.create_anonymous_client() if os.environ.get(
+                "STORAGE_EMULATOR_HOST") else gcs.Client()
+            try:
+                client.bucket(bucket).blob(name).upload_from_string(data, if_generation_match=0)
+                return True
+            except exceptions.PreconditionFailed:
+                return False
+        if is_url(location):
+            if exists(location):
+                return False
+            write_bytes(location, data)
+            return True
+        path = _local(location)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+            os.link(temporary, path)  # fails if `path` exists: atomic create-if-absent
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(temporary)
+
+
+def copy(source, destination):
+    """Copies one file between any two locations, streaming."""
+    with open_file(source, "rb", block_size=16 * 2**20) as reader, open_file(destination, "wb") as writer:
+        shutil.copyfileobj(reader, writer, length=8 * 2**20)
+
+
+def copy_tree(source, destination):
+    """Copies every file under `source` to the same relative path under `destination`.
+
+    Returns:
+      The number of files copied.
+    """
+    files = list_files(source)
+    for relative, _ in files:
+        copy(join(source, *relative.split("/")), join(destination, *relative.split("/")))
+    return len(files)
+
+
+def remove(location, recursive=False):
+    """Removes a file (or with `recursive`, everything under a folder or prefix); missing is fine."""
+    with _translate_errors(location):
+        if is_url(location):
+            filesystem, path = _remote(location)
+            if filesystem.exists(path):
+                filesystem.rm(path, recursive=recursive)
+            return
+        path = _local(location)
+        if os.path.isdir(path) and recursive:
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def local_copy(location, cache_dir=None):
+    """A local path holding `location`'s content: itself when local, else a cached download.
+
+    Used for files that libraries only read from local disk (Keras weight files). The cache key is
+    the URL, and a download is renamed into place only when complete.
+    """
+    if not is_url(location):
+        return _local(location)
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "trainer-cache")
+    digest = hashlib.sha256(location.encode()).hexdigest()[:16]
+    target = os.path.join(cache_dir, digest, basename(location))
+    if not os.path.exists(target):
+        copy(location, target)
+    return target
