@@ -1,0 +1,151 @@
+"""The distribution strategy and the cluster spec, from flags and the environment.
+
+Where the cluster comes from, in order:
+  1. `TF_CONFIG`, when set (any launcher that follows TensorFlow's convention).
+  2. A JobSet (`JOBSET_NAME`, `REPLICATED_JOB_NAME`, `JOB_INDEX`, `JOB_COMPLETION_INDEX`): worker
+     hostnames are `<jobset>-<replicated job>-<job index>-<pod index>.<subdomain>`.
+  3. A Kubernetes Indexed Job behind a headless Service (`JOB_COMPLETION_INDEX`,
+     `TRAINER_JOB_NAME`, `TRAINER_SERVICE_NAME`): hostnames are `<job>-<index>.<service>`.
+The number of workers comes from `--num_workers` or `TRAINER_NUM_WORKERS`; the port from
+`--worker_port` or `TRAINER_WORKER_PORT`.
+"""
+
+import json
+import os
+
+from absl import logging
+
+from trainer.errors import UserError
+
+
+def cluster_from_environment(environ=None, num_workers=None, port=None):
+    """Builds a TF_CONFIG-style dict from the environment, or None for a single machine.
+
+    Args:
+      environ: the environment (default: os.environ).
+      num_workers: workers in the job; default TRAINER_NUM_WORKERS.
+      port: the port every worker listens on; default TRAINER_WORKER_PORT, else 12345.
+
+    Returns:
+      {"cluster": {"worker": [...], ...}, "task": {"type": ..., "index": ...}} or None.
+
+    Raises:
+      UserError: TF_CONFIG is not valid JSON, or a Kubernetes environment lacks the worker count.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("TF_CONFIG"):
+        try:
+            config = json.loads(environ["TF_CONFIG"])
+        except json.JSONDecodeError as error:
+            raise UserError(f"TF_CONFIG is not valid JSON: {error}") from error
+        if not config.get("cluster"):
+            return None
+        return config
+    if "JOB_COMPLETION_INDEX" not in environ:
+        return None
+    num_workers = num_workers or int(environ.get("TRAINER_NUM_WORKERS") or 0)
+    port = port or int(environ.get("TRAINER_WORKER_PORT") or 12345)
+    pod_index = int(environ["JOB_COMPLETION_INDEX"])
+    if "JOBSET_NAME" in environ:
+        jobset, replicated = environ["JOBSET_NAME"], environ["REPLICATED_JOB_NAME"]
+        job_index = int(environ.get("JOB_INDEX") or 0)
+        jobs = int(environ.get("REPLICATED_JOB_REPLICAS") or 1)
+        subdomain = environ.get("TRAINER_SERVICE_NAME") or jobset
+        if num_workers < 1 or num_workers % jobs:
+            raise UserError(f"JobSet with {jobs} jobs needs --num_workers (or TRAINER_NUM_WORKERS) "
+                            f"as a positive multiple of {jobs}, got {num_workers}")
+        pods = num_workers // jobs
+        hosts = [f"{jobset}-{replicated}-{j}-{p}.{subdomain}:{port}"
+                 for j in range(jobs) for p in range(pods)]
+        index = job_index * pods + pod_index
+    elif "TRAINER_JOB_NAME" in environ and "TRAINER_SERVICE_NAME" in environ:
+        if num_workers < 1:
+            raise UserError("an Indexed Job needs --num_workers (or TRAINER_NUM_WORKERS)")
+        job, service = environ["TRAINER_JOB_NAME"], environ["TRAINER_SERVICE_NAME"]
+        hosts = [f"{job}-{i}.{service}:{port}" for i in range(num_workers)]
+        index = pod_index
+    else:
+        return None
+    if num_workers == 1:
+        return None
+    return {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+
+
+def is_chief(cluster):
+    """Whether this task writes the job's final outputs.
+
+    The chief is the `chief` task when the cluster has one, else worker 0. A single machine
+    (cluster None) is always the chief.
+    """
+    if not cluster:
+        return True
+    task = cluster.get("task", {})
+    if "chief" in cluster.get("cluster", {}):
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
+def task_id(cluster):
+    """A short name for this task, used for its private temporary folders."""
+    if not cluster:
+        return "chief"
+    task = cluster.get("task", {})
+    return f"{task.get('type', 'worker')}-{task.get('index', 0)}"
+
+
+def split_cpu(replicas):
+    """Splits the CPU into `replicas` logical devices (must run before TensorFlow starts)."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)])
+
+
+def make_strategy(kind="auto", cpu_replicas=0, num_workers=None, port=None, peer_timeout_seconds=None):
+    """Creates the tf.distribute strategy for this process.
+
+    Args:
+      kind: auto | mirrored | multi_worker | one_device. auto is multi_worker when the cluster
+        environment describes more than one worker, else mirrored.
+      cpu_replicas: with no GPU, split the CPU into this many replicas (tests, laptops).
+      num_workers, port: see `cluster_from_environment`.
+      peer_timeout_seconds: multi-worker collectives give up after this long (a lost peer then
+        ends the job with a retryable error instead of hanging).
+
+    Returns:
+      (strategy, cluster) where cluster is the TF_CONFIG dict or None.
+
+    Raises:
+      UserError: multi_worker asked for but no cluster described, or an unknown kind.
+    """
+    import tensorflow as tf
+
+    cluster = cluster_from_environment(num_workers=num_workers, port=port)
+    if kind == "auto":
+        kind = "multi_worker" if cluster else "mirrored"
+    gpus = tf.config.list_physical_devices("GPU")
+    if kind == "multi_worker":
+        if not cluster:
+            raise UserError("--strategy=multi_worker needs TF_CONFIG or a Kubernetes Indexed Job/JobSet "
+                            "environment")
+        # The strategy reads TF_CONFIG itself; a Kubernetes-derived cluster is handed over here.
+        os.environ["TF_CONFIG"] = json.dumps(cluster)
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=peer_timeout_seconds)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    elif kind == "mirrored":
+        if not gpus and cpu_replicas > 1:
+            split_cpu(cpu_replicas)
+            devices = [f"/cpu:{i}" for i in range(cpu_replicas)]
+            strategy = tf.distribute.MirroredStrategy(devices=devices)
+        else:
+            strategy = tf.distribute.MirroredStrategy()
+        cluster = None
+    elif kind == "one_device":
+        strategy = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+        cluster = None
+    else:
+        raise UserError(f"unknown strategy {kind!r}")
+    logging.info("strategy %s: %d replicas in sync, %d GPUs on this node, task %s",
+                 type(strategy).__name__, strategy.num_replicas_in_sync, len(gpus), task_id(cluster))
+    return strategy, cluster

@@ -1,0 +1,373 @@
+"""`trainer train`: the transfer-learning job, from a dataset manifest to an exported model.
+
+One run, in job_dir (local or any URL, all through trainer.storage):
+  config.json          the resolved configuration (chief only)
+  history.json         per-epoch metrics of both phases, rewritten after every epoch
+  tensorboard/         TensorBoard event files, synced after every epoch
+  backup/<phase>/      preemption backups (BackupAndRestore), committed `checkpoint`-file last
+  checkpoints/<phase>/ the weights at the end of each phase, and COMPLETE once they are whole
+  model/               the exported SavedModel (serving signature on encoded image bytes)
+  DONE                 written last: a rerun of a finished job exits 0 at once
+
+Keras writes checkpoints and event files to local scratch (`TMPDIR`); they are copied to job_dir,
+so every store fsspec reaches works, and a pod rescheduled on an empty disk resumes from job_dir.
+"""
+
+import dataclasses
+import datetime
+import os
+import shutil
+import signal
+import tempfile
+
+from absl import logging
+
+from trainer import __version__, data, distribute, export, storage
+from trainer import model as model_lib
+from trainer.errors import RetryableError, UserError
+from trainer.kerasapi import keras
+
+# Multi-worker collectives give up after this long when a peer is gone, so survivors exit with the
+# retryable code instead of hanging (docs/scaling.md).
+PEER_TIMEOUT_SECONDS = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; cli.py fills it from flags (same names, same defaults)."""
+
+    data: str
+    job_dir: str
+    backbone: str = "vgg16"
+    weights: str = "imagenet"
+    image_size: int = 150
+    batch_size: int = 64
+    epochs: int = 10
+    learning_rate: float = 1e-5
+    augment: bool = False
+    head: str = "flatten"
+    dense_units: int = 256
+    dropout: float = 0.5
+    fine_tune_epochs: int = 0
+    fine_tune_from: str = "block5_conv1"
+    fine_tune_learning_rate: float = 1e-5
+    strategy: str = "auto"
+    cpu_replicas: int = 0
+    num_workers: int | None = None
+    worker_port: int = 12345
+    backup_every_steps: int = 100
+    steps_per_epoch: int | None = None
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    skip_corrupt_shards: bool = False
+    feature_cache: str = "auto"
+    mixed_precision: bool = False
+    jit_compile: bool = False
+
+    @classmethod
+    def field_names(cls):
+        return [field.name for field in dataclasses.fields(cls)]
+
+
+class Preempted(Exception):
+    """Raised inside fit once a SIGTERM was received and the backup after it is committed."""
+
+
+def check_config(config):
+    """Raises UserError for values no run can use (before any expensive work)."""
+    positive = {"image_size": config.image_size, "batch_size": config.batch_size,
+                "backup_every_steps": config.backup_every_steps}
+    for name, value in positive.items():
+        if value < 1:
+            raise UserError(f"--{name} must be positive, got {value}")
+    if config.epochs < 0 or config.fine_tune_epochs < 0:
+        raise UserError("--epochs and --fine_tune_epochs must be >= 0")
+    if config.epochs + config.fine_tune_epochs == 0:
+        raise UserError("nothing to train: --epochs and --fine_tune_epochs are both 0")
+    if not 0 <= config.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {config.dropout}")
+    if config.learning_rate <= 0 or config.fine_tune_learning_rate <= 0:
+        raise UserError("learning rates must be positive")
+
+
+def derive_batches(global_batch, replicas, train_count, steps_cap=None):
+    """The per-replica batch and steps per epoch for a global batch.
+
+    Raises:
+      UserError: the global batch does not divide over the replicas, or exceeds the train split.
+    """
+    if global_batch % replicas:
+        raise UserError(f"--batch_size={global_batch} is not divisible by the {replicas} replicas in sync; "
+                        f"use a multiple of {replicas}")
+    steps = train_count // global_batch
+    if steps == 0:
+        raise UserError(f"--batch_size={global_batch} exceeds the {train_count} training examples")
+    if steps_cap:
+        steps = min(steps, steps_cap)
+    return global_batch // replicas, steps
+
+
+# ---------------------------------------------------------------- syncing scratch <-> job_dir
+
+
+def upload_checkpoint_dir(local_dir, remote_dir):
+    """Copies a TF checkpoint folder up, the `checkpoint` index file last (the commit point).
+
+    A crash mid-copy leaves the previous `checkpoint` pointing at files that are all present.
+    Files of checkpoints that the index no longer names are removed afterwards.
+    """
+    names = sorted(os.listdir(local_dir))
+    for name in names:
+        if name != "checkpoint":
+            storage.copy(os.path.join(local_dir, name), storage.join(remote_dir, name))
+    if "checkpoint" in names:
+        storage.copy(os.path.join(local_dir, "checkpoint"), storage.join(remote_dir, "checkpoint"))
+    remote = set()
+    if storage.isdir(remote_dir):
+        remote = {relative for relative, _ in storage.list_files(remote_dir)}
+    for stale in remote - set(names):
+        storage.remove(storage.join(remote_dir, stale))
+
+
+def download_checkpoint_dir(remote_dir, local_dir):
+    """Copies a committed backup down; returns False when job_dir holds none."""
+    if not storage.exists(storage.join(remote_dir, "checkpoint")):
+        return False
+    os.makedirs(local_dir, exist_ok=True)
+    storage.copy_tree(remote_dir, local_dir)
+    return True
+
+
+class SyncedBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore whose every backup is also committed to job_dir, plus SIGTERM handling.
+
+    On SIGTERM the next batch end writes a backup, commits it, and raises `Preempted`, so the
+    process can exit with the retryable code; a restart resumes at that exact step.
+    """
+
+    def __init__(self, local_dir, remote_dir, save_freq, is_chief):
+        super().__init__(backup_dir=local_dir, save_freq=save_freq, delete_checkpoint=False)
+        self.local_dir, self.remote_dir, self.is_chief = local_dir, remote_dir, is_chief
+        self.terminate_requested_at = None
+
+    def _backup(self, epoch, batch=0):
+        super()._backup(epoch=epoch, batch=batch)
+        if self.is_chief:
+            # BackupAndRestore's chief writes straight into backup_dir; workers use a temp dir.
+            upload_checkpoint_dir(self.local_dir, self.remote_dir)
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if self.terminate_requested_at is not None:
+            self._backup(epoch=self._current_epoch, batch=batch)
+            elapsed = datetime.datetime.now().timestamp() - self.terminate_requested_at
+            logging.warning("SIGTERM: backup committed to %s %.1f s after the signal", self.remote_dir,
+                            elapsed)
+            print(f"preemption backup committed {elapsed:.1f} s after SIGTERM", flush=True)
+            raise Preempted()
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """Appends each epoch's metrics to history.json and syncs TensorBoard logs (chief only)."""
+
+    def __init__(self, job_dir, phase, history, tensorboard_dir, is_chief):
+        super().__init__()
+        self.job_dir, self.phase, self.history = job_dir, phase, history
+        self.tensorboard_dir, self.is_chief = tensorboard_dir, is_chief
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.is_chief:
+            return
+        epochs = next(p for p in self.history["phases"] if p["name"] == self.phase)["epochs"]
+        epochs[:] = [e for e in epochs if e["epoch"] != epoch + 1]
+        epochs.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
+        storage.write_json(storage.join(self.job_dir, "history.json"), self.history)
+        if os.path.isdir(self.tensorboard_dir):
+            for folder, _, names in os.walk(self.tensorboard_dir):
+                for name in names:
+                    local = os.path.join(folder, name)
+                    relative = os.path.relpath(local, self.tensorboard_dir).split(os.sep)
+                    storage.copy(local, storage.join(self.job_dir, "tensorboard", *relative))
+
+
+# ---------------------------------------------------------------- the run
+
+
+def load_history(job_dir, phases):
+    url = storage.join(job_dir, "history.json")
+    history = storage.read_json(url) if storage.exists(url) else {"phases": []}
+    for name in phases:
+        if not any(p["name"] == name for p in history["phases"]):
+            history["phases"].append({"name": name, "epochs": []})
+    return history
+
+
+def make_datasets(strategy, config, global_batch, validate=True):
+    """Distributed train (repeating) and validation (finite, every example once) datasets."""
+
+    def train_fn(context):
+        return data.make_dataset(config.data, "train", config.image_size,
+                                 context.get_per_replica_batch_size(global_batch), training=True,
+                                 augment=config.augment, shuffle_buffer=config.shuffle_buffer,
+                                 seed=config.seed, input_context=context,
+                                 skip_corrupt_shards=config.skip_corrupt_shards)
+
+    def val_fn(context):
+        return data.make_dataset(config.data, "val", config.image_size,
+                                 context.get_per_replica_batch_size(global_batch), training=False,
+                                 input_context=context, skip_corrupt_shards=config.skip_corrupt_shards)
+
+    train_data = strategy.distribute_datasets_from_function(train_fn)
+    return train_data, strategy.distribute_datasets_from_function(val_fn) if validate else None
+
+
+def phase_done(job_dir, phase):
+    return storage.exists(storage.join(job_dir, "checkpoints", phase, "COMPLETE"))
+
+
+def save_phase_weights(model, job_dir, phase, scratch, is_chief):
+    """Saves the weights at the end of a phase to job_dir, then its COMPLETE marker."""
+    local = os.path.join(scratch, "phase-weights", phase)
+    os.makedirs(local, exist_ok=True)
+    # Every worker saves (the save may read distributed variables); only the chief publishes.
+    model.save_weights(os.path.join(local, "weights"))
+    if is_chief:
+        remote = storage.join(job_dir, "checkpoints", phase)
+        upload_checkpoint_dir(local, remote)
+        storage.write_text(storage.join(remote, "COMPLETE"), now_iso())
+
+
+def load_phase_weights(model, job_dir, phase, scratch):
+    local = os.path.join(scratch, "phase-weights-restored", phase)
+    download_checkpoint_dir(storage.join(job_dir, "checkpoints", phase), local)
+    model.load_weights(os.path.join(local, "weights")).expect_partial()
+
+
+def fit_phase(model, phase, epochs, train_data, val_data, steps, config, context):
+    """Runs one phase under BackupAndRestore; returns when its epochs are done."""
+    local_backup = os.path.join(context["scratch"], "backup", phase)
+    remote_backup = storage.join(config.job_dir, "backup", phase)
+    if download_checkpoint_dir(remote_backup, local_backup):
+        logging.info("phase %s: resuming from the backup in %s", phase, remote_backup)
+    backup = SyncedBackupAndRestore(local_backup, remote_backup, config.backup_every_steps,
+                                    context["is_chief"])
+    context["backups"].append(backup)
+    tensorboard_dir = os.path.join(context["scratch"], "tensorboard")
+    callbacks = [
+        backup,
+        keras.callbacks.TensorBoard(os.path.join(tensorboard_dir, phase), update_freq="epoch"),
+        EpochRecorder(config.job_dir, phase, context["history"], tensorboard_dir, context["is_chief"]),
+    ]
+    model.fit(train_data, epochs=epochs, steps_per_epoch=steps, validation_data=val_data,
+              callbacks=callbacks, verbose=2)
+    context["backups"].remove(backup)
+
+
+def install_sigterm_handler(context):
+    """On SIGTERM, ask every active backup callback to save at the next batch end."""
+
+    def handler(signum, frame):
+        logging.warning("SIGTERM received: backing up at the next step, then exiting")
+        now = datetime.datetime.now().timestamp()
+        for backup in context["backups"]:
+            backup.terminate_requested_at = now
+        if not context["backups"]:
+            raise Preempted()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def log_plan(config, strategy, cluster, manifest, per_replica, steps):
+    workers = sum(len(cluster["cluster"].get(kind, [])) for kind in ("chief", "worker")) if cluster else 1
+    splits = manifest["splits"]
+    logging.info(
+        "plan: %d worker(s), %d replicas in sync; global batch %d = %d per replica; %d steps per epoch "
+        "(train %d, val %d examples); head: %d epochs at lr %g; fine-tune: %d epochs at lr %g from %s",
+        workers, strategy.num_replicas_in_sync, config.batch_size, per_replica, steps,
+        splits["train"]["count"], splits.get("val", {}).get("count", 0), config.epochs,
+        config.learning_rate, config.fine_tune_epochs, config.fine_tune_learning_rate,
+        config.fine_tune_from)
+
+
+def run(config):
+    """Trains, exports and marks a job complete; resumes whatever a previous attempt left.
+
+    Raises:
+      UserError: bad configuration, data or weights.
+      RetryableError: preempted (a backup was committed first) or storage unreachable.
+    """
+    check_config(config)
+    done_url = storage.join(config.job_dir, "DONE")
+    if storage.exists(done_url):
+        logging.info("job %s is already complete (%s exists); nothing to do", config.job_dir, done_url)
+        print(f"already complete: {config.job_dir}")
+        return
+    strategy, cluster = distribute.make_strategy(config.strategy, config.cpu_replicas, config.num_workers,
+                                                 config.worker_port, PEER_TIMEOUT_SECONDS)
+    is_chief = distribute.is_chief(cluster)
+    manifest = data.load_manifest(config.data)
+    classes = manifest["classes"]
+    per_replica, steps = derive_batches(config.batch_size, strategy.num_replicas_in_sync,
+                                        manifest["splits"]["train"]["count"], config.steps_per_epoch)
+    log_plan(config, strategy, cluster, manifest, per_replica, steps)
+    keras.utils.set_random_seed(config.seed)
+
+    phases = ["head"] * bool(config.epochs) + ["fine_tune"] * bool(config.fine_tune_epochs)
+    scratch = tempfile.mkdtemp(prefix=f"trainer-{distribute.task_id(cluster)}-")
+    context = {"scratch": scratch, "is_chief": is_chief, "backups": [],
+               "history": load_history(config.job_dir, phases)}
+    if is_chief:
+        storage.write_json(storage.join(config.job_dir, "config.json"),
+                           {**dataclasses.asdict(config), "tool_version": __version__,
+                            "replicas": strategy.num_replicas_in_sync, "per_replica_batch": per_replica,
+                            "steps_per_epoch": steps, "classes": classes})
+    install_sigterm_handler(context)
+    try:
+        model = train_phases(config, strategy, manifest, steps, context)
+        if is_chief:
+            export.export_model(model, classes, config.image_size, storage.join(config.job_dir, "model"),
+                                backbone=config.backbone)
+            storage.write_text(done_url, now_iso())
+            logging.info("done: model exported to %s", storage.join(config.job_dir, "model"))
+    except Preempted as error:
+        raise RetryableError("preempted (SIGTERM); the backup is committed, rerun to resume") from error
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def train_phases(config, strategy, manifest, steps, context):
+    """Builds the model under the strategy and runs the head and fine-tune phases."""
+    num_classes = len(manifest["classes"])
+    with strategy.scope():
+        model = model_lib.build_model(config.backbone, num_classes, config.image_size,
+                                      weights=config.weights, head=config.head,
+                                      dense_units=config.dense_units, dropout=config.dropout)
+        model_lib.compile_model(model, num_classes, config.learning_rate, jit_compile=config.jit_compile)
+    train_data, val_data = make_datasets(strategy, config, config.batch_size,
+                                         validate=bool(manifest["splits"].get("val", {}).get("count")))
+    if val_data is None:
+        logging.warning("the dataset has no validation examples: training without validation")
+    if config.epochs:
+        if phase_done(config.job_dir, "head"):
+            logging.info("phase head: already complete, loading its weights")
+            load_phase_weights(model, config.job_dir, "head", context["scratch"])
+        else:
+            fit_phase(model, "head", config.epochs, train_data, val_data, steps, config, context)
+            save_phase_weights(model, config.job_dir, "head", context["scratch"], context["is_chief"])
+    if config.fine_tune_epochs and phase_done(config.job_dir, "fine_tune"):
+        logging.info("phase fine_tune: already complete, loading its weights")
+        model_lib.unfreeze_from(model, config.fine_tune_from)
+        load_phase_weights(model, config.job_dir, "fine_tune", context["scratch"])
+    elif config.fine_tune_epochs:
+        with strategy.scope():
+            model_lib.unfreeze_from(model, config.fine_tune_from)
+            model_lib.compile_model(model, num_classes, config.fine_tune_learning_rate,
+                                    jit_compile=config.jit_compile)
+        fit_phase(model, "fine_tune", config.fine_tune_epochs, train_data, val_data, steps, config, context)
+        save_phase_weights(model, config.job_dir, "fine_tune", context["scratch"], context["is_chief"])
+    return model
