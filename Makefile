@@ -18,7 +18,11 @@ test: install
 	$(PY) -m pytest -q tests
 
 lint: install
-	$(VENV)/bin/ruff check trainer tests
+	$(VENV)/bin/ruff check trainer tests demo
 
 clean:
 	rm -rf $(VENV) *.egg-info demo_output bench_output
+
+# The whole job offline on an embedded dataset, with a GCS server on loopback (demo/run_demo.py).
+demo: install
+	$(PY) demo/run_demo.py --output=demo_output
