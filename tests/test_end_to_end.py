@@ -1,0 +1,137 @@
+"""The whole job through the real command line, with data and job_dir on the GCS server.
+
+prepare -> train (2 CPU replicas, head and fine-tune phases) -> evaluate -> the export loaded in a
+fresh process that never imports `trainer` -> predict.
+"""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import run_trainer
+from PIL import Image
+
+from trainer import storage
+
+CLASSES = ("horizontal", "vertical")
+
+
+def stripes(orientation, rng, size=32):
+    """An image of stripes plus noise: a task a tiny CNN learns in a few epochs."""
+    period = rng.integers(4, 9)
+    line = (np.arange(size) // (period // 2)) % 2
+    pattern = line[:, None] if orientation == "horizontal" else line[None, :]
+    pattern = np.broadcast_to(pattern, (size, size)).astype(np.float32)
+    pixels = pattern * 160 + 40 + rng.normal(0, 20, (size, size))
+    color = rng.uniform(0.6, 1.0, 3)
+    return Image.fromarray(np.clip(pixels[..., None] * color, 0, 255).astype(np.uint8))
+
+
+def write_stripes(folder, per_class=60, seed=0):
+    rng = np.random.default_rng(seed)
+    for name in CLASSES:
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        for index in range(per_class):
+            stripes(name, rng).save(os.path.join(folder, name, f"{name}-{index:03d}.jpg"), quality=92)
+
+
+@pytest.fixture(scope="module")
+def trained_job(tmp_path_factory, gcs_server):
+    """Runs prepare and train once; the tests below look at what they left in the bucket."""
+    import fsspec
+
+    local = tmp_path_factory.mktemp("e2e")
+    images = local / "images"
+    write_stripes(str(images))
+    bucket = "gs://e2e-job"
+    fsspec.filesystem("gs", use_listings_cache=False).mkdir("e2e-job")
+    data, job = f"{bucket}/data", f"{bucket}/job"
+    run_trainer("prepare", f"--source={images}", f"--output={data}", "--num_shards=2", "--workers=2",
+                check=True)
+    train = run_trainer(
+        "train", f"--data={data}/dataset.json", f"--job_dir={job}", "--backbone=tiny", "--weights=none",
+        "--image_size=32", "--batch_size=16", "--epochs=2", "--learning_rate=3e-3", "--dense_units=32",
+        "--dropout=0.1", "--fine_tune_epochs=2", "--fine_tune_from=block1_conv1",
+        "--fine_tune_learning_rate=1e-3", "--cpu_replicas=2", "--backup_every_steps=3", check=True)
+    return {"local": local, "images": images, "data": data, "job": job, "train": train}
+
+
+def test_train_logs_the_derived_plan(trained_job):
+    log = trained_job["train"].stderr
+    assert "2 replicas in sync" in log
+    assert "global batch 16 = 8 per replica" in log
+
+
+def test_job_dir_holds_config_history_tensorboard_and_model(trained_job):
+    job = trained_job["job"]
+    config = storage.read_json(f"{job}/config.json")
+    assert config["replicas"] == 2 and config["per_replica_batch"] == 8
+    history = storage.read_json(f"{job}/history.json")
+    phases = {phase["name"]: phase["epochs"] for phase in history["phases"]}
+    assert [e["epoch"] for e in phases["head"]] == [1, 2]
+    assert [e["epoch"] for e in phases["fine_tune"]] == [1, 2]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(phases["fine_tune"][-1])
+    files = [name for name, _ in storage.list_files(job)]
+    assert any(name.startswith("tensorboard/") for name in files)
+    assert "model/saved_model.pb" in files and "model/metadata.json" in files
+    assert "DONE" in files
+
+
+def test_rerun_of_a_finished_job_exits_zero_at_once(trained_job):
+    again = run_trainer("train", f"--data={trained_job['data']}/dataset.json", f"--job_dir={trained_job['job']}",
+                        "--backbone=tiny", "--weights=none", "--image_size=32", "--batch_size=16",
+                        "--cpu_replicas=2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already complete" in again.stdout
+
+
+def test_evaluate_counts_every_test_example(trained_job):
+    data, job = trained_job["data"], trained_job["job"]
+    run_trainer("evaluate", f"--model={job}/model", f"--data={data}/dataset.json", "--split=test",
+                f"--output={job}/eval", check=True)
+    manifest = storage.read_json(f"{data}/dataset.json")
+    metrics = storage.read_json(f"{job}/eval/metrics.json")
+    assert metrics["examples"] == manifest["splits"]["test"]["count"] > 0
+    assert metrics["accuracy"] > 0.7, metrics  # stripes are easy: the model must have learned
+    files = {name for name, _ in storage.list_files(f"{job}/eval")}
+    assert {"confusion_matrix.png", "roc_curve.png", "pr_curve.png", "training_curves.png"} <= files
+
+
+def test_export_scores_jpeg_bytes_in_a_process_without_trainer(trained_job, tmp_path):
+    model_dir = tmp_path / "model"
+    storage.copy_tree(f"{trained_job['job']}/model", str(model_dir))
+    image = sorted((trained_job["images"] / "vertical").iterdir())[0]
+    script = (
+        "import json, sys, tensorflow as tf\n"
+        "assert 'trainer' not in sys.modules\n"
+        f"model = tf.saved_model.load({str(model_dir)!r})\n"
+        f"data = open({str(image)!r}, 'rb').read()\n"
+        "out = model.signatures['serving_default'](image_bytes=tf.constant([data, data]))\n"
+        "print(json.dumps({'p': out['probabilities'].numpy().tolist(),\n"
+        "                  'c': [c.decode() for c in out['classes'].numpy()]}))\n"
+        "assert 'trainer' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(scored["p"]) == 2 and len(scored["p"][0]) == 2
+    assert abs(sum(scored["p"][0]) - 1.0) < 1e-5
+    assert scored["c"][0] in CLASSES
+
+
+def test_predict_writes_a_row_per_file(trained_job):
+    job = trained_job["job"]
+    folder = trained_job["images"] / "horizontal"
+    run_trainer("predict", f"--model={job}/model", f"--input={folder}", f"--output={job}/predictions.csv",
+                check=True)
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(f"{job}/predictions.csv"))))
+    assert len(rows) == len(list(folder.iterdir()))
+    assert {row["predicted_class"] for row in rows} <= set(CLASSES)
+    share = sum(row["predicted_class"] == "horizontal" for row in rows) / len(rows)
+    assert share > 0.7
