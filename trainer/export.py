@@ -1,0 +1,125 @@
+"""Exports a trained classifier as a SavedModel that serves encoded image bytes.
+
+The export folder holds a SavedModel (saved_model.pb, variables/) and `metadata.json`
+({"classes", "image_size", "backbone", "num_classes"}), written last: a folder without it is not a
+finished export. Signatures:
+
+  serving_default: image_bytes  tf.string [None] (JPEG/PNG/BMP/GIF bytes)
+                   -> probabilities float32 [None, C], classes tf.string [None]
+  predict_images:  images float32 [None, S, S, 3], RGB 0-255
+                   -> probabilities float32 [None, C]
+
+Decoding and resizing use `trainer.data.decode_image`, the function training reads with, and the
+model does its own normalisation: no training/serving skew. It loads with plain
+`tf.saved_model.load` (or TF Serving) in a process that never imports this package.
+"""
+
+import os
+import tempfile
+
+import tensorflow as tf
+from absl import logging
+
+from trainer import data, storage
+from trainer.errors import UserError
+
+METADATA_FILE = "metadata.json"
+SAVED_MODEL_FILE = "saved_model.pb"
+
+
+class _Servable(tf.Module):
+    """The Keras model's variables plus the two serving functions, and nothing Keras-specific."""
+
+    def __init__(self, model, class_names, image_size):
+        super().__init__(name="classifier")
+        # Tracking the variables (not the Keras model) keeps the export free of Keras metadata
+        # and custom-layer configs: the functions below are plain TensorFlow graphs.
+        self.model_variables = list(model.variables)
+        self._model = model
+        self._image_size = image_size
+        self.class_names = tf.constant(class_names, dtype=tf.string)
+        self.serve = tf.function(
+            self._serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        self.predict_images = tf.function(
+            self._predict_images,
+            input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")])
+
+    def _probabilities(self, images):
+        outputs = tf.cast(self._model(images, training=False), tf.float32)
+        if outputs.shape[-1] == 1:  # two classes: one sigmoid p is P(class 1)
+            return tf.concat([1.0 - outputs, outputs], axis=-1)
+        return outputs
+
+    def _predict_images(self, images):
+        return {"probabilities": self._probabilities(images)}
+
+    def _serve(self, image_bytes):
+        size = self._image_size
+        images = tf.map_fn(lambda encoded: data.decode_image(encoded, size), image_bytes,
+                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+        probabilities = self._probabilities(images)
+        classes = tf.gather(self.class_names, tf.argmax(probabilities, axis=-1))
+        return {"probabilities": probabilities, "classes": classes}
+
+
+def export_model(model, class_names, image_size, export_url, backbone=""):
+    """Writes the SavedModel and metadata.json to `export_url` (local path or URL).
+
+    Args:
+      model: the Keras classifier: float32 RGB 0-255 [batch, S, S, 3] -> [batch, 1] sigmoid (two
+        classes) or [batch, C] softmax.
+      class_names: index -> class name, as in dataset.json's "classes".
+      image_size: S.
+      export_url: destination folder; an earlier export there is replaced.
+      backbone: recorded in metadata.json.
+
+    Returns:
+      `export_url`.
+    """
+    class_names = [str(name) for name in class_names]
+    outputs = model.output_shape[-1]
+    if outputs != (1 if len(class_names) == 2 else len(class_names)):
+        raise ValueError(f"model has {outputs} outputs for {len(class_names)} classes")
+    servable = _Servable(model, class_names, image_size)
+    metadata_url = storage.join(export_url, METADATA_FILE)
+    # Remove the old marker first: a crash mid-copy must not leave a folder that looks finished.
+    storage.remove(metadata_url)
+    with tempfile.TemporaryDirectory(prefix="trainer-export-") as local_dir:
+        saved_model_dir = os.path.join(local_dir, "model")
+        tf.saved_model.save(servable, saved_model_dir, signatures={
+            "serving_default": servable.serve, "predict_images": servable.predict_images})
+        storage.copy_tree(saved_model_dir, export_url)
+    storage.write_json(metadata_url, {
+        "classes": class_names, "image_size": int(image_size), "backbone": backbone,
+        "num_classes": len(class_names)})
+    logging.info("Exported the model to %s", export_url)
+    return export_url
+
+
+def load_model(model_url):
+    """Loads an export written by `export_model` from a local path or URL.
+
+    Args:
+      model_url: the export folder (JOB_DIR/model or any copy of it).
+
+    Returns:
+      (loaded SavedModel, metadata dict). Call `loaded.signatures["serving_default"]
+      (image_bytes=...)` or `loaded.signatures["predict_images"](images=...)`.
+
+    Raises:
+      UserError: the folder is missing or is not a finished export.
+    """
+    metadata_url = storage.join(model_url, METADATA_FILE)
+    if not storage.exists(metadata_url) or not storage.exists(storage.join(model_url, SAVED_MODEL_FILE)):
+        raise UserError(f"no exported model at {model_url} (expected {METADATA_FILE} and {SAVED_MODEL_FILE})")
+    metadata = storage.read_json(metadata_url)
+    local_dir = model_url
+    if storage.is_url(model_url):
+        # TensorFlow's gs:// cannot reach every store (nor an emulator): load from a local copy.
+        local_dir = tempfile.mkdtemp(prefix="trainer-model-")
+        storage.copy_tree(model_url, local_dir)
+    try:
+        loaded = tf.saved_model.load(local_dir)
+    except (OSError, ValueError, tf.errors.OpError) as error:
+        raise UserError(f"cannot load the model at {model_url}: {str(error).splitlines()[0]}") from error
+    return loaded, metadata
