@@ -241,3 +241,149 @@ def test_summary_has_a_row_per_class():
 
     assert lines[0].startswith("val split: 3 examples, accuracy 0.6667")
     assert [line.split()[0] for line in lines[2:]] == ["ants", "bees", "wasps"]
+
+
+# ---------------------------------------------------------------- the real command
+
+CLASSES = ["cats", "dogs"]
+IMAGE_SIZE = 8
+# The test split: (brightness, label). The model below calls bright images dogs, so the bright
+# cat (200) is its one mistake: accuracy 6/7.
+TEST_EXAMPLES = [(20, 0), (40, 0), (60, 0), (200, 0), (180, 1), (220, 1), (250, 1)]
+ACCURACY = 6 / 7
+
+
+def encode_png(brightness, size=16):
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (brightness,) * 3).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def serialize_example(brightness, label, index):
+    import tensorflow as tf
+
+    def feature(value):
+        if isinstance(value, bytes):
+            return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": feature(encode_png(brightness)), "image/format": feature(b"png"),
+        "image/class/label": feature(label), "image/class/text": feature(CLASSES[label].encode()),
+        "image/filename": feature(f"{CLASSES[label]}/{index}.png".encode()),
+        "image/height": feature(16), "image/width": feature(16),
+    })).SerializeToString()
+
+
+def write_dataset(folder, examples, num_shards=2):
+    """A dataset as `trainer prepare` writes it: a `test` split in shards, then dataset.json."""
+    import tensorflow as tf
+
+    os.makedirs(folder, exist_ok=True)
+    shards = []
+    for shard in range(num_shards):
+        name = f"test-{shard:05d}-of-{num_shards:05d}.tfrecord"
+        records = [serialize_example(b, label, i) for i, (b, label) in enumerate(examples)
+                   if i % num_shards == shard]
+        with tf.io.TFRecordWriter(os.path.join(folder, name)) as writer:
+            for record in records:
+                writer.write(record)
+        shards.append({"file": name, "records": len(records),
+                       "bytes": os.path.getsize(os.path.join(folder, name))})
+    class_counts = {name: sum(label == i for _, label in examples) for i, name in enumerate(CLASSES)}
+    empty = {"count": 0, "class_counts": dict.fromkeys(CLASSES, 0), "shards": []}
+    storage.write_json(os.path.join(folder, "dataset.json"), {
+        "schema_version": 1, "kind": "trainer-dataset", "tool_version": "0.1.0",
+        "created": "2026-01-01T00:00:00Z", "source": "test", "layout": "split_dirs",
+        "val_fraction": 0.0, "test_fraction": 0.0, "split_seed": 0, "max_side": None,
+        "classes": CLASSES,
+        "splits": {"train": empty, "val": empty,
+                   "test": {"count": len(examples), "class_counts": class_counts, "shards": shards}},
+        "image_stats": {"count": len(examples), "width": {"min": 16, "max": 16, "mean": 16.0},
+                        "height": {"min": 16, "max": 16, "mean": 16.0}},
+        "skipped": [], "seconds": 0.0,
+    })
+    return os.path.join(folder, "dataset.json")
+
+
+def export_brightness_model(model_url, classes=CLASSES):
+    """Exports, with the real export code, a model whose P(dogs) = sigmoid(10 (mean/255 - 0.5))."""
+    from trainer import export
+    from trainer.kerasapi import keras
+
+    model = keras.Sequential([keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)),
+                              keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.layers[-1].set_weights([np.full((3, 1), 10 / (3 * 255), np.float32),
+                                  np.array([-5.0], np.float32)])
+    export.export_model(model, list(classes), IMAGE_SIZE, model_url, backbone="brightness")
+    return model_url
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """A dataset and a job folder (model/ and history.json) on local disk."""
+    root = tmp_path_factory.mktemp("evaluate")
+    manifest = write_dataset(str(root / "data"), TEST_EXAMPLES)
+    model = export_brightness_model(str(root / "job" / "model"))
+    storage.write_json(str(root / "job" / "history.json"), HISTORY)
+    storage.write_json(str(root / "baseline.json"), {"accuracy": 0.9})
+    return {"root": root, "data": manifest, "model": model, "baseline": str(root / "baseline.json")}
+
+
+def evaluate_command(job, output, *flags):
+    from conftest import run_trainer
+
+    return run_trainer("evaluate", f"--model={job['model']}", f"--data={job['data']}", "--split=test",
+                       f"--output={output}", "--batch_size=3", *flags)
+
+
+def last_line(result):
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_passing_gate_writes_the_report_to_the_gcs_server(job, gcs_bucket):
+    data = f"{gcs_bucket}/data"
+    storage.copy_tree(os.path.dirname(job["data"]), data)
+    output = f"{gcs_bucket}/eval"
+    result = evaluate_command({**job, "data": f"{data}/dataset.json"}, output, "--min_accuracy=0.8",
+                              f"--baseline={job['baseline']}", "--tolerance=0.05")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = storage.read_json(f"{output}/metrics.json")
+    assert metrics["examples"] == len(TEST_EXAMPLES)  # every example of the split, once
+    assert metrics["accuracy"] == pytest.approx(ACCURACY)
+    assert metrics["confusion_matrix"] == [[3, 1], [0, 3]]
+    assert metrics["roc_auc"] == pytest.approx(11 / 12)  # the bright cat outranks one dog of three
+    assert (metrics["split"], metrics["model"], metrics["data"]) == ("test", job["model"],
+                                                                     f"{data}/dataset.json")
+    assert "curves" not in metrics
+    for name in ("confusion_matrix", "roc_curve", "pr_curve", "training_curves"):
+        assert_png(f"{output}/{name}.png")
+    assert "gate passed" in result.stderr
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--min_accuracy=0.9"], "gate failed: accuracy 0.8571 is below --min_accuracy 0.9000"),
+    (["--baseline={baseline}", "--tolerance=0.02"], "below the baseline's 0.9000"),
+])
+def test_failing_gate_exits_1_with_one_line_and_keeps_the_report(job, tmp_path, flags, reason):
+    output = tmp_path / "eval"
+    result = evaluate_command(job, str(output), *[flag.format(**job) for flag in flags])
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert last_line(result).startswith("error: gate failed: ")
+    assert reason in last_line(result)
+    assert "Traceback" not in result.stderr
+    assert storage.read_json(str(output / "metrics.json"))["examples"] == len(TEST_EXAMPLES)
+    assert (output / "confusion_matrix.png").exists()
+
+
+def test_bad_input_is_one_line(job, tmp_path):
+    other = export_brightness_model(str(tmp_path / "other"), classes=["birds", "fish"])
+    mismatch = evaluate_command({**job, "model": other}, str(tmp_path / "a"))
+    missing = evaluate_command(job, str(tmp_path / "b"), f"--baseline={tmp_path / 'none.json'}")
+
+    assert mismatch.returncode == 1 and "differ from the dataset's" in last_line(mismatch)
+    assert missing.returncode == 1 and "--baseline" in last_line(missing)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
