@@ -328,11 +328,13 @@ def run(config):
     install_sigterm_handler(context)
     try:
         model = train_phases(config, strategy, manifest, steps, context)
+        # Every worker exports (saving can run collectives under MultiWorkerMirroredStrategy);
+        # only the chief's copy goes to job_dir, the others' into scratch, which is removed.
+        model_url = storage.join(config.job_dir, "model") if is_chief else os.path.join(scratch, "model")
+        export.export_model(model, classes, config.image_size, model_url, backbone=config.backbone)
         if is_chief:
-            export.export_model(model, classes, config.image_size, storage.join(config.job_dir, "model"),
-                                backbone=config.backbone)
             storage.write_text(done_url, now_iso())
-            logging.info("done: model exported to %s", storage.join(config.job_dir, "model"))
+            logging.info("done: model exported to %s", model_url)
     except Preempted as error:
         raise RetryableError("preempted (SIGTERM); the backup is committed, rerun to resume") from error
     finally:
