@@ -18,8 +18,12 @@ import datetime
 import os
 import shutil
 import signal
+import sys
 import tempfile
 
+import numpy as np
+import tensorflow as tf
+import tqdm
 from absl import logging
 
 from trainer import __version__, data, distribute, export, storage
@@ -190,6 +194,120 @@ class EpochRecorder(keras.callbacks.Callback):
                     storage.copy(local, storage.join(self.job_dir, "tensorboard", *relative))
 
 
+# ---------------------------------------------------------------- frozen-feature cache
+
+
+def use_feature_cache(config, cluster):
+    """Whether the head phase trains on cached base outputs (see --feature_cache).
+
+    Eligible when the base is frozen and inputs are not augmented (the seed's first phase): the
+    base then maps each image to the same features in every epoch, so computing them once is
+    exact. Multi-worker jobs stream images instead (each worker would cache only its shard).
+
+    Raises:
+      UserError: --feature_cache=on for a run that is not eligible.
+    """
+    reasons = []
+    if config.augment:
+        reasons.append("--augment changes the images every epoch")
+    if not config.epochs:
+        reasons.append("there is no head phase (--epochs=0)")
+    if cluster:
+        reasons.append("multi-worker jobs stream images")
+    if config.feature_cache == "off":
+        logging.info("feature cache: off (--feature_cache=off)")
+        return False
+    if reasons and config.feature_cache == "on":
+        raise UserError(f"--feature_cache=on is not possible here: {'; '.join(reasons)}")
+    if reasons:
+        logging.info("feature cache: off (%s)", "; ".join(reasons))
+        return False
+    logging.info("feature cache: on: the frozen base runs once per split, the head trains on its outputs "
+                 "(--feature_cache=off to stream images every epoch)")
+    return True
+
+
+def extract_features(model, config, split, count, scratch):
+    """Runs the frozen base once over a split; returns local .npy paths (features, labels).
+
+    The result is committed to job_dir/features/ so a restarted job does not recompute it.
+    """
+    remote = storage.join(config.job_dir, "features", split)
+    local = os.path.join(scratch, "features", split)
+    os.makedirs(local, exist_ok=True)
+    paths = os.path.join(local, "features.npy"), os.path.join(local, "labels.npy")
+    if storage.exists(storage.join(remote, "COMPLETE")):
+        logging.info("feature cache: reusing %s", remote)
+        for path in paths:
+            storage.copy(storage.join(remote, os.path.basename(path)), path)
+        return paths
+    base = model.get_layer("base")
+    dataset = data.make_dataset(config.data, split, config.image_size, config.batch_size, training=False,
+                                skip_corrupt_shards=config.skip_corrupt_shards)
+    shape = (count, *base.output_shape[1:])
+    features = np.lib.format.open_memmap(paths[0], mode="w+", dtype=np.float32, shape=shape)
+    labels = np.zeros([count], np.int32)
+    done = 0
+    # In a pod's log (no terminal) a progress line every 30 s rather than a redrawn bar.
+    progress = tqdm.tqdm(total=count, desc=f"features {split}", unit="img", file=sys.stderr,
+                         mininterval=1 if sys.stderr.isatty() else 30)
+    for images, batch_labels in dataset:
+        batch = base.predict_on_batch(images)
+        features[done:done + len(batch)] = batch
+        labels[done:done + len(batch)] = batch_labels.numpy()
+        done += len(batch)
+        progress.update(len(batch))
+    progress.close()
+    if done != count:
+        raise UserError(f"split {split}: read {done} examples, the manifest says {count}")
+    features.flush()
+    np.save(paths[1], labels)
+    for path in paths:
+        storage.copy(path, storage.join(remote, os.path.basename(path)))
+    storage.write_text(storage.join(remote, "COMPLETE"), now_iso())
+    logging.info("feature cache: %s: %d examples -> %s", split, count, remote)
+    return paths
+
+
+def cached_dataset(paths, batch_size, training, seed):
+    """(features, labels) batches read from the cached .npy files (memory-mapped, no size limit)."""
+    features = np.load(paths[0], mmap_mode="r")
+    labels = np.load(paths[1])
+    dataset = tf.data.Dataset.range(len(labels))
+    if training:
+        dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).repeat()
+    dataset = dataset.batch(batch_size, drop_remainder=training)
+
+    def gather(indices):
+        return np.asarray(features[indices], np.float32), labels[indices]
+
+    def load(indices):
+        batch, batch_labels = tf.numpy_function(gather, [indices], (tf.float32, tf.int32))
+        batch.set_shape([None, *features.shape[1:]])
+        batch_labels.set_shape([None])
+        return batch, batch_labels
+
+    return dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def fit_head_on_cached_features(model, config, strategy, manifest, steps, context):
+    """The head phase on cached base outputs; the full model shares the head's layers."""
+    splits = manifest["splits"]
+    train_paths = extract_features(model, config, "train", splits["train"]["count"], context["scratch"])
+    val_data = None
+    if splits.get("val", {}).get("count"):
+        val_paths = extract_features(model, config, "val", splits["val"]["count"], context["scratch"])
+        val_data = strategy.experimental_distribute_dataset(
+            cached_dataset(val_paths, config.batch_size, training=False, seed=config.seed))
+    train_data = strategy.experimental_distribute_dataset(
+        cached_dataset(train_paths, config.batch_size, training=True, seed=config.seed))
+    head = model.get_layer("head")
+    with strategy.scope():
+        model_lib.compile_model(head, len(manifest["classes"]), config.learning_rate,
+                                jit_compile=config.jit_compile)
+    fit_phase(head, "head", config.epochs, train_data, val_data, steps, config, context)
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -319,7 +437,8 @@ def run(config):
     phases = ["head"] * bool(config.epochs) + ["fine_tune"] * bool(config.fine_tune_epochs)
     scratch = tempfile.mkdtemp(prefix=f"trainer-{distribute.task_id(cluster)}-")
     context = {"scratch": scratch, "is_chief": is_chief, "backups": [],
-               "history": load_history(config.job_dir, phases)}
+               "history": load_history(config.job_dir, phases),
+               "feature_cache": use_feature_cache(config, cluster)}
     if is_chief:
         storage.write_json(storage.join(config.job_dir, "config.json"),
                            {**dataclasses.asdict(config), "tool_version": __version__,
@@ -345,6 +464,11 @@ def run(config):
 def train_phases(config, strategy, manifest, steps, context):
     """Builds the model under the strategy and runs the head and fine-tune phases."""
     num_classes = len(manifest["classes"])
+    if config.mixed_precision:
+        # float16 with loss scaling on GPUs; CPUs (tests) have no fast float16, bfloat16 works there.
+        policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+        keras.mixed_precision.set_global_policy(policy)
+        logging.info("mixed precision: %s (the output layer stays float32)", policy)
     with strategy.scope():
         model = model_lib.build_model(config.backbone, num_classes, config.image_size,
                                       weights=config.weights, head=config.head,
@@ -358,6 +482,9 @@ def train_phases(config, strategy, manifest, steps, context):
         if phase_done(config.job_dir, "head"):
             logging.info("phase head: already complete, loading its weights")
             load_phase_weights(model, config.job_dir, "head", context["scratch"])
+        elif context["feature_cache"]:
+            fit_head_on_cached_features(model, config, strategy, manifest, steps, context)
+            save_phase_weights(model, config.job_dir, "head", context["scratch"], context["is_chief"])
         else:
             fit_phase(model, "head", config.epochs, train_data, val_data, steps, config, context)
             save_phase_weights(model, config.job_dir, "head", context["scratch"], context["is_chief"])
