@@ -245,8 +245,9 @@ def unfreeze_from(model, layer_name):
     base = model.get_layer("base")
     names = [layer.name for layer in base.layers]
     if layer_name not in names:
-        with_weights = [layer.name for layer in base.layers if layer.weights]
-        examples = with_weights[-1:-40:-4][::-1] or names[-5:]
+        # The last few layers with weights (not BatchNorm): where fine-tuning usually starts.
+        examples = [layer.name for layer in base.layers if layer.weights
+                    and not isinstance(layer, keras.layers.BatchNormalization)][-6:]
         raise UserError(f"fine_tune_from: no layer {layer_name!r} in the {model.name} base; "
                         f"for example: {', '.join(examples)}")
     start = names.index(layer_name)
