@@ -1,0 +1,112 @@
+"""Unit tests of train.py's pieces, and the preset flagfiles."""
+
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trainer import storage, train
+from trainer.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(**overrides):
+    return dataclasses.replace(train.TrainConfig(data="d", job_dir="j"), **overrides)
+
+
+def test_defaults_are_the_seed_recipe():
+    seed = train.TrainConfig(data="d", job_dir="j")
+    assert (seed.backbone, seed.image_size, seed.batch_size, seed.epochs, seed.learning_rate) == (
+        "vgg16", 150, 64, 10, 1e-5)
+    assert (seed.head, seed.dense_units, seed.dropout, seed.augment) == ("flatten", 256, 0.5, False)
+
+
+def test_per_replica_batch_and_steps():
+    assert train.derive_batches(64, 2, 17500) == (32, 273)
+    assert train.derive_batches(64, 8, 17500, steps_cap=10) == (8, 10)
+
+
+def test_batch_not_divisible_by_replicas_is_a_user_error():
+    with pytest.raises(UserError, match="not divisible by the 3 replicas"):
+        train.derive_batches(64, 3, 1000)
+
+
+def test_batch_larger_than_train_split_is_a_user_error():
+    with pytest.raises(UserError, match="exceeds the 10 training examples"):
+        train.derive_batches(64, 1, 10)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": 0}, "batch_size"),
+    ({"epochs": 0, "fine_tune_epochs": 0}, "nothing to train"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"learning_rate": 0.0}, "learning rates"),
+])
+def test_bad_values_are_user_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        train.check_config(config(**overrides))
+
+
+def test_feature_cache_auto_only_when_eligible():
+    assert train.use_feature_cache(config(), cluster=None)
+    assert not train.use_feature_cache(config(augment=True), cluster=None)
+    assert not train.use_feature_cache(config(feature_cache="off"), cluster=None)
+    assert not train.use_feature_cache(config(), cluster={"cluster": {"worker": ["a", "b"]}})
+    with pytest.raises(UserError, match="augment"):
+        train.use_feature_cache(config(feature_cache="on", augment=True), cluster=None)
+
+
+@pytest.mark.parametrize("remote_kind", ["local", "gcs"])
+def test_checkpoint_upload_commits_index_last_and_drops_stale_files(tmp_path, remote_kind, request):
+    remote = str(tmp_path / "remote") if remote_kind == "local" else request.getfixturevalue("gcs_bucket") + "/b"
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "ckpt-1.index").write_bytes(b"i1")
+    (local / "ckpt-1.data-00000-of-00001").write_bytes(b"d1")
+    (local / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
+    train.upload_checkpoint_dir(str(local), remote)
+    (local / "ckpt-1.index").unlink()
+    (local / "ckpt-1.data-00000-of-00001").unlink()
+    (local / "ckpt-2.index").write_bytes(b"i2")
+    (local / "ckpt-2.data-00000-of-00001").write_bytes(b"d2")
+    (local / "checkpoint").write_text('model_checkpoint_path: "ckpt-2"\n')
+    train.upload_checkpoint_dir(str(local), remote)
+    assert [name for name, _ in storage.list_files(remote)] == [
+        "checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index"]
+    restored = tmp_path / "restored"
+    assert train.download_checkpoint_dir(remote, str(restored))
+    assert (restored / "ckpt-2.data-00000-of-00001").read_bytes() == b"d2"
+    assert not train.download_checkpoint_dir(str(tmp_path / "nothing"), str(tmp_path / "x"))
+
+
+PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.flags")))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=os.path.basename)
+def test_every_preset_parses_and_validates(preset):
+    """Each flagfile parses with the real `trainer train` flags and passes the config checks."""
+    script = (
+        "import json, sys\n"
+        "from absl import flags\n"
+        "from trainer import cli, train\n"
+        "cli.define_train_flags()\n"
+        f"flags.FLAGS(['trainer train', '--flagfile={preset}', '--data=gs://b/d.json', '--job_dir=gs://b/j'])\n"
+        "config = train.TrainConfig(**{n: flags.FLAGS[n].value for n in train.TrainConfig.field_names()})\n"
+        "train.check_config(config)\n"
+        "print(json.dumps(vars(config)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    values = json.loads(result.stdout.strip().splitlines()[-1])
+    if os.path.basename(preset) == "seed_vgg16.flags":
+        assert values["backbone"] == "vgg16" and values["weights"] == "imagenet"
+        assert (values["image_size"], values["batch_size"], values["epochs"]) == (150, 64, 10)
+        assert values["learning_rate"] == 1e-5 and values["fine_tune_epochs"] == 0
+    if os.path.basename(preset) == "seed_vgg16_finetune.flags":
+        assert values["fine_tune_epochs"] == 2 and values["fine_tune_from"] == "block5_conv1"
+        assert values["epochs"] == 10
