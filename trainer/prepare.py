@@ -1,0 +1,683 @@
+"""Image folders -> sharded TFRecords + `dataset.json` (`trainer prepare`).
+
+The pipeline, top to bottom:
+  1. list SRC (local folder or any URL), ignoring hidden files;
+  2. tell the layout (class folders, split folders, or Kaggle's `cat.123.jpg` names);
+  3. label every file, and give it a split: its folder for split_dirs, else a stable hash of its
+     relative path, so reruns, other machines and added files never move a file;
+  4. per split, a seeded stratified shuffle cut into n consecutive shards (classes spread evenly);
+  5. worker processes read and fully decode every image once, re-encoding only what must be;
+  6. the main process writes one shard at a time (local temp file, then copied to DST);
+  7. `dataset.json` last: a folder without it is not a dataset.
+
+Memory stays flat with the number of images: only the list of file names is held, and a bounded
+window of images is in flight between the workers and the writer.
+"""
+
+import collections
+import contextlib
+import datetime
+import hashlib
+import io
+import math
+import multiprocessing
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import tqdm
+from absl import logging
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+import trainer
+from trainer import storage
+from trainer.errors import UserError
+
+SPLITS = ("train", "val", "test")
+# Source folder name -> split name (the seed's `validation/` is the `val` split).
+SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+LAYOUTS = ("class_dirs", "split_dirs", "filename_prefix")
+MANIFEST = "dataset.json"
+SCHEMA_VERSION = 1
+
+# Pillow's names for files whose bytes TensorFlow's JPEG decoder reads as they are (MPO: the
+# multi-picture JPEG many cameras write; its first frame is a plain JPEG).
+JPEG_FORMATS = ("JPEG", "MPO")
+# Modes of a JPEG kept byte for byte: `decode_image(channels=3)` turns both into RGB.
+KEPT_JPEG_MODES = ("RGB", "L")
+CONVERTED_JPEG_QUALITY = 95  # CMYK/YCCK JPEGs: near-lossless, and still a JPEG
+RESIZED_JPEG_QUALITY = 90  # --max_side: the point is to cut bytes and decode time
+# Images in flight per worker process: enough to keep every core busy, bounded so memory is.
+IN_FLIGHT_PER_WORKER = 4
+# Skipped files listed one by one in the closing log (all of them are in dataset.json).
+SKIPPED_LOGGED = 20
+
+SourceFile = collections.namedtuple("SourceFile", ["path", "size", "label", "split"])
+
+
+def prepare_dataset(source, output, layout="auto", val_fraction=0.15, test_fraction=0.15, split_seed=0,
+                    shard_size_mb=100.0, num_shards=None, max_side=None, overwrite=False, workers=None):
+    """Turns a folder of images into sharded TFRecords plus a `dataset.json` manifest.
+
+    Args:
+      source: folder of images, a local path or URL (`gs://bucket/prefix`, any fsspec URL).
+      output: where the shards and `dataset.json` go, a local path or URL.
+      layout: "auto", "class_dirs", "split_dirs" or "filename_prefix".
+      val_fraction: share of images hashed into `val` (layouts without split folders).
+      test_fraction: share of images hashed into `test` (layouts without split folders).
+      split_seed: seed of the split hash and of the shuffle across shards.
+      shard_size_mb: target shard size, estimated from the source bytes of each split.
+      num_shards: shards per split (overrides shard_size_mb; at most one per image).
+      max_side: re-encode images whose longer side exceeds this many pixels (None: never).
+      overwrite: replace a dataset already at `output` (only its own files are removed).
+      workers: decode/encode processes (default: all cores; 1: in this process).
+
+    Returns:
+      The manifest written to `output/dataset.json`, as a dict.
+
+    Raises:
+      UserError: bad options, missing source, unknown layout, too few classes, an empty class,
+        nothing usable, or an existing dataset at `output` without `overwrite`.
+    """
+    started = time.monotonic()
+    check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers)
+    workers = workers or os.cpu_count() or 1
+    check_output(output, overwrite)
+    paths = list_source(source, output)
+    layout = resolve_layout([path for path, _ in paths], layout, source)
+    files, skipped = label_files(paths, layout)
+    classes = find_classes(files, source)
+    if layout != "split_dirs":
+        files = [file._replace(split=assign_split(file.path, val_fraction, test_fraction, split_seed))
+                 for file in files]
+    plan = plan_shards(files, split_seed, shard_size_mb, num_shards)
+    _log_plan(source, output, layout, classes, plan, skipped, workers)
+    if overwrite:
+        remove_dataset(output)
+
+    written = write_dataset(source, output, plan, classes, max_side, workers)
+    undecodable = [{"file": entry["file"], "reason": entry["reason"]} for entry in written["skipped"]]
+    skipped = sorted(skipped + undecodable, key=lambda entry: entry["file"])
+    try:
+        check_usable(written["splits"], classes, written["skipped"], source)
+    except UserError:
+        # Leave DST as it was: shards of a dataset that cannot be made are only clutter.
+        for split in written["splits"].values():
+            for shard in split["shards"]:
+                storage.remove(storage.join(output, shard["file"]))
+        raise
+
+    hashed = layout != "split_dirs"
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "trainer-dataset",
+        "tool_version": trainer.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "source": source,
+        "layout": layout,
+        # Split folders decide the splits themselves: the fractions played no part.
+        "val_fraction": val_fraction if hashed else None,
+        "test_fraction": test_fraction if hashed else None,
+        "split_seed": split_seed,
+        "max_side": max_side,
+        "classes": classes,
+        "splits": written["splits"],
+        "image_stats": written["image_stats"],
+        "skipped": skipped,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    storage.write_json(storage.join(output, MANIFEST), manifest)
+    _log_summary(manifest, output)
+    return manifest
+
+
+def check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers):
+    """Raises UserError for option values that cannot work."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= value < 1:  # also catches NaN
+            raise UserError(f"--{name} must be in [0, 1), got {value}")
+    if not val_fraction + test_fraction < 1:
+        raise UserError(f"--val_fraction + --test_fraction must be below 1 (nothing left to train on), "
+                        f"got {val_fraction} + {test_fraction}")
+    if not (shard_size_mb > 0 and math.isfinite(shard_size_mb)):
+        raise UserError(f"--shard_size_mb must be a positive number, got {shard_size_mb}")
+    for name, value in (("num_shards", num_shards), ("max_side", max_side), ("workers", workers)):
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+
+
+def _comparable(location):
+    if storage.is_url(location):
+        return location.rstrip("/"), "/"
+    local = location[len("file://"):] if location.startswith("file://") else location
+    return os.path.abspath(local), os.sep
+
+
+def list_source(source, output):
+    """Lists SRC as sorted `(relative_path, size)`, without hidden files and without DST if inside.
+
+    Raises:
+      UserError: SRC does not exist or is not a folder, or DST is SRC itself.
+    """
+    try:
+        found = storage.list_files(source)
+    except FileNotFoundError:
+        raise UserError(f"source not found (or not a folder): {source}") from None
+    (source_key, separator), (output_key, _) = _comparable(source), _comparable(output)
+    if source_key == output_key:
+        raise UserError("--output must not be the --source folder itself (use a subfolder or elsewhere)")
+    # DST inside SRC (e.g. SRC/tfrecords): its shards from an earlier run are not images to prepare.
+    inside = None
+    if output_key.startswith(source_key + separator):
+        inside = output_key[len(source_key) + 1:].replace(os.sep, "/") + "/"
+    visible = [(path, size) for path, size in found
+               if not any(part.startswith(".") for part in path.split("/"))
+               and not (inside and path.startswith(inside))]
+    hidden = len(found) - len(visible)
+    logging.info("source %s: %d files%s", source, len(visible),
+                 f" (ignored {hidden} hidden or inside --output)" if hidden else "")
+    if not visible:
+        raise UserError(f"nothing to prepare: no files in {source}")
+    return visible
+
+
+def detect_layout(paths, source="the source"):
+    """Tells the layout from the relative paths alone; raises UserError when it is ambiguous.
+
+    filename_prefix: only files at the top. split_dirs: only folders named train/val/validation/test,
+    with files two levels down. class_dirs: only folders, none of them named like a split.
+    """
+    hint = "pass --layout=class_dirs, split_dirs or filename_prefix"
+    top_files = [path for path in paths if "/" not in path]
+    top_folders = sorted({path.split("/", 1)[0] for path in paths if "/" in path})
+    if top_files and top_folders:
+        raise UserError(f"cannot tell the layout of {source}: it has both files ({top_files[0]}) and "
+                        f"folders ({top_folders[0]}/) at the top; {hint}")
+    if top_files:
+        return "filename_prefix"
+    split_folders = [folder for folder in top_folders if folder in SPLIT_FOLDERS]
+    if not split_folders:
+        return "class_dirs"
+    if len(split_folders) < len(top_folders):
+        other = next(folder for folder in top_folders if folder not in SPLIT_FOLDERS)
+        raise UserError(f"cannot tell the layout of {source}: it has split folders ({split_folders[0]}/) "
+                        f"and other folders ({other}/) at the top; {hint}")
+    shallow = [path for path in paths if path.count("/") < 2]
+    if shallow:
+        raise UserError(f"cannot tell the layout of {source}: split folders without class folders "
+                        f"inside ({shallow[0]}); {hint}")
+    return "split_dirs"
+
+
+def resolve_layout(paths, layout, source):
+    """The layout to use: `layout` itself, or the detected one for "auto" (logged either way)."""
+    if layout == "auto":
+        layout = detect_layout(paths, source)
+        logging.info("layout: %s (detected)", layout)
+        return layout
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}; choose auto, {', '.join(LAYOUTS)}")
+    logging.info("layout: %s", layout)
+    return layout
+
+
+def label_files(paths, layout):
+    """Gives each file its class (and split, for split_dirs).
+
+    Returns:
+      `(files, skipped)`: SourceFile tuples (split None unless the layout has split folders) and
+      `{"file", "reason"}` entries for files the layout has no place for.
+    """
+    files, skipped = [], []
+    for path, size in paths:
+        parts = path.split("/")
+        label, split, reason = None, None, None
+        if layout == "class_dirs":
+            if len(parts) < 2:
+                reason = "not in a class folder"
+            else:
+                label = parts[0]
+        elif layout == "split_dirs":
+            if parts[0] not in SPLIT_FOLDERS:
+                reason = "not under train/, val/, validation/ or test/"
+            elif len(parts) < 3:
+                reason = "not in a class folder"
+            else:
+                label, split = parts[1], SPLIT_FOLDERS[parts[0]]
+        else:  # filename_prefix: the class is the name before its first dot, at any depth
+            prefix, dot, _ = parts[-1].partition(".")
+            if dot and prefix:
+                label = prefix
+            else:
+                reason = "no class prefix in the name (expected <class>.<anything>)"
+        if reason:
+            skipped.append({"file": path, "reason": reason})
+        else:
+            files.append(SourceFile(path, size, label, split))
+    return files, skipped
+
+
+def find_classes(files, source):
+    """Sorted class names (index -> name); raises UserError for fewer than two."""
+    classes = sorted({file.label for file in files})
+    if not classes:
+        raise UserError(f"nothing to prepare: no file in {source} fits the layout")
+    if len(classes) == 1:
+        raise UserError(f"only one class ({classes[0]!r}) in {source}: a classifier needs at least two")
+    return classes
+
+
+def assign_split(path, val_fraction, test_fraction, seed=0):
+    """The split of one file, from a stable hash of `seed` and its relative path.
+
+    sha256 is the same on every machine and Python (unlike `hash()`), and each file's split
+    depends on its own path only: adding or removing files never moves another file.
+    """
+    digest = hashlib.sha256(f"{seed}:{path}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+    if point < test_fraction:
+        return "test"
+    if point < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def stratified_shuffle(files, rng):
+    """A seeded shuffle that spreads every class evenly along the list.
+
+    Each class is shuffled, then its i-th file gets the position (i + jitter) / class size; sorting
+    by position interleaves the classes in proportion. Any run of consecutive files (a shard)
+    therefore holds each class in about its overall share: with two equal classes, every run of 4
+    holds both. A plain shuffle only makes that likely.
+    """
+    by_class = collections.defaultdict(list)
+    for file in sorted(files):
+        by_class[file.label].append(file)
+    positioned = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        rng.shuffle(members)
+        positioned += [((index + rng.random()) / len(members), file.path, file)
+                       for index, file in enumerate(members)]
+    positioned.sort(key=lambda item: item[:2])
+    return [file for _, _, file in positioned]
+
+
+def count_shards(total_bytes, count, shard_size_mb, num_shards=None):
+    """Shards for a split: `num_shards`, or source bytes / shard size; at least 1, at most `count`."""
+    if count == 0:
+        return 0
+    wanted = num_shards or math.ceil(total_bytes / (shard_size_mb * 2**20))
+    return max(1, min(wanted, count))
+
+
+def plan_shards(files, seed, shard_size_mb, num_shards=None):
+    """Splits -> shards -> files: the shuffled files of each split cut into consecutive pieces."""
+    plan = {}
+    for split in SPLITS:
+        members = stratified_shuffle([file for file in files if file.split == split],
+                                     random.Random(f"{seed}:{split}"))
+        count = count_shards(sum(file.size for file in members), len(members), shard_size_mb, num_shards)
+        plan[split] = [members[index * len(members) // count:(index + 1) * len(members) // count]
+                       for index in range(count)]
+    return plan
+
+
+def shard_name(split, index, count):
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def check_output(output, overwrite):
+    """Raises UserError when `output` already holds a dataset and `overwrite` is off."""
+    if storage.exists(storage.join(output, MANIFEST)) and not overwrite:
+        raise UserError(f"{output} already holds a dataset ({MANIFEST}); pass --overwrite to replace it")
+
+
+def remove_dataset(output):
+    """Removes the dataset at `output`: its manifest first, then the shards that manifest names.
+
+    Nothing else is touched: other files in the folder are not ours to delete.
+    """
+    location = storage.join(output, MANIFEST)
+    if not storage.exists(location):
+        return
+    try:
+        old = storage.read_json(location)
+        names = [shard["file"] for split in old["splits"].values() for shard in split["shards"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        logging.warning("the old %s is unreadable: removing only it", location)
+        names = []
+    # The manifest goes first: should we stop half-way, the folder is no longer a (broken) dataset.
+    storage.remove(location)
+    removed = 0
+    for name in names:
+        # Only plain shard names next to the manifest, whatever an edited manifest may say.
+        if isinstance(name, str) and name.endswith(".tfrecord") and "/" not in name and "\\" not in name:
+            storage.remove(storage.join(output, name))
+            removed += 1
+    logging.info("--overwrite: removed the old dataset at %s (%s and %d shards)", output, MANIFEST, removed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding and encoding: runs in the worker processes.
+
+
+def _init_worker():
+    # A truncated image must fail, not come back padded with grey.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def fit_within(size, max_side):
+    """`(width, height)` scaled so the longer side is `max_side`, keeping the aspect ratio."""
+    width, height = size
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def to_rgb(image):
+    """Any Pillow image as 8-bit RGB (alpha dropped, as `tf.io.decode_image(channels=3)` does)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        # Pillow's I/I;16 -> L conversion clips at 255 instead of scaling 16-bit values down.
+        values = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if values.max(initial=0) > 255 else 1.0
+        image = Image.fromarray(np.clip(np.round(values / scale), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def _encoded(image, image_format, quality=None):
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        image.save(buffer, "JPEG", quality=quality)
+    else:
+        image.save(buffer, "PNG")
+    return {"encoded": buffer.getvalue(), "format": image_format,
+            "width": image.size[0], "height": image.size[1]}
+
+
+def encode_image(data, max_side=None):
+    """Fully decodes one image and returns what its record stores.
+
+    Original bytes are kept for RGB or greyscale JPEGs within `max_side`; other JPEGs (CMYK) become
+    RGB JPEGs, other formats lossless RGB PNGs, and images over `max_side` resized RGB JPEGs.
+
+    Returns:
+      dict with `encoded` (bytes), `format` ("jpeg" or "png"), `width`, `height` of the stored image.
+
+    Raises:
+      Whatever Pillow raises for a file it cannot fully decode.
+    """
+    image = Image.open(io.BytesIO(data))
+    target = fit_within(image.size, max_side) if max_side and max(image.size) > max_side else None
+    if target and image.format in JPEG_FORMATS:
+        # Decode at 1/2, 1/4 or 1/8 scale (still at least `target`): several times faster.
+        image.draft(None, target)
+    image.load()  # the full decode: truncated or corrupt data fails here
+    if target is None and image.format in JPEG_FORMATS and image.mode in KEPT_JPEG_MODES:
+        return {"encoded": data, "format": "jpeg", "width": image.size[0], "height": image.size[1]}
+    rgb = to_rgb(image)
+    if target:
+        return _encoded(rgb.resize(target, Image.Resampling.LANCZOS), "jpeg", RESIZED_JPEG_QUALITY)
+    if image.format in JPEG_FORMATS:
+        return _encoded(rgb, "jpeg", CONVERTED_JPEG_QUALITY)
+    return _encoded(rgb, "png")
+
+
+def _skip_reason(error):
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image (or an unreadable header)"
+    if isinstance(error, Image.DecompressionBombError):
+        return "too many pixels (Pillow's decompression-bomb limit)"
+    message = " ".join(str(error).split())[:200]
+    if "truncated" in message:
+        return "truncated image"
+    return f"corrupt image ({type(error).__name__}: {message})"
+
+
+def process_file(task):
+    """Worker: reads one file and encodes it, or says why it is skipped.
+
+    Args:
+      task: `(location, max_side)`.
+
+    Returns:
+      `encode_image`'s dict, or `{"skip": reason}`. Storage errors are raised, not skipped: an
+      unreachable bucket is not a bad image.
+    """
+    location, max_side = task
+    try:
+        data = storage.read_bytes(location)
+    except FileNotFoundError:
+        return {"skip": "file disappeared while preparing"}
+    if not data:
+        return {"skip": "empty file"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns about odd EXIF, palettes, big images
+            return encode_image(data, max_side)
+    except Exception as error:  # Pillow raises many types for bad data; the reason names it
+        return {"skip": _skip_reason(error)}
+
+
+def imap_bounded(pool, function, items, window):
+    """`pool.imap` with at most `window` items in flight, results in order.
+
+    `Pool.imap` reads its whole input ahead and keeps every finished result until it is read, so
+    with a slow consumer memory grows with the number of images. Here it cannot.
+    """
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(function, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+@contextlib.contextmanager
+def image_mapper(workers):
+    """A `map(function, items)` that runs on `workers` processes (in this process for 1)."""
+    if workers == 1:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        _init_worker()
+        try:
+            yield map
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+        return
+    # spawn, not fork: the parent may hold TensorFlow's and gcsfs's threads, which fork does not
+    # carry over safely.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker) as pool:
+        yield lambda function, items: imap_bounded(pool, function, items, workers * IN_FLIGHT_PER_WORKER)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: runs in the main process.
+
+
+def make_example(encoded, image_format, label, class_name, filename, height, width):
+    """One serialized `tf.train.Example` with the dataset's keys."""
+    import tensorflow as tf  # here, not at the top: the workers and every early error skip its import
+
+    def bytes_feature(value):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def int_feature(value):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+    feature = {
+        "image/encoded": bytes_feature(encoded),
+        "image/format": bytes_feature(image_format.encode()),
+        "image/class/label": int_feature(label),
+        "image/class/text": bytes_feature(class_name.encode()),
+        "image/filename": bytes_feature(filename.encode()),
+        "image/height": int_feature(height),
+        "image/width": int_feature(width),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+class ShardWriter:
+    """Writes one shard to a local temporary file, then copies it to its place at DST.
+
+    TFRecordWriter needs a file system TensorFlow can reach (an emulator or fsspec URL is not one);
+    a local temporary file works for every DST and bounds local disk to one shard.
+    """
+
+    def __init__(self, output, name, temp_dir):
+        import tensorflow as tf
+
+        self.name = name
+        self.location = storage.join(output, name)
+        self.temporary = os.path.join(temp_dir, name)
+        self.writer = tf.io.TFRecordWriter(self.temporary)
+        self.records = 0
+
+    def write(self, record):
+        self.writer.write(record)
+        self.records += 1
+
+    def close(self):
+        """Finishes the shard; returns its manifest entry `{"file", "records", "bytes"}`."""
+        self.writer.close()
+        size = os.path.getsize(self.temporary)
+        storage.copy(self.temporary, self.location)
+        os.remove(self.temporary)
+        return {"file": self.name, "records": self.records, "bytes": size}
+
+
+class SizeStats:
+    """Running min / max / mean of stored image widths and heights (constant memory)."""
+
+    def __init__(self):
+        self.count = 0
+        self.sums = {"width": 0, "height": 0}
+        self.low = {"width": math.inf, "height": math.inf}
+        self.high = {"width": 0, "height": 0}
+
+    def add(self, width, height):
+        self.count += 1
+        for key, value in (("width", width), ("height", height)):
+            self.sums[key] += value
+            self.low[key] = min(self.low[key], value)
+            self.high[key] = max(self.high[key], value)
+
+    def as_dict(self):
+        result = {"count": self.count}
+        for key in ("width", "height"):
+            result[key] = ({"min": self.low[key], "max": self.high[key],
+                            "mean": round(self.sums[key] / self.count, 2)} if self.count else None)
+        return result
+
+
+def write_dataset(source, output, plan, classes, max_side, workers):
+    """Decodes every planned file in parallel and writes the shards one at a time, in order.
+
+    Returns:
+      dict with `splits` (the manifest's per-split entries), `image_stats`, and `skipped`
+      (`{"file", "reason", "class"}` of each file that did not decode).
+    """
+    label_of = {name: index for index, name in enumerate(classes)}
+    order = [(split, index, file) for split in SPLITS
+             for index, shard in enumerate(plan[split]) for file in shard]
+    tasks = ((storage.join(source, *file.path.split("/")), max_side) for _, _, file in order)
+    splits = {split: {"count": 0, "class_counts": dict.fromkeys(classes, 0), "shards": []}
+              for split in SPLITS}
+    stats, skipped = SizeStats(), []
+    current, writer = None, None
+    interactive = sys.stderr.isatty()
+    with (tempfile.TemporaryDirectory(prefix="trainer-prepare-") as temp_dir,
+          image_mapper(workers) as map_images,
+          tqdm.tqdm(total=len(order), desc="encoding", unit="img", file=sys.stderr,
+                    mininterval=0.5 if interactive else 30) as progress):
+        for (split, index, file), result in zip(order, map_images(process_file, tasks), strict=True):
+            if (split, index) != current:
+                if writer:
+                    splits[current[0]]["shards"].append(writer.close())
+                writer = ShardWriter(output, shard_name(split, index, len(plan[split])), temp_dir)
+                current = (split, index)
+            progress.update()
+            if "skip" in result:
+                skipped.append({"file": file.path, "reason": result["skip"], "class": file.label})
+                progress.set_postfix(skipped=len(skipped), refresh=False)
+                continue
+            writer.write(make_example(result["encoded"], result["format"], label_of[file.label],
+                                      file.label, file.path, result["height"], result["width"]))
+            splits[split]["count"] += 1
+            splits[split]["class_counts"][file.label] += 1
+            stats.add(result["width"], result["height"])
+        if writer:
+            splits[current[0]]["shards"].append(writer.close())
+    return {"splits": splits, "image_stats": stats.as_dict(), "skipped": skipped}
+
+
+def _describe_reasons(skipped):
+    counts = collections.Counter(entry["reason"] for entry in skipped)
+    return ", ".join(f"{count} {reason}" for reason, count in counts.most_common(3))
+
+
+def check_usable(splits, classes, skipped, source):
+    """Raises UserError when no image, or no image of some class, survived decoding.
+
+    Args:
+      splits: the manifest's per-split entries.
+      classes: the class names.
+      skipped: `{"file", "reason", "class"}` of every file that did not decode.
+      source: SRC, for the message.
+    """
+    totals = {name: sum(split["class_counts"][name] for split in splits.values()) for name in classes}
+    if not any(totals.values()):
+        raise UserError(f"nothing usable in {source}: all {len(skipped)} files were skipped "
+                        f"({_describe_reasons(skipped)})")
+    empty = [name for name in classes if not totals[name]]
+    if empty:
+        lost = [entry for entry in skipped if entry["class"] == empty[0]]
+        raise UserError(f"class {empty[0]!r} has no usable image: its {len(lost)} files were skipped "
+                        f"({_describe_reasons(lost)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Logs.
+
+
+def _megabytes(count):
+    return f"{count / 2**20:.1f} MB"
+
+
+def _log_plan(source, output, layout, classes, plan, skipped, workers):
+    logging.info("classes (%d): %s", len(classes), ", ".join(classes))
+    for split in SPLITS:
+        files = sum(len(shard) for shard in plan[split])
+        size = sum(file.size for shard in plan[split] for file in shard)
+        logging.info("%s: %d files, %s of source, %d shards", split, files, _megabytes(size),
+                     len(plan[split]))
+    if skipped:
+        logging.info("%d files do not fit the %s layout and are skipped", len(skipped), layout)
+    logging.info("decoding with %d worker process%s; writing to %s", workers,
+                 "" if workers == 1 else "es", output)
+
+
+def _log_summary(manifest, output):
+    total = sum(split["count"] for split in manifest["splits"].values())
+    logging.info("prepared %d images in %d classes from %s into %s in %.1f s", total,
+                 len(manifest["classes"]), manifest["source"], output, manifest["seconds"])
+    for name, split in manifest["splits"].items():
+        counts = ", ".join(f"{label} {count}" for label, count in split["class_counts"].items())
+        size = sum(shard["bytes"] for shard in split["shards"])
+        logging.info("  %-5s %6d images (%s) in %d shards, %s", name, split["count"], counts,
+                     len(split["shards"]), _megabytes(size))
+    skipped = manifest["skipped"]
+    if skipped:
+        logging.info("skipped %d files: %s", len(skipped), _describe_reasons(skipped))
+        for entry in skipped[:SKIPPED_LOGGED]:
+            logging.info("  skipped %s: %s", entry["file"], entry["reason"])
+        if len(skipped) > SKIPPED_LOGGED:
+            logging.info("  ... and %d more (all listed in %s)", len(skipped) - SKIPPED_LOGGED, MANIFEST)
+    stats = manifest["image_stats"]
+    logging.info("stored image sizes: width %d-%d (mean %.0f), height %d-%d (mean %.0f)",
+                 stats["width"]["min"], stats["width"]["max"], stats["width"]["mean"],
+                 stats["height"]["min"], stats["height"]["max"], stats["height"]["mean"])
