@@ -76,6 +76,8 @@ def define_train_flags():
     flags.DEFINE_integer("num_workers", None, "Workers of a multi-node job (default: from the environment).")
     flags.DEFINE_integer("worker_port", 12345, "Port the workers talk on (multi-node jobs).")
     flags.DEFINE_integer("backup_every_steps", 100, "Steps between preemption backups (and every epoch end).")
+    flags.DEFINE_integer("peer_timeout_seconds", 300, "Multi-worker: give up (exit 75, retryable) when a peer "
+                         "worker has not answered for this long.")
     flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: one pass over train).")
     flags.DEFINE_integer("shuffle_buffer", 1000, "Examples in the training shuffle buffer.")
     flags.DEFINE_integer("seed", 0, "Seed for weights initialisation and shuffling.")

@@ -7,7 +7,8 @@ Where the cluster comes from, in order:
   3. A Kubernetes Indexed Job behind a headless Service (`JOB_COMPLETION_INDEX`,
      `TRAINER_JOB_NAME`, `TRAINER_SERVICE_NAME`): hostnames are `<job>-<index>.<service>`.
 The number of workers comes from `--num_workers` or `TRAINER_NUM_WORKERS`; the port from
-`--worker_port` or `TRAINER_WORKER_PORT`.
+`--worker_port` or `TRAINER_WORKER_PORT`. `TRAINER_WORKER_HOSTS` (comma-separated host:port, with
+`JOB_COMPLETION_INDEX` as this worker's index) overrides the hostname patterns.
 """
 
 import json
@@ -46,7 +47,12 @@ def cluster_from_environment(environ=None, num_workers=None, port=None):
     num_workers = num_workers or int(environ.get("TRAINER_NUM_WORKERS") or 0)
     port = port or int(environ.get("TRAINER_WORKER_PORT") or 12345)
     pod_index = int(environ["JOB_COMPLETION_INDEX"])
-    if "JOBSET_NAME" in environ:
+    if environ.get("TRAINER_WORKER_HOSTS"):
+        # An explicit host:port list, for launchers whose hostnames follow no pattern above.
+        hosts = [host.strip() for host in environ["TRAINER_WORKER_HOSTS"].split(",") if host.strip()]
+        index = pod_index
+        num_workers = len(hosts)
+    elif "JOBSET_NAME" in environ:
         jobset, replicated = environ["JOBSET_NAME"], environ["REPLICATED_JOB_NAME"]
         job_index = int(environ.get("JOB_INDEX") or 0)
         jobs = int(environ.get("REPLICATED_JOB_REPLICAS") or 1)

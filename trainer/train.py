@@ -15,6 +15,7 @@ so every store fsspec reaches works, and a pod rescheduled on an empty disk resu
 
 import dataclasses
 import datetime
+import hashlib
 import os
 import shutil
 import signal
@@ -30,10 +31,6 @@ from trainer import __version__, data, distribute, export, storage
 from trainer import model as model_lib
 from trainer.errors import RetryableError, UserError
 from trainer.kerasapi import keras
-
-# Multi-worker collectives give up after this long when a peer is gone, so survivors exit with the
-# retryable code instead of hanging (docs/scaling.md).
-PEER_TIMEOUT_SECONDS = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +57,7 @@ class TrainConfig:
     num_workers: int | None = None
     worker_port: int = 12345
     backup_every_steps: int = 100
+    peer_timeout_seconds: int = 300
     steps_per_epoch: int | None = None
     shuffle_buffer: int = 1000
     seed: int = 0
@@ -120,7 +118,7 @@ def upload_checkpoint_dir(local_dir, remote_dir):
     A crash mid-copy leaves the previous `checkpoint` pointing at files that are all present.
     Files of checkpoints that the index no longer names are removed afterwards.
     """
-    names = sorted(os.listdir(local_dir))
+    names = sorted(name for name in os.listdir(local_dir) if os.path.isfile(os.path.join(local_dir, name)))
     for name in names:
         if name != "checkpoint":
             storage.copy(os.path.join(local_dir, name), storage.join(remote_dir, name))
@@ -379,6 +377,18 @@ def fit_phase(model, phase, epochs, train_data, val_data, steps, config, context
     model.fit(train_data, epochs=epochs, steps_per_epoch=steps, validation_data=val_data,
               callbacks=callbacks, verbose=2)
     context["backups"].remove(backup)
+    # The optimizer's step count and a weights fingerprint: a resumed run must end where an
+    # uninterrupted one does, and every worker of a multi-worker job must hold the same weights.
+    logging.info("phase %s finished: optimizer step %d, weights fingerprint %s", phase,
+                 int(model.optimizer.iterations.numpy()), weights_fingerprint(model))
+
+
+def weights_fingerprint(model):
+    """A short hash of every weight's bytes."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def install_sigterm_handler(context):
@@ -425,7 +435,7 @@ def run(config):
         print(f"already complete: {config.job_dir}")
         return
     strategy, cluster = distribute.make_strategy(config.strategy, config.cpu_replicas, config.num_workers,
-                                                 config.worker_port, PEER_TIMEOUT_SECONDS)
+                                                 config.worker_port, config.peer_timeout_seconds)
     is_chief = distribute.is_chief(cluster)
     manifest = data.load_manifest(config.data)
     classes = manifest["classes"]
@@ -456,6 +466,14 @@ def run(config):
             logging.info("done: model exported to %s", model_url)
     except Preempted as error:
         raise RetryableError("preempted (SIGTERM); the backup is committed, rerun to resume") from error
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+            tf.errors.AbortedError) as error:
+        if not cluster:
+            raise
+        # A peer worker died or was preempted: the collectives time out. Restarting every worker
+        # (the JobSet does) resumes from the last committed backup.
+        message = str(error).strip().splitlines()[0][:200]
+        raise RetryableError(f"lost contact with a peer worker ({type(error).__name__}: {message})") from error
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         shutil.rmtree(scratch, ignore_errors=True)
