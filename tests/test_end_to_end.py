@@ -11,33 +11,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from conftest import run_trainer
-from PIL import Image
+from jobs import CLASSES, write_stripes
 
 from trainer import storage
-
-CLASSES = ("horizontal", "vertical")
-
-
-def stripes(orientation, rng, size=32):
-    """An image of stripes plus noise: a task a tiny CNN learns in a few epochs."""
-    period = rng.integers(4, 9)
-    line = (np.arange(size) // (period // 2)) % 2
-    pattern = line[:, None] if orientation == "horizontal" else line[None, :]
-    pattern = np.broadcast_to(pattern, (size, size)).astype(np.float32)
-    pixels = pattern * 160 + 40 + rng.normal(0, 20, (size, size))
-    color = rng.uniform(0.6, 1.0, 3)
-    return Image.fromarray(np.clip(pixels[..., None] * color, 0, 255).astype(np.uint8))
-
-
-def write_stripes(folder, per_class=60, seed=0):
-    rng = np.random.default_rng(seed)
-    for name in CLASSES:
-        os.makedirs(os.path.join(folder, name), exist_ok=True)
-        for index in range(per_class):
-            stripes(name, rng).save(os.path.join(folder, name, f"{name}-{index:03d}.jpg"), quality=92)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,91 @@
+"""Preemption safety: kill a run mid-epoch, restart it on an 'empty node', and it ends where an
+uninterrupted run ends (the optimizer's step count), with job_dir on the GCS server."""
+
+import os
+import signal
+
+import pytest
+from conftest import run_trainer
+from jobs import TINY_JOB, optimizer_steps, start_trainer, wait_until, write_stripes
+
+from trainer import storage
+from trainer.errors import EXIT_RETRYABLE
+
+EPOCHS, FINE_TUNE_EPOCHS, BATCH = 8, 3, 8
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resume-data")
+    write_stripes(str(folder / "images"), per_class=50)
+    run_trainer("prepare", f"--source={folder / 'images'}", f"--output={folder / 'data'}", "--num_shards=2",
+                "--workers=2", check=True)
+    manifest = storage.read_json(str(folder / "data" / "dataset.json"))
+    return {"url": str(folder / "data" / "dataset.json"), "steps": manifest["splits"]["train"]["count"] // BATCH}
+
+
+def train_args(dataset, job_dir, *extra):
+    return ["train", f"--data={dataset['url']}", f"--job_dir={job_dir}", *TINY_JOB, f"--batch_size={BATCH}",
+            f"--epochs={EPOCHS}", "--learning_rate=1e-3", f"--fine_tune_epochs={FINE_TUNE_EPOCHS}",
+            "--fine_tune_from=block2_conv1", "--backup_every_steps=3", *extra]
+
+
+def fresh_node(tmp_path, name):
+    """A new TMPDIR: the restarted process sees none of the first one's local files."""
+    folder = tmp_path / name
+    folder.mkdir()
+    return {"TMPDIR": str(folder)}
+
+
+def kill_after_backup(process, job_dir, phase, sig):
+    committed = storage.join(job_dir, "backup", phase, "checkpoint")
+    assert wait_until(lambda: storage.exists(committed) or process.poll() is not None, timeout=600)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(sig)
+    return process.wait(timeout=120)
+
+
+def finish(dataset, job_dir, tmp_path, *extra):
+    log = tmp_path / "restart.log"
+    restarted = start_trainer(train_args(dataset, job_dir, *extra), env=fresh_node(tmp_path, "node2"),
+                              log_path=log)
+    assert restarted.wait(timeout=600) == 0, log.read_text()[-3000:]
+    return log.read_text()
+
+
+@pytest.mark.parametrize("cache", ["off", "on"])
+def test_sigkill_mid_epoch_resumes_at_the_exact_step(dataset, gcs_bucket, tmp_path, cache):
+    job_dir = f"{gcs_bucket}/job"
+    first = start_trainer(train_args(dataset, job_dir, f"--feature_cache={cache}"),
+                          env=fresh_node(tmp_path, "node1"), log_path=tmp_path / "first.log")
+    kill_after_backup(first, job_dir, "head", signal.SIGKILL)
+    log = finish(dataset, job_dir, tmp_path, f"--feature_cache={cache}")
+    assert "resuming from the backup" in log
+    assert optimizer_steps(log) == {"head": EPOCHS * dataset["steps"],
+                                    "fine_tune": FINE_TUNE_EPOCHS * dataset["steps"]}
+    assert storage.exists(f"{job_dir}/DONE")
+    history = storage.read_json(f"{job_dir}/history.json")
+    assert [len(phase["epochs"]) for phase in history["phases"]] == [EPOCHS, FINE_TUNE_EPOCHS]
+
+
+def test_sigterm_commits_a_backup_and_exits_retryable(dataset, gcs_bucket, tmp_path):
+    job_dir = f"{gcs_bucket}/job"
+    log = tmp_path / "first.log"
+    first = start_trainer(train_args(dataset, job_dir), env=fresh_node(tmp_path, "node1"), log_path=log)
+    code = kill_after_backup(first, job_dir, "fine_tune", signal.SIGTERM)
+    text = log.read_text()
+    assert code == EXIT_RETRYABLE, text[-3000:]
+    assert "preemption backup committed" in text  # with the seconds from signal to commit
+    seconds = float(text.split("preemption backup committed ", 1)[1].split(" s", 1)[0])
+    print(f"SIGTERM -> backup committed in {seconds:.2f} s")
+    restart_log = finish(dataset, job_dir, tmp_path)
+    assert "phase head: already complete" in restart_log
+    assert optimizer_steps(restart_log) == {"fine_tune": FINE_TUNE_EPOCHS * dataset["steps"]}
+
+
+def test_finished_job_is_not_trained_again(dataset, tmp_path):
+    job_dir = str(tmp_path / "job")
+    run_trainer(*train_args(dataset, job_dir, "--epochs=1", "--fine_tune_epochs=0"), check=True)
+    again = run_trainer(*train_args(dataset, job_dir, "--epochs=1", "--fine_tune_epochs=0"))
+    assert again.returncode == 0 and "already complete" in again.stdout
+    assert os.path.exists(os.path.join(job_dir, "DONE"))
