@@ -66,9 +66,13 @@ def _read(location):
         return None, f"cannot read: {error}"
 
 
-def _first_line(error):
+def _decode_reason(error):
+    """The decoder's own words ("Invalid PNG ...") out of TensorFlow's multi-line graph error."""
     message = getattr(error, "message", None) or str(error)
-    return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    noise = ("Graph execution error", "Detected at node", "<stack traces", " ", "\t")
+    lines = [line for line in message.splitlines() if line.strip() and not line.startswith(noise)]
+    reason = lines[0] if lines else type(error).__name__
+    return reason.split(" [[")[0].split(" [Op:")[0].strip()
 
 
 def _score(serve, contents):
@@ -84,7 +88,7 @@ def _score(serve, contents):
         return [(row, None) for row in outputs["probabilities"].numpy()]
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as error:
         if len(contents) == 1:
-            return [(None, f"cannot decode: {_first_line(error)}")]
+            return [(None, f"cannot decode: {_decode_reason(error)}")]
     return [result for content in contents for result in _score(serve, [content])]
 
 
