@@ -26,3 +26,75 @@ clean:
 # The whole job offline on an embedded dataset, with a GCS server on loopback (demo/run_demo.py).
 demo: install
 	$(PY) demo/run_demo.py --output=demo_output
+
+# ---- Cluster: image, manifests, submission (docs/cluster.md) ---------------------------------
+# Nothing below needs a cluster until `kubectl apply`: `make render` and DRY_RUN=1 only print.
+#   make image push IMAGE=us-docker.pkg.dev/my-project/trainer/image-transfer-trainer:v1
+#   make submit-train IMAGE=... DATA=gs://b/datasets/cats-dogs/dataset.json JOB_DIR=gs://b/runs/r1 GPUS=4
+#   make submit-train ... WORKERS=2 [MULTI=indexed]   (multi-node: a JobSet, or an Indexed Job)
+#   make status [RUN=name]; make logs RUN=name [FOLLOW=1]; make wait RUN=name [TIMEOUT=6h]
+#   make submit-eval IMAGE=... DATA=... JOB_DIR=gs://b/runs/r1   (-> JOB_DIR/eval/metrics.json)
+.PHONY: image push render submit-train submit-eval status logs wait
+
+BUILDER ?= docker
+IMAGE ?= us-docker.pkg.dev/YOUR_PROJECT/trainer/image-transfer-trainer:$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+KUBECTL ?= kubectl
+# render.py needs PyYAML: the project's venv when there is one, else any python3 with PyYAML.
+RENDER_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPUS ?= 1
+WORKERS ?= 1
+MULTI ?= jobset
+ACCELERATOR ?= nvidia-l4
+SPLIT ?= test
+TAIL ?= 200
+TIMEOUT ?= 6h
+# Optional: RUN (the run's name), OVERLAY, ARGS (more trainer flags), GSA (also apply the
+# ServiceAccount bound to this Google service account), MODEL/OUTPUT (eval), DRY_RUN=1, FOLLOW=1.
+RUN_STAMP := $(shell date -u +%Y%m%d-%H%M%S)
+comma := ,
+SELECTOR = app.kubernetes.io/name=image-trainer$(if $(RUN),$(comma)app.kubernetes.io/instance=$(RUN))
+TRAIN_OVERLAY = k8s/overlays/$(if $(filter-out 1,$(WORKERS)),multiworker-$(MULTI),gpu-spot)
+RENDER_COMMON = --image=$(IMAGE) --gpus=$(GPUS) --accelerator=$(ACCELERATOR) \
+	$(if $(GSA),--service-account-email=$(GSA)) $(foreach arg,$(ARGS),--set=$(patsubst --%,%,$(arg)))
+# Prints the manifests (DRY_RUN=1) or applies them; a failed render applies nothing.
+APPLY = if [ -n "$(DRY_RUN)" ]; then printf '%s\n' "$$manifest"; \
+	else printf '%s\n' "$$manifest" | $(KUBECTL) apply -f - && \
+	echo "submitted $$run: make status RUN=$$run; make logs RUN=$$run FOLLOW=1; make wait RUN=$$run"; fi
+
+image:
+	$(BUILDER) build --tag $(IMAGE) .
+
+push:
+	@case "$(IMAGE)" in *YOUR_PROJECT*) echo "usage: make push IMAGE=REGISTRY/REPO/NAME:TAG" >&2; exit 2;; esac
+	$(BUILDER) push $(IMAGE)
+
+render:
+	@for overlay in k8s/base k8s/overlays/*/; do \
+		printf -- '---\n# %s\n' "$${overlay%/}"; kubectl kustomize "$$overlay" || exit 1; done
+
+submit-train:
+	@if [ -z "$(DATA)" ] || [ -z "$(JOB_DIR)" ]; then echo "usage: make submit-train DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [GPUS=1] [WORKERS=1 [MULTI=jobset|indexed]] [ARGS='--epochs=2'] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
+	@run=$(or $(RUN),train-$(RUN_STAMP)); \
+	manifest="$$($(RENDER_PY) k8s/render.py $(or $(OVERLAY),$(TRAIN_OVERLAY)) --command=train --name=$$run \
+		$(if $(filter-out 1,$(WORKERS)),--workers=$(WORKERS)) $(RENDER_COMMON) \
+		--set=data=$(DATA) --set=job_dir=$(JOB_DIR))" && $(APPLY)
+
+submit-eval:
+	@if [ -z "$(DATA)" ] || [ -z "$(JOB_DIR)$(MODEL)" ]; then echo "usage: make submit-eval DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [MODEL=JOB_DIR/model] [OUTPUT=JOB_DIR/eval] [SPLIT=test] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
+	@run=$(or $(RUN),eval-$(RUN_STAMP)); \
+	manifest="$$($(RENDER_PY) k8s/render.py $(or $(OVERLAY),k8s/overlays/gpu-spot) --command=evaluate --name=$$run \
+		$(RENDER_COMMON) --set=model=$(or $(MODEL),$(JOB_DIR)/model) --set=data=$(DATA) \
+		--set=output=$(or $(OUTPUT),$(JOB_DIR)/eval) --set=split=$(SPLIT))" && $(APPLY)
+
+status:
+	$(KUBECTL) get cronjobs,jobs,pods -l $(SELECTOR)
+	-@$(KUBECTL) get jobsets -l $(SELECTOR) 2>/dev/null
+
+logs:
+	@if [ -z "$(RUN)" ]; then echo "usage: make logs RUN=name [FOLLOW=1] [TAIL=200]" >&2; exit 2; fi
+	$(KUBECTL) logs -l app.kubernetes.io/instance=$(RUN) --all-containers --prefix --tail=$(TAIL) \
+		--max-log-requests=32 $(if $(FOLLOW),--follow)
+
+wait:
+	@if [ -z "$(RUN)" ]; then echo "usage: make wait RUN=name [TIMEOUT=6h]" >&2; exit 2; fi
+	KUBECTL="$(KUBECTL)" bash k8s/wait.sh $(RUN) $(TIMEOUT)
