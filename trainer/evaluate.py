@@ -416,7 +416,8 @@ def run(model_url, manifest_url, split, output_url, history_url=None, batch_size
                  model_url, split, manifest_url, expected, metadata["image_size"], batch_size)
 
     dataset = data.make_dataset(manifest_url, split, metadata["image_size"], batch_size, training=False)
-    labels, probabilities = score(loaded.signatures["predict_images"], dataset, expected, batch_size)
+    with data.translate_errors():  # a damaged record: its one-line UserError, not an OpError
+        labels, probabilities = score(loaded.signatures["predict_images"], dataset, expected, batch_size)
     metrics = {"split": split, **compute_metrics(labels, probabilities, manifest["classes"]),
                "model": model_url, "data": manifest_url}
     curves = metrics.pop("curves", None)  # plotted, not stored: up to one point per example
