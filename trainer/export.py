@@ -32,34 +32,32 @@ class _Servable(tf.Module):
 
     def __init__(self, model, class_names, image_size):
         super().__init__(name="classifier")
-        # Tracking the variables (not the Keras model) keeps the export free of Keras metadata
-        # and custom-layer configs: the functions below are plain TensorFlow graphs.
+        # Only the variables are tracked, not the Keras model (the functions reach it through a
+        # closure): the export holds plain TensorFlow graphs, no Keras objects or layer configs.
         self.model_variables = list(model.variables)
-        self._model = model
-        self._image_size = image_size
         self.class_names = tf.constant(class_names, dtype=tf.string)
-        self.serve = tf.function(
-            self._serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-        self.predict_images = tf.function(
-            self._predict_images,
-            input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")])
+        names = self.class_names
 
-    def _probabilities(self, images):
-        outputs = tf.cast(self._model(images, training=False), tf.float32)
-        if outputs.shape[-1] == 1:  # two classes: one sigmoid p is P(class 1)
-            return tf.concat([1.0 - outputs, outputs], axis=-1)
-        return outputs
+        def probabilities(images):
+            outputs = tf.cast(model(images, training=False), tf.float32)
+            if outputs.shape[-1] == 1:  # two classes: the one sigmoid p is P(class 1)
+                return tf.concat([1.0 - outputs, outputs], axis=-1)
+            return outputs
 
-    def _predict_images(self, images):
-        return {"probabilities": self._probabilities(images)}
+        @tf.function(input_signature=[
+            tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")])
+        def predict_images(images):
+            return {"probabilities": probabilities(images)}
 
-    def _serve(self, image_bytes):
-        size = self._image_size
-        images = tf.map_fn(lambda encoded: data.decode_image(encoded, size), image_bytes,
-                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
-        probabilities = self._probabilities(images)
-        classes = tf.gather(self.class_names, tf.argmax(probabilities, axis=-1))
-        return {"probabilities": probabilities, "classes": classes}
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def serve(image_bytes):
+            images = tf.map_fn(lambda encoded: data.decode_image(encoded, image_size), image_bytes,
+                               fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
+            scores = probabilities(images)
+            return {"probabilities": scores, "classes": tf.gather(names, tf.argmax(scores, axis=-1))}
+
+        self.predict_images = predict_images
+        self.serve = serve
 
 
 def export_model(model, class_names, image_size, export_url, backbone=""):
@@ -113,13 +111,18 @@ def load_model(model_url):
     if not storage.exists(metadata_url) or not storage.exists(storage.join(model_url, SAVED_MODEL_FILE)):
         raise UserError(f"no exported model at {model_url} (expected {METADATA_FILE} and {SAVED_MODEL_FILE})")
     metadata = storage.read_json(metadata_url)
-    local_dir = model_url
-    if storage.is_url(model_url):
-        # TensorFlow's gs:// cannot reach every store (nor an emulator): load from a local copy.
-        local_dir = tempfile.mkdtemp(prefix="trainer-model-")
+    if not storage.is_url(model_url):
+        return _load_saved_model(model_url, model_url), metadata
+    # TensorFlow's gs:// cannot reach every store (nor an emulator): load from a local copy. The
+    # variables are read during loading and the export has no assets, so the copy can go after.
+    with tempfile.TemporaryDirectory(prefix="trainer-model-") as local_dir:
         storage.copy_tree(model_url, local_dir)
+        loaded = _load_saved_model(local_dir, model_url)
+    return loaded, metadata
+
+
+def _load_saved_model(local_dir, model_url):
     try:
-        loaded = tf.saved_model.load(local_dir)
+        return tf.saved_model.load(local_dir)
     except (OSError, ValueError, tf.errors.OpError) as error:
         raise UserError(f"cannot load the model at {model_url}: {str(error).splitlines()[0]}") from error
-    return loaded, metadata
