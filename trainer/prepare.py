@@ -529,21 +529,27 @@ class ShardWriter:
     """
 
     def __init__(self, output, name, temp_dir):
-        import tensorflow as tf
-
         self.name = name
         self.location = storage.join(output, name)
         self.temporary = os.path.join(temp_dir, name)
-        self.writer = tf.io.TFRecordWriter(self.temporary)
+        self.writer = None  # opened by the first record: a run with nothing usable skips TensorFlow
         self.records = 0
 
     def write(self, record):
+        if self.writer is None:
+            import tensorflow as tf
+
+            self.writer = tf.io.TFRecordWriter(self.temporary)
         self.writer.write(record)
         self.records += 1
 
     def close(self):
         """Finishes the shard; returns its manifest entry `{"file", "records", "bytes"}`."""
-        self.writer.close()
+        if self.writer is None:
+            with open(self.temporary, "wb"):  # a TFRecord file of no records is an empty file
+                pass
+        else:
+            self.writer.close()
         size = os.path.getsize(self.temporary)
         storage.copy(self.temporary, self.location)
         os.remove(self.temporary)

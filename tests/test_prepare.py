@@ -1,0 +1,400 @@
+"""`trainer prepare`: the real command on generated image folders, local and on a GCS server."""
+
+import collections
+import json
+import multiprocessing.pool
+import os
+import threading
+
+import imagegen
+import pytest
+from conftest import run_trainer
+from PIL import ImageFile
+
+from trainer import prepare, storage
+from trainer.errors import UserError
+
+EXAMPLE_KEYS = {"image/encoded", "image/format", "image/class/label", "image/class/text",
+                "image/filename", "image/height", "image/width"}
+# Every format imagegen writes; cycled per image, so each class holds each format once.
+ALL_FORMATS = tuple(imagegen.FORMATS)
+BAD_REASONS = {
+    "bad_truncated_jpeg.jpg": "truncated image",
+    "bad_truncated_png.png": "truncated image",
+    "bad_corrupt_png.png": "corrupt image",
+    "bad_not_image.jpg": "not an image",
+    "bad_empty.jpg": "empty file",
+}
+
+
+def read_records(output, tmp_path):
+    """manifest, and {split: [record dict]} from every shard the manifest lists at `output`."""
+    import tensorflow as tf
+
+    manifest = storage.read_json(storage.join(output, "dataset.json"))
+    records = {}
+    for split, entry in manifest["splits"].items():
+        records[split] = []
+        for shard in entry["shards"]:
+            local = tmp_path / f"read-{shard['file']}"
+            local.write_bytes(storage.read_bytes(storage.join(output, shard["file"])))
+            assert local.stat().st_size == shard["bytes"]
+            shard_records = []
+            for serialized in tf.data.TFRecordDataset(str(local)):
+                example = tf.train.Example.FromString(serialized.numpy())
+                feature = example.features.feature
+                assert set(feature.keys()) == EXAMPLE_KEYS
+                shard_records.append({
+                    "encoded": feature["image/encoded"].bytes_list.value[0],
+                    "format": feature["image/format"].bytes_list.value[0].decode(),
+                    "label": feature["image/class/label"].int64_list.value[0],
+                    "text": feature["image/class/text"].bytes_list.value[0].decode(),
+                    "filename": feature["image/filename"].bytes_list.value[0].decode(),
+                    "height": feature["image/height"].int64_list.value[0],
+                    "width": feature["image/width"].int64_list.value[0],
+                    "shard": shard["file"],
+                })
+            assert len(shard_records) == shard["records"]
+            records[split] += shard_records
+    return manifest, records
+
+
+def check_records(manifest, records):
+    """Counts, labels and shapes agree with the manifest, and every image decodes to RGB."""
+    import tensorflow as tf
+
+    for split, entry in manifest["splits"].items():
+        assert entry["count"] == len(records[split])
+        counts = collections.Counter(record["text"] for record in records[split])
+        assert entry["class_counts"] == {name: counts.get(name, 0) for name in manifest["classes"]}
+        if entry["count"] == 0:
+            assert entry["shards"] == []
+        for index, shard in enumerate(entry["shards"]):
+            assert shard["file"] == f"{split}-{index:05d}-of-{len(entry['shards']):05d}.tfrecord"
+        for record in records[split]:
+            assert manifest["classes"][record["label"]] == record["text"]
+            assert record["format"] in ("jpeg", "png")
+            image = tf.io.decode_image(record["encoded"], channels=3, expand_animations=False)
+            assert image.dtype == tf.uint8
+            assert tuple(image.shape) == (record["height"], record["width"], 3)
+    assert manifest["image_stats"]["count"] == sum(len(split) for split in records.values())
+
+
+def split_of_files(records):
+    return {record["filename"]: split for split, split_records in records.items() for record in split_records}
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert result.stderr.rstrip().splitlines()[-1] == errors[0]
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The real command, one test per layout.
+
+
+def test_class_dirs_local_every_format_and_bad_files(tmp_path):
+    source, output = tmp_path / "photos", tmp_path / "data"
+    written = imagegen.write_images(str(source), "class_dirs", per_class=len(ALL_FORMATS), fmt=ALL_FORMATS)
+    bad = imagegen.write_bad_files(str(source), "cats")
+    imagegen.write_file(str(source), ".DS_Store", b"finder")
+    imagegen.write_file(str(source), "dogs/.hidden.jpg", imagegen.image_bytes())
+
+    result = run_trainer("prepare", f"--source={source}", f"--output={output}", "--workers=2")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "layout: class_dirs (detected)" in result.stderr
+    assert f"prepared {len(written)} images in 2 classes" in result.stderr
+    assert f"skipped {len(bad)} files" in result.stderr
+    manifest, records = read_records(str(output), tmp_path)
+    check_records(manifest, records)
+    assert manifest["classes"] == ["cats", "dogs"]
+    assert manifest["layout"] == "class_dirs" and manifest["source"] == str(source)
+    assert (manifest["schema_version"], manifest["kind"]) == (1, "trainer-dataset")
+    assert (manifest["val_fraction"], manifest["test_fraction"], manifest["split_seed"]) == (0.15, 0.15, 0)
+    assert sorted(split_of_files(records)) == sorted(written)
+    totals = collections.Counter()
+    for entry in manifest["splits"].values():
+        totals.update(entry["class_counts"])
+    assert totals == {"cats": len(ALL_FORMATS), "dogs": len(ALL_FORMATS)}
+    reasons = {entry["file"]: entry["reason"] for entry in manifest["skipped"]}
+    assert sorted(reasons) == sorted(bad)
+    for path, reason in reasons.items():
+        assert reason.startswith(BAD_REASONS[path.split("/")[-1]])
+    # RGB and greyscale JPEGs keep their bytes; everything else is re-encoded for the reader.
+    for record in (record for split in records.values() for record in split):
+        original = (source / record["filename"]).read_bytes()
+        fmt = ALL_FORMATS[int(record["filename"].split("_")[-1].split(".")[0]) % len(ALL_FORMATS)]
+        if fmt in ("jpeg", "grey"):
+            assert (record["encoded"], record["format"]) == (original, "jpeg")
+        else:  # (an RGB PNG re-encoded by Pillow may come out byte-identical)
+            assert record["format"] == ("jpeg" if fmt == "cmyk" else "png")
+            assert fmt == "png" or record["encoded"] != original
+    assert manifest["image_stats"]["width"] == {"min": 40, "max": 40, "mean": 40.0}
+
+
+def test_split_dirs_local(tmp_path):
+    source, output = tmp_path / "seed", tmp_path / "data"
+    written = imagegen.write_images(str(source), "split_dirs", per_class=3, fmt=("jpeg", "png"))
+
+    result = run_trainer("prepare", f"--source={source}", f"--output={output}", "--workers=2")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "layout: split_dirs (detected)" in result.stderr
+    manifest, records = read_records(str(output), tmp_path)
+    check_records(manifest, records)
+    assert {split: entry["count"] for split, entry in manifest["splits"].items()} == {
+        "train": 6, "val": 6, "test": 6}
+    expected = {path: prepare.SPLIT_FOLDERS[path.split("/")[0]] for path in written}
+    assert split_of_files(records) == expected  # validation/ -> val
+    assert manifest["val_fraction"] is None and manifest["skipped"] == []
+
+
+def test_filename_prefix_local_hash_split_and_mixed_shards(tmp_path):
+    source, output = tmp_path / "kaggle", tmp_path / "data"
+    written = imagegen.write_images(str(source), "filename_prefix", classes=("cat", "dog"), per_class=30,
+                                    size=(24, 18))
+
+    result = run_trainer("prepare", f"--source={source}", f"--output={output}", "--workers=2",
+                         "--num_shards=3", "--val_fraction=0.2", "--test_fraction=0.1", "--split_seed=7")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "layout: filename_prefix (detected)" in result.stderr
+    manifest, records = read_records(str(output), tmp_path)
+    check_records(manifest, records)
+    assert manifest["classes"] == ["cat", "dog"]
+    assert split_of_files(records) == {path: prepare.assign_split(path, 0.2, 0.1, 7) for path in written}
+    for record in (record for split in records.values() for record in split):
+        assert record["text"] == record["filename"].split(".")[0]
+    # Examples are spread so that no shard holds a single class.
+    assert len(manifest["splits"]["train"]["shards"]) == 3
+    by_shard = collections.defaultdict(list)
+    for record in (record for split in records.values() for record in split):
+        by_shard[record["shard"]].append(record["text"])
+    assert all(set(labels) == {"cat", "dog"} for labels in by_shard.values() if len(labels) >= 4)
+    assert all(set(by_shard[shard["file"]]) == {"cat", "dog"} for shard in manifest["splits"]["train"]["shards"])
+
+
+def test_gcs_source_and_output(gcs_bucket, tmp_path):
+    source, output = f"{gcs_bucket}/photos", f"{gcs_bucket}/datasets/pets"
+    written = imagegen.write_images(source, "class_dirs", per_class=5, fmt=("jpeg", "png", "cmyk"))
+    bad = imagegen.write_bad_files(source, "dogs", kinds=("truncated_jpeg", "not_image"))
+
+    result = run_trainer("prepare", f"--source={source}", f"--output={output}", "--workers=2",
+                         "--num_shards=2")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest, records = read_records(output, tmp_path)
+    check_records(manifest, records)
+    assert sorted(split_of_files(records)) == sorted(written)
+    assert sorted(entry["file"] for entry in manifest["skipped"]) == sorted(bad)
+    assert manifest["source"] == source
+    # A second run does not replace the dataset without --overwrite.
+    again = run_trainer("prepare", f"--source={source}", f"--output={output}")
+    assert_one_line_error(again, "already holds a dataset", "--overwrite")
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits are stable: reruns and added files.
+
+
+def test_rerun_is_identical_and_added_files_keep_their_split(tmp_path):
+    source = tmp_path / "photos"
+    imagegen.write_images(str(source), "class_dirs", per_class=20, size=(16, 12))
+    first = prepare.prepare_dataset(str(source), str(tmp_path / "one"), num_shards=2, workers=1)
+    second = prepare.prepare_dataset(str(source), str(tmp_path / "two"), num_shards=2, workers=1)
+
+    assert first["splits"] == second["splits"]
+    for split in first["splits"].values():
+        for shard in split["shards"]:  # byte-identical shards: same split, same order
+            assert (tmp_path / "one" / shard["file"]).read_bytes() == (
+                tmp_path / "two" / shard["file"]).read_bytes()
+    _, before = read_records(str(tmp_path / "one"), tmp_path)
+
+    imagegen.write_images(str(source), "class_dirs", per_class=10, size=(16, 12), start=20)
+    grown = prepare.prepare_dataset(str(source), str(tmp_path / "three"), num_shards=2, workers=1)
+    _, after = read_records(str(tmp_path / "three"), tmp_path)
+
+    old, new = split_of_files(before), split_of_files(after)
+    assert sum(entry["count"] for entry in grown["splits"].values()) == 60
+    assert {path: new[path] for path in old} == old
+    assert set(old.values()) == {"train", "val", "test"}
+
+
+def test_assign_split_is_a_fixed_function_of_seed_and_path():
+    # Fixed values: a change of the hash would silently reshuffle every user's splits.
+    assert prepare.assign_split("cat.1.jpg", 0.15, 0.15, 0) == "test"
+    assert prepare.assign_split("f", 0.15, 0.15, 0) == "val"
+    assert prepare.assign_split("a", 0.15, 0.15, 1) == "val"
+    assert prepare.assign_split("d", 0.15, 0.15, 1) == "test"
+    assert prepare.assign_split("d", 0.15, 0.15, 0) == "train"
+    counts = collections.Counter(prepare.assign_split(f"x/{i}.jpg", 0.2, 0.1) for i in range(4000))
+    assert abs(counts["val"] / 4000 - 0.2) < 0.03 and abs(counts["test"] / 4000 - 0.1) < 0.03
+
+
+# ----------------------------------------------------------------------------------------------
+# Re-encoding and decoding.
+
+
+def test_max_side_shrinks_large_images_only(tmp_path):
+    source, output = tmp_path / "photos", tmp_path / "data"
+    large = imagegen.write_images(str(source), "class_dirs", per_class=2, size=(120, 90), fmt=("jpeg", "png"))
+    small = imagegen.write_images(str(source), "class_dirs", per_class=1, size=(20, 15), start=2)
+
+    manifest = prepare.prepare_dataset(str(source), str(output), max_side=32, val_fraction=0,
+                                       test_fraction=0, workers=1)
+
+    _, records = read_records(str(output), tmp_path)
+    stored = {record["filename"]: record for record in records["train"]}
+    assert sorted(stored) == sorted(large + small) and manifest["max_side"] == 32
+    for path in large:
+        record = stored[path]
+        assert (record["width"], record["height"], record["format"]) == (32, 24, "jpeg")
+        assert len(record["encoded"]) < len((source / path).read_bytes())
+    for path in small:
+        assert stored[path]["encoded"] == (source / path).read_bytes()
+    assert manifest["image_stats"]["width"]["max"] == 32
+    check_records(manifest, records)
+
+
+def test_truncated_images_are_skipped_even_when_pillow_would_pad_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    source = tmp_path / "photos"
+    imagegen.write_images(str(source), "class_dirs", per_class=2, size=(16, 12))
+    imagegen.write_bad_files(str(source), "dogs", kinds=("truncated_jpeg", "truncated_png"))
+
+    manifest = prepare.prepare_dataset(str(source), str(tmp_path / "data"), workers=1)
+
+    assert [entry["reason"] for entry in manifest["skipped"]] == ["truncated image"] * 2
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored afterwards
+
+
+def test_imap_bounded_keeps_a_bounded_window():
+    pulled, consumed = [0], []
+    lock = threading.Lock()
+
+    def items():
+        for index in range(40):
+            with lock:
+                pulled[0] += 1
+                assert pulled[0] - len(consumed) <= 4  # never more than the window ahead
+            yield index
+
+    with multiprocessing.pool.ThreadPool(2) as pool:
+        for result in prepare.imap_bounded(pool, lambda value: value * 2, items(), window=4):
+            consumed.append(result)
+    assert consumed == [value * 2 for value in range(40)]
+
+
+def test_stratified_shuffle_mixes_every_run_of_four():
+    files = [prepare.SourceFile(f"{label}/{index}", 1, label, "train")
+             for label in ("a", "b") for index in range(50)]
+    ordered = prepare.stratified_shuffle(files, prepare.random.Random(3))
+    assert sorted(ordered) == sorted(files)
+    assert all(len({file.label for file in ordered[start:start + 4]}) == 2 for start in range(97))
+    assert ordered == prepare.stratified_shuffle(list(reversed(files)), prepare.random.Random(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout detection and errors.
+
+
+@pytest.mark.parametrize("paths, layout", [
+    (["cats/a.jpg", "dogs/b.jpg"], "class_dirs"),
+    (["cats/2019/a.jpg", "dogs/b.jpg"], "class_dirs"),
+    (["train/cats/a.jpg", "validation/dogs/b.jpg", "test/cats/c.jpg"], "split_dirs"),
+    (["cat.1.jpg", "dog.2.jpg"], "filename_prefix"),
+])
+def test_detect_layout(paths, layout):
+    assert prepare.detect_layout(paths) == layout
+
+
+@pytest.mark.parametrize("paths", [
+    ["cats/a.jpg", "README.txt"],
+    ["train/cats/a.jpg", "cats/b.jpg"],
+    ["train/a.jpg", "test/b.jpg"],
+])
+def test_detect_layout_refuses_ambiguous(paths):
+    with pytest.raises(UserError, match="cannot tell the layout"):
+        prepare.detect_layout(paths)
+
+
+def test_explicit_layout_skips_files_it_has_no_place_for(tmp_path):
+    source = tmp_path / "photos"
+    imagegen.write_images(str(source), "class_dirs", per_class=2, size=(16, 12))
+    imagegen.write_file(str(source), "LICENSE.txt", b"CC-BY")
+
+    manifest = prepare.prepare_dataset(str(source), str(tmp_path / "data"), layout="class_dirs", workers=1)
+
+    assert manifest["skipped"] == [{"file": "LICENSE.txt", "reason": "not in a class folder"}]
+
+
+def _make_error_case(case, tmp_path):
+    """Sets up one error case; returns the extra command-line arguments."""
+    source = tmp_path / "photos"
+    if case == "missing source":
+        return []
+    if case == "one class":
+        imagegen.write_images(str(source), "class_dirs", classes=("cats",), per_class=2)
+    elif case == "ambiguous layout":
+        imagegen.write_images(str(source), "class_dirs", per_class=1)
+        imagegen.write_file(str(source), "notes.txt", b"hello")
+    elif case == "nothing usable":
+        imagegen.write_bad_files(str(source), "cats", kinds=("truncated_jpeg", "not_image"))
+        imagegen.write_bad_files(str(source), "dogs", kinds=("empty",))
+    elif case == "empty class":
+        imagegen.write_images(str(source), "class_dirs", classes=("cats",), per_class=3)
+        imagegen.write_bad_files(str(source), "dogs", kinds=("truncated_jpeg", "not_image"))
+    elif case == "existing dataset":
+        imagegen.write_images(str(source), "class_dirs", per_class=1)
+        storage.write_json(str(tmp_path / "data" / "dataset.json"), {"kind": "trainer-dataset"})
+    else:
+        imagegen.write_images(str(source), "class_dirs", per_class=1)
+        return case.split()
+    return []
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing source", "source not found"),
+    ("one class", "only one class ('cats')"),
+    ("ambiguous layout", "cannot tell the layout"),
+    ("nothing usable", "nothing usable"),
+    ("empty class", "class 'dogs' has no usable image: its 2 files were skipped"),
+    ("existing dataset", "already holds a dataset"),
+    ("--val_fraction=0.6 --test_fraction=0.5", "must be below 1"),
+    ("--val_fraction=-0.1", "--val_fraction must be in [0, 1)"),
+    ("--test_fraction=1", "--test_fraction must be in [0, 1)"),
+])
+def test_errors_are_one_line_and_exit_1(case, message, tmp_path):
+    arguments = _make_error_case(case, tmp_path)
+
+    result = run_trainer("prepare", f"--source={tmp_path / 'photos'}", f"--output={tmp_path / 'data'}",
+                         "--workers=2", *arguments)
+
+    assert_one_line_error(result, message)
+    leftovers = sorted(os.listdir(tmp_path / "data")) if (tmp_path / "data").exists() else []
+    assert leftovers in ([], ["dataset.json"])  # no shards left behind
+
+
+def test_overwrite_removes_only_the_old_datasets_files(tmp_path):
+    source, output = tmp_path / "photos", tmp_path / "data"
+    imagegen.write_images(str(source), "class_dirs", per_class=10, size=(16, 12))
+    old = prepare.prepare_dataset(str(source), str(output), num_shards=3, workers=1)
+    (output / "notes.txt").write_text("mine")
+    (output / "train-00000-of-00009.tfrecord").write_text("not in the manifest")
+
+    result = run_trainer("prepare", f"--source={source}", f"--output={output}", "--overwrite",
+                         "--num_shards=1", "--workers=2")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    new = json.loads((output / "dataset.json").read_text())
+    kept = {"notes.txt", "train-00000-of-00009.tfrecord", "dataset.json"}
+    assert sorted(os.listdir(output)) == sorted(
+        kept | {shard["file"] for split in new["splits"].values() for shard in split["shards"]})
+    assert all(len(split["shards"]) == 1 for split in new["splits"].values())
+    assert new["splits"]["train"]["count"] == old["splits"]["train"]["count"]
