@@ -211,3 +211,16 @@ def test_unfreeze_from_an_unknown_layer_lists_valid_names():
     classifier = model.build_model("tiny", 2, 32, weights=None)
     with pytest.raises(UserError, match="no layer 'block5_conv1'.*block3_conv1"):
         model.unfreeze_from(classifier, "block5_conv1")
+
+
+def test_imagenet_download_failure_says_how_to_use_a_weights_file(monkeypatch):
+    from tf_keras.src.utils import data_utils
+
+    def offline(*args, **kwargs):  # what Keras's get_file raises without network access
+        raise Exception("URL fetch failure on https://example/x_notop.h5: None -- Name not known")
+
+    monkeypatch.setattr(data_utils, "get_file", offline)
+    with pytest.raises(UserError, match="cannot download the ImageNet weights of mobilenet_v2.*--weights="):
+        model.build_base("mobilenet_v2", 96, "imagenet")
+    with pytest.raises(UserError, match="'tiny' has no pretrained weights"):
+        model.build_base("tiny", 32, "imagenet")

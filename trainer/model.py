@@ -101,6 +101,21 @@ def _load_weights(application, weights, backbone):
     logging.info("Loaded %s weights from %s", backbone, weights)
 
 
+def _build_application(constructor, backbone, weights, preprocessed, image_size):
+    try:
+        return getattr(keras.applications, constructor)(
+            include_top=False, weights="imagenet" if weights == "imagenet" else None,
+            input_tensor=preprocessed, input_shape=(image_size, image_size, 3))
+    except Exception as error:
+        # Keras's download raises a bare Exception("URL fetch failure on ...").
+        if weights == "imagenet" and "URL fetch failure" in str(error):
+            raise UserError(
+                f"cannot download the ImageNet weights of {backbone} ({str(error).splitlines()[0][:300]}); "
+                "without internet access, put Keras's *_notop.h5 file in your bucket and pass "
+                "--weights=gs://.../file.h5") from error
+        raise
+
+
 def build_base(backbone, image_size, weights):
     """The headless pretrained network with the backbone's own preprocessing as its first layer.
 
@@ -132,9 +147,7 @@ def build_base(backbone, image_size, weights):
     else:
         # Passing the preprocessed tensor makes the application's layers continue this graph:
         # one flat model whose layer names are the application's, so fine-tuning finds them.
-        application = getattr(keras.applications, constructor)(
-            include_top=False, weights="imagenet" if weights == "imagenet" else None,
-            input_tensor=preprocessed, input_shape=(image_size, image_size, 3))
+        application = _build_application(constructor, backbone, weights, preprocessed, image_size)
     if weights not in (None, "imagenet"):
         _load_weights(application, weights, backbone)
     return keras.Model(application.inputs, application.outputs, name="base")
