@@ -98,3 +98,10 @@ logs:
 wait:
 	@if [ -z "$(RUN)" ]; then echo "usage: make wait RUN=name [TIMEOUT=6h]" >&2; exit 2; fi
 	KUBECTL="$(KUBECTL)" bash k8s/wait.sh $(RUN) $(TIMEOUT)
+
+# Benchmarks of issue 6 (docs/benchmarks.md): input pipeline, training step, prepare's memory.
+# Results (JSON + PNG) in bench_output/. Run on a quiet machine: the numbers are rates.
+bench: install
+	$(PY) -m bench.input_pipeline --output=bench_output
+	$(PY) -m bench.train_step --output=bench_output
+	$(PY) -m bench.prepare_memory --output=bench_output

@@ -1,0 +1,159 @@
+"""Training-step benchmark: model.fit steps/s fed by our reader against an in-memory synthetic dataset.
+
+    python -m bench.train_step --output=bench_output
+    python -m bench.train_step --smoke --output=/tmp/bench      # tests: tiny, one round
+
+If the reader keeps up, a step costs what the model costs and the two rates match: the goal
+(issue 6) is reader / synthetic >= 0.95. The synthetic dataset is one batch of the same shape and
+dtype, held in memory and repeated, so it costs nothing per step.
+
+On a GPU node the decode runs on CPU cores the model does not use. Here both share 2 cores, so
+any CPU the reader spends is taken from the model: this is the harder setting, and a model that
+is cheap relative to decoding (the "tiny" test backbone at 150 px) makes the ratio mostly a
+measure of how much CPU the reader takes, while a real backbone makes it a measure of whether
+prefetching hides the reader. Both backbones can be run (--backbone).
+
+Rates are steady-state steps/s, timed from a callback after --skip_steps steps of each fit (the
+first steps pay for filling the shuffle buffer and the prefetch queue once per fit; a real run
+pays that once per job, not per step). Results: OUTPUT/train_step.json.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from bench import common  # noqa: E402
+
+GOAL = 0.95
+
+
+def log(message):
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def prepare_shards(work_dir, images, max_side):
+    """Photo-like JPEG folders -> shards (at full size, or with --max_side); returns the manifest path."""
+    from trainer.prepare import prepare_dataset
+
+    folders = os.path.join(work_dir, "images")
+    common.write_split_folders(folders, images)
+    output = os.path.join(work_dir, "shards")
+    prepare_dataset(folders, output, layout="split_dirs", num_shards=4, max_side=max_side)
+    return os.path.join(output, "dataset.json")
+
+
+class StepTimer:
+    """A Keras callback: wall time of the steps after the first `skip` of each fit."""
+
+    def __new__(cls, skip):
+        from trainer.kerasapi import keras
+
+        class _StepTimer(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.step, self.started, self.timed = 0, None, 0
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.step += 1
+                if self.step == skip:
+                    self.started = time.perf_counter()
+                elif self.step > skip:
+                    self.timed += 1
+
+            def rate(self):
+                return self.timed / (time.perf_counter() - self.started)
+
+        return _StepTimer()
+
+
+def synthetic_dataset(image_size, batch_size):
+    """One batch of the reader's shape and dtype (float32 0-255, int32 labels), in memory, repeated."""
+    import tensorflow as tf
+
+    images = tf.random.stateless_uniform([batch_size, image_size, image_size, 3], seed=[0, 1],
+                                         maxval=255.0)
+    labels = tf.cast(tf.range(batch_size) % 2, tf.int32)
+    return tf.data.Dataset.from_tensors((images, labels)).repeat()
+
+
+def run(images, rounds, steps, skip_steps, output, backbone, image_size, batch_size, max_side, work_dir=None):
+    from trainer.data import make_dataset
+    from trainer.kerasapi import keras
+    from trainer.model import build_model, compile_model
+
+    started = time.perf_counter()
+    machine = common.describe_machine()
+    with tempfile.TemporaryDirectory(prefix="bench-train-", dir=work_dir) as temporary:
+        manifest = prepare_shards(temporary, images, max_side)
+        datasets = {
+            "synthetic": synthetic_dataset(image_size, batch_size),
+            "reader": make_dataset(manifest, "train", image_size, batch_size, training=True, repeat=True),
+        }
+        keras.utils.set_random_seed(0)
+        model = build_model(backbone, 2, image_size, weights=None)
+        compile_model(model, 2, learning_rate=1e-5)
+        timer = StepTimer(skip_steps)
+
+        def fit(name, fit_steps):
+            model.fit(datasets[name], epochs=1, steps_per_epoch=fit_steps, verbose=0, callbacks=[timer])
+            return timer.rate()
+
+        for name in datasets:
+            fit(name, skip_steps + 2)  # traces the train step once; later fits reuse it
+        rates = {name: [] for name in datasets}
+        for round_index in range(rounds):
+            order = list(datasets) if round_index % 2 == 0 else list(datasets)[::-1]
+            for name in order:
+                rates[name].append(fit(name, skip_steps + steps))
+                log(f"round {round_index + 1}/{rounds} {name}: {rates[name][-1]:.2f} steps/s")
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    ratio = medians["reader"] / medians["synthetic"]
+    results = {
+        "benchmark": "train_step",
+        "command": " ".join(["python -m bench.train_step", *sys.argv[1:]]),
+        "machine": machine,
+        "config": {"images": images, "rounds": rounds, "steps": steps, "skip_steps": skip_steps,
+                   "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
+                   "max_side": max_side},
+        "loaders": {name: {"rates": [round(value, 3) for value in rates[name]], "median": round(medians[name], 3),
+                           "images_per_second": round(medians[name] * batch_size, 1)} for name in rates},
+        "ratios": [{"name": "reader / synthetic steps/s", "value": round(ratio, 3), "goal": GOAL,
+                    "pass": ratio >= GOAL}],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    common.write_json(os.path.join(output, "train_step.json"), results)
+    print(f"{'dataset':<12} {'median steps/s':>15} {'images/s':>9}  rounds")
+    for name, result in results["loaders"].items():
+        print(f"{name:<12} {result['median']:>15.2f} {result['images_per_second']:>9.1f}  {result['rates']}")
+    print(f"reader / synthetic = {ratio:.3f} (goal >= {GOAL}): {'PASS' if ratio >= GOAL else 'MISS'}"
+          f"  [{backbone}, {image_size} px, batch {batch_size}, shards max_side={max_side}]")
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000, help="photo-like JPEGs (70%% train)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed fits per dataset (interleaved)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per fit")
+    parser.add_argument("--skip_steps", type=int, default=5, help="untimed steps at the start of each fit")
+    parser.add_argument("--backbone", default="mobilenet_v2", help="trainer.model backbone (weights=None)")
+    parser.add_argument("--image_size", type=int, default=150)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--max_side", type=int, default=None, help="prepare the shards with --max_side")
+    parser.add_argument("--output", default="bench_output", help="folder for train_step.json")
+    parser.add_argument("--work_dir", default=None, help="where the temporary images and shards go")
+    parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
+    options = parser.parse_args(argv)
+    if options.smoke:
+        options.images, options.rounds, options.steps, options.skip_steps = 60, 1, 2, 1
+        options.backbone, options.image_size, options.batch_size = "tiny", 32, 8
+    run(options.images, options.rounds, options.steps, options.skip_steps, options.output, options.backbone,
+        options.image_size, options.batch_size, options.max_side, options.work_dir)
+
+
+if __name__ == "__main__":
+    main()
