@@ -15,6 +15,7 @@ setup(
         # Keras 2 (tf-keras): Keras 3's fit fails under MultiWorkerMirroredStrategy with TF 2.21
         # (keras-team/keras#20585); see docs/architecture.md and trainer/kerasapi.py.
         "tf-keras==2.21.*",
+        "tensorboard==2.21.*",  # the TensorBoard callback's summaries (tensorflow no longer pulls it in)
         "google-cloud-storage>=2.18",
         "fsspec>=2024.6",
         "gcsfs>=2024.6",

@@ -6,6 +6,7 @@ one line on stderr and an exit code from `trainer.errors`; presets are absl flag
 (`--flagfile=configs/seed_vgg16.flags`), and later flags override a flagfile's values.
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -221,6 +222,8 @@ def main(argv=None):
         print(FLAGS.module_help(sys.modules[__name__]))
         sys.exit(0)
     logging.set_verbosity(logging.INFO)
+    # Our INFO lines, not TensorFlow's (it logs every cross-device reduction at INFO).
+    std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
     app.run(_run_safely(run), argv=[program, *rest], flags_parser=_parse_flags)
 
 

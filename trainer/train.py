@@ -295,8 +295,8 @@ def fit_head_on_cached_features(model, config, strategy, manifest, steps, contex
     val_data = None
     if splits.get("val", {}).get("count"):
         val_paths = extract_features(model, config, "val", splits["val"]["count"], context["scratch"])
-        val_data = strategy.experimental_distribute_dataset(
-            cached_dataset(val_paths, config.batch_size, training=False, seed=config.seed))
+        val_data = with_data_sharding(cached_dataset(val_paths, config.batch_size, training=False,
+                                                     seed=config.seed))
     train_data = strategy.experimental_distribute_dataset(
         cached_dataset(train_paths, config.batch_size, training=True, seed=config.seed))
     head = model.get_layer("head")
@@ -319,7 +319,13 @@ def load_history(job_dir, phases):
 
 
 def make_datasets(strategy, config, global_batch, validate=True):
-    """Distributed train (repeating) and validation (finite, every example once) datasets."""
+    """The distributed training dataset (repeating, one pipeline per worker reading its own shards)
+    and the validation dataset (finite, every example once across all workers).
+
+    Validation goes to Keras as a plain dataset of global batches: Keras splits each batch over the
+    replicas and keeps the last partial batch, and with several workers each one evaluates every
+    N-th batch (DATA sharding), so no example is counted twice or missed however shards divide.
+    """
 
     def train_fn(context):
         return data.make_dataset(config.data, "train", config.image_size,
@@ -328,13 +334,18 @@ def make_datasets(strategy, config, global_batch, validate=True):
                                  seed=config.seed, input_context=context,
                                  skip_corrupt_shards=config.skip_corrupt_shards)
 
-    def val_fn(context):
-        return data.make_dataset(config.data, "val", config.image_size,
-                                 context.get_per_replica_batch_size(global_batch), training=False,
-                                 input_context=context, skip_corrupt_shards=config.skip_corrupt_shards)
-
     train_data = strategy.distribute_datasets_from_function(train_fn)
-    return train_data, strategy.distribute_datasets_from_function(val_fn) if validate else None
+    if not validate:
+        return train_data, None
+    val_data = data.make_dataset(config.data, "val", config.image_size, global_batch, training=False,
+                                 skip_corrupt_shards=config.skip_corrupt_shards)
+    return train_data, with_data_sharding(val_data)
+
+
+def with_data_sharding(dataset):
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
 
 
 def phase_done(job_dir, phase):
