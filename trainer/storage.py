@@ -184,6 +184,10 @@ def open_file(location, mode="rb", block_size=None):
         if is_url(location):
             filesystem, path = _remote(location)
             options = {"block_size": block_size} if block_size else {}
+            if mode.startswith("r"):
+                # Plain read-ahead: gcsfs's default "adaptive" cache starts a background prefetcher
+                # that deadlocks when several threads (tf.data's generator threads) read at once.
+                options["cache_type"] = "readahead"
             with filesystem.open(path, mode, **options) as handle:
                 yield handle
         elif mode.startswith("r"):
