@@ -1,0 +1,68 @@
+"""The benchmarks run end to end at a tiny size (--smoke): no timing is asserted, only that every
+loader ran and the results are complete, so `make bench` cannot rot between real runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(module, output, timeout=600):
+    """Runs `python -m bench.<module> --smoke`; returns its results JSON as a dict."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", "--smoke", f"--output={output}", f"--work_dir={output}"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"bench.{module} exited {result.returncode}:\n{result.stderr[-5000:]}"
+    with open(os.path.join(output, f"{module}.json")) as file:
+        return json.load(file), result.stdout
+
+
+def check_ratios(results):
+    for ratio in results["ratios"]:
+        assert ratio["value"] > 0 and isinstance(ratio["pass"], bool), ratio
+
+
+@pytest.mark.timeout(600)
+def test_input_pipeline_smoke(tmp_path):
+    results, table = run_bench("input_pipeline", tmp_path)
+
+    expected = {"keras_generator", "keras_dataset", "shards_local", "shards_gcs", "shards_gcs_20ms",
+                "objects_gcs", "objects_gcs_20ms", "ceiling_memory", "shards_max_side"}
+    assert set(results["loaders"]) == expected
+    train_images = results["config"]["train_images"]
+    for name, loader in results["loaders"].items():
+        # Every loader read the whole train split, once per round.
+        assert loader["images"] == train_images, name
+        assert len(loader["rates"]) == results["config"]["rounds"] and loader["median"] > 0, name
+    assert [ratio["goal"] for ratio in results["ratios"]] == [2.0, 0.9, 2.5, 10.0]
+    check_ratios(results)
+    assert os.path.getsize(tmp_path / "input_pipeline.png") > 1000
+    assert "PASS" in table or "MISS" in table
+    # The temporary images and shards are gone.
+    assert sorted(os.listdir(tmp_path)) == ["input_pipeline.json", "input_pipeline.png"]
+
+
+@pytest.mark.timeout(600)
+def test_train_step_smoke(tmp_path):
+    results, _ = run_bench("train_step", tmp_path)
+
+    assert set(results["loaders"]) == {"synthetic", "reader"}
+    for loader in results["loaders"].values():
+        assert len(loader["rates"]) == 1 and loader["median"] > 0
+    assert results["ratios"][0]["goal"] == 0.95
+    check_ratios(results)
+
+
+@pytest.mark.timeout(600)
+def test_prepare_memory_smoke(tmp_path):
+    results, _ = run_bench("prepare_memory", tmp_path)
+
+    assert set(results["loaders"]) == {"200", "400"}
+    for run in results["loaders"].values():
+        # The sampled tree is the command plus its worker processes, and it held real memory.
+        assert run["processes"] >= 2 and run["peak_tree_rss"] >= run["peak_main_rss"] > 50 * 2**20
+    check_ratios(results)
