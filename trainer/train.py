@@ -155,8 +155,8 @@ class SyncedBackupAndRestore(keras.callbacks.BackupAndRestore):
     def _backup(self, epoch, batch=0):
         super()._backup(epoch=epoch, batch=batch)
         if self.is_chief:
-            # BackupAndRestore's chief writes straight into backup_dir; workers use a temp dir.
-            upload_checkpoint_dir(self.local_dir, self.remote_dir)
+            # BackupAndRestore's chief writes into backup_dir/chief (other workers into temp dirs).
+            upload_checkpoint_dir(os.path.join(self.local_dir, "chief"), self.remote_dir)
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)
@@ -362,6 +362,11 @@ def save_phase_weights(model, job_dir, phase, scratch, is_chief):
         remote = storage.join(job_dir, "checkpoints", phase)
         upload_checkpoint_dir(local, remote)
         storage.write_text(storage.join(remote, "COMPLETE"), now_iso())
+        # The phase's weights are committed: its preemption backup (and the feature cache of the
+        # head phase) can go, they are the largest files of a job.
+        storage.remove(storage.join(job_dir, "backup", phase), recursive=True)
+        if phase == "head":
+            storage.remove(storage.join(job_dir, "features"), recursive=True)
 
 
 def load_phase_weights(model, job_dir, phase, scratch):
@@ -374,7 +379,7 @@ def fit_phase(model, phase, epochs, train_data, val_data, steps, config, context
     """Runs one phase under BackupAndRestore; returns when its epochs are done."""
     local_backup = os.path.join(context["scratch"], "backup", phase)
     remote_backup = storage.join(config.job_dir, "backup", phase)
-    if download_checkpoint_dir(remote_backup, local_backup):
+    if download_checkpoint_dir(remote_backup, os.path.join(local_backup, "chief")):
         logging.info("phase %s: resuming from the backup in %s", phase, remote_backup)
     backup = SyncedBackupAndRestore(local_backup, remote_backup, config.backup_every_steps,
                                     context["is_chief"])
