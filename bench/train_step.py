@@ -91,7 +91,7 @@ def run(images, rounds, steps, skip_steps, output, backbone, image_size, batch_s
         manifest = prepare_shards(temporary, images, max_side)
         datasets = {
             "synthetic": synthetic_dataset(image_size, batch_size),
-            "reader": make_dataset(manifest, "train", image_size, batch_size, training=True, repeat=True),
+            "reader": make_dataset(manifest, "train", image_size, batch_size, training=True),  # repeated forever
         }
         keras.utils.set_random_seed(0)
         model = build_model(backbone, 2, image_size, weights=None)
