@@ -321,3 +321,102 @@ def local_copy(location, cache_dir=None):
     if not os.path.exists(target):
         copy(location, target)
     return target
+
+
+def _gcs_blob(location):
+    """The google-cloud-storage blob of a `gs://` URL (anonymous against an emulator)."""
+    from google.cloud import storage as gcs
+
+    bucket, _, name = location[len("gs://"):].partition("/")
+    client = gcs.Client.create_anonymous_client() if os.environ.get(
+        "STORAGE_EMULATOR_HOST") else gcs.Client()
+    return client.bucket(bucket).blob(name)
+
+
+@contextlib.contextmanager
+def _translate_gcs_errors(location):
+    """google-cloud-storage's own errors: server-side failures (after its retries) are transient."""
+    from google.api_core import exceptions
+
+    with _translate_errors(location):
+        try:
+            yield
+        except (exceptions.ServerError, exceptions.RetryError) as error:
+            raise RetryableError(f"storage error at {location}: {error}") from error
+        except exceptions.Forbidden as error:
+            raise UserError(f"no permission for {location}: {error}") from error
+
+
+def _content_generation(data):
+    """The generation token of a local file or a non-GCS object: a hash of its content."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_with_generation(location):
+    """Reads a (small) file together with its generation, for a later `write_if_generation`.
+
+    Args:
+      location: a local path or URL.
+
+    Returns:
+      `(data, generation)`; `(None, 0)` when nothing is there. The generation is an opaque token:
+      the object's generation on gs://, a hash of the content elsewhere.
+
+    Raises:
+      RetryableError: remote storage unreachable after the client's retries.
+    """
+    if is_gcs(location):
+        from google.api_core import exceptions
+
+        with _translate_gcs_errors(location):
+            while True:  # the object may change between the metadata and the content: reread
+                blob = _gcs_blob(location)
+                try:
+                    blob.reload()
+                    return blob.download_as_bytes(if_generation_match=blob.generation), blob.generation
+                except exceptions.NotFound:
+                    return None, 0
+                except exceptions.PreconditionFailed:
+                    continue
+    try:
+        data = read_bytes(location)
+    except FileNotFoundError:
+        return None, 0
+    return data, _content_generation(data)
+
+
+def write_if_generation(location, data, generation):
+    """Replaces `location` with `data` only if it is still at `generation`; returns whether it did.
+
+    A compare-and-swap: of several writers that read the same generation (`read_with_generation`),
+    exactly one succeeds; generation 0 means "only if absent". `gs://` uses the `ifGenerationMatch`
+    precondition. Local files compare and rename under an exclusive lock on `<location>.lock`.
+    Other fsspec stores fall back to compare-then-write, which is not atomic.
+
+    Raises:
+      RetryableError: remote storage unreachable after the client's retries.
+    """
+    if is_gcs(location):
+        from google.api_core import exceptions
+
+        with _translate_gcs_errors(location):
+            try:
+                _gcs_blob(location).upload_from_string(data, if_generation_match=generation)
+                return True
+            except exceptions.PreconditionFailed:
+                return False
+    if is_url(location):
+        if read_with_generation(location)[1] != generation:
+            return False
+        write_bytes(location, data)
+        return True
+    import fcntl  # local files only (POSIX)
+
+    path = _local(location)
+    makedirs(os.path.dirname(os.path.abspath(path)))
+    with _translate_errors(location), open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if read_with_generation(path)[1] != generation:
+            return False
+        write_bytes(path, data)
+        return True
