@@ -92,10 +92,10 @@ def write_split_folders(folder, count, seed=0, size=(500, 375)):
 
 
 def time_pass(run_pass):
-    """Runs one pass; returns (images, seconds)."""
-    started = time.perf_counter()
+    """Runs one pass; returns (images, wall seconds, CPU seconds of this process, all threads)."""
+    started, cpu_started = time.perf_counter(), time.process_time()
     images = run_pass()
-    return images, time.perf_counter() - started
+    return images, time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def measure_interleaved(passes, rounds, log=print):
@@ -103,7 +103,8 @@ def measure_interleaved(passes, rounds, log=print):
 
     Interleaving spreads slow phases of a shared machine (another job starting, a page-cache miss)
     over every loader instead of penalising whichever happened to run then; rotating the order
-    stops one loader from always following the same neighbour.
+    stops one loader from always following the same neighbour. The CPU time per image is recorded
+    too: other processes on the machine change it far less than they change the wall time.
 
     Args:
       passes: {name: callable running one full pass and returning the number of images}.
@@ -111,22 +112,25 @@ def measure_interleaved(passes, rounds, log=print):
       log: where progress lines go.
 
     Returns:
-      {name: {"images": n, "rates": [images/s per round], "median": median images/s}}.
+      {name: {"images": n, "rates": [images/s per round], "median": median images/s,
+              "cpu_us_per_image": median CPU microseconds per image (this process only)}}.
     """
     for name, run_pass in passes.items():
-        images, seconds = time_pass(run_pass)
+        images, seconds, _ = time_pass(run_pass)
         log(f"warm-up {name}: {images} images in {seconds:.1f} s")
     names = list(passes)
-    results = {name: {"images": 0, "rates": []} for name in names}
+    results = {name: {"images": 0, "rates": [], "cpu": []} for name in names}
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            images, seconds = time_pass(passes[name])
+            images, seconds, cpu_seconds = time_pass(passes[name])
             results[name]["images"] = images
             results[name]["rates"].append(images / seconds)
+            results[name]["cpu"].append(cpu_seconds / images * 1e6)
             log(f"round {round_index + 1}/{rounds} {name}: {images / seconds:.1f} images/s")
     for result in results.values():
         result["median"] = statistics.median(result["rates"])
+        result["cpu_us_per_image"] = round(statistics.median(result.pop("cpu")), 1)
     return results
 
 

@@ -286,11 +286,11 @@ def compute_ratios(loaders):
 
 
 def format_table(loaders, ratios):
-    lines = [f"{'loader':<18} {'median img/s':>12} {'min':>8} {'max':>8}  what",
-             "-" * 100]
+    lines = [f"{'loader':<18} {'median img/s':>12} {'min':>8} {'max':>8} {'CPU us/img':>10}  what",
+             "-" * 110]
     for name, result in loaders.items():
         lines.append(f"{name:<18} {result['median']:>12.1f} {min(result['rates']):>8.1f} "
-                     f"{max(result['rates']):>8.1f}  {DESCRIPTIONS[name]}")
+                     f"{max(result['rates']):>8.1f} {result['cpu_us_per_image']:>10.0f}  {DESCRIPTIONS[name]}")
     lines += ["", f"{'ratio':<55} {'value':>7} {'goal':>7}  result", "-" * 80]
     for ratio in ratios:
         lines.append(f"{ratio['name']:<55} {ratio['value']:>7.2f} {'>= ' + str(ratio['goal']):>7}  "
@@ -348,6 +348,7 @@ def run(images, rounds, output, max_side, num_shards, work_dir=None):
             loaders = common.measure_interleaved(passes, rounds, log=log)
         finally:
             store.stop()
+    machine["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]
     loaders = {name: {"description": DESCRIPTIONS[name], **loaders[name]} for name in DESCRIPTIONS}
     ratios = compute_ratios(loaders)
     results = {
