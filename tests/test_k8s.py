@@ -206,6 +206,16 @@ def test_service_account_uses_workload_identity_without_keys():
         assert "GOOGLE_APPLICATION_CREDENTIALS" not in text and "secretName" not in text
 
 
+def test_every_container_runs_the_trainer_image():
+    images = set()
+    for overlay in OVERLAYS:
+        for item in rendered(overlay):
+            if item["kind"] in WORKLOAD_KINDS:
+                images |= {c["image"] for _, t in pod_templates(item) for c in all_containers(t)}
+    (image,) = images  # kustomize's image setting reached every workload, JobSet and CronJob too
+    assert image.endswith("/image-transfer-trainer:latest")
+
+
 # ---- Every pod -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("workload,job,template", every_pod())
