@@ -410,6 +410,7 @@ def _read_shard(url, records, *, reader, image_size, num_classes, offset, stride
     decoded = indexed.map(lambda index, record: _parse_and_decode(index, record, image_size, num_classes),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
     end = offset + stride * ((tf.maximum(records - offset, 0) + stride - 1) // stride)
+    # Label -1 marks the sentinel: real labels are checked to be in 0..num_classes-1.
     sentinel = tf.data.Dataset.from_tensors(
         (end, tf.zeros([image_size, image_size, 3], tf.float32), tf.constant(-1, tf.int32)))
 
