@@ -197,11 +197,25 @@ def _run_safely(run):
         except KeyboardInterrupt:
             sys.stderr.write("interrupted\n")
             sys.exit(errors.EXIT_RETRYABLE)
-        except Exception:  # a bug: keep the traceback for the report
-            logging.exception("internal error")
+        except Exception as error:
+            translated = _from_data_pipeline(error)
+            if translated is not None:  # damaged data found inside tf.data (named shard or image)
+                code = errors.EXIT_RETRYABLE if isinstance(translated, errors.RetryableError) else errors.EXIT_BAD_INPUT
+                sys.stderr.write(f"error: {translated}\n")
+                sys.exit(code)
+            logging.exception("internal error")  # a bug: keep the traceback for the report
             sys.exit(errors.EXIT_SOFTWARE)
 
     return main
+
+
+def _from_data_pipeline(error):
+    """The UserError/RetryableError that TensorFlow wrapped while iterating a dataset, or None."""
+    if "tensorflow" not in sys.modules:
+        return None
+    from trainer import data
+
+    return data.error_from_pipeline(error)
 
 
 def main(argv=None):
