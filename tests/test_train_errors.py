@@ -1,0 +1,83 @@
+"""Bad input to `trainer train` and `trainer evaluate`: one line on stderr, exit 1, no traceback."""
+
+import json
+import os
+
+import pytest
+from conftest import run_trainer
+from jobs import TINY_JOB, write_stripes
+
+from trainer import storage
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("errors")
+    write_stripes(str(folder / "images"), per_class=20)
+    run_trainer("prepare", f"--source={folder / 'images'}", f"--output={folder / 'data'}", "--workers=1",
+                "--num_shards=2", check=True)
+    return folder
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "error" in last.lower(), last
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+def train(dataset, tmp_path, *args, data=None):
+    data = data or str(dataset / "data" / "dataset.json")
+    return run_trainer("train", f"--data={data}", f"--job_dir={tmp_path / 'job'}", *TINY_JOB, "--epochs=1",
+                       "--batch_size=8", *args)
+
+
+def test_unknown_backbone(dataset, tmp_path):
+    assert_one_line_error(train(dataset, tmp_path, "--backbone=alexnet"), "alexnet")
+
+
+def test_batch_not_divisible_by_replicas(dataset, tmp_path):
+    assert_one_line_error(train(dataset, tmp_path, "--batch_size=9", "--cpu_replicas=2"), "not divisible")
+
+
+def test_missing_manifest(dataset, tmp_path):
+    assert_one_line_error(train(dataset, tmp_path, data=str(tmp_path / "nowhere" / "dataset.json")))
+
+
+def test_foreign_manifest(dataset, tmp_path):
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"hello": "world"}))
+    assert_one_line_error(train(dataset, tmp_path, data=str(foreign)))
+
+
+def test_weights_file_that_does_not_fit_the_backbone(dataset, tmp_path):
+    from trainer import model
+
+    other = model.build_base("mobilenet_v2", 32, weights=None)
+    path = str(tmp_path / "mobilenet.weights.h5")
+    other.save_weights(path)
+    assert_one_line_error(train(dataset, tmp_path, "--backbone=vgg16", f"--weights={path}"), "mobilenet.weights.h5")
+
+
+def test_split_absent(dataset, tmp_path):
+    manifest = storage.read_json(str(dataset / "data" / "dataset.json"))
+    del manifest["splits"]["val"]
+    del manifest["splits"]["test"]
+    damaged = dataset / "data" / "no-test.json"
+    storage.write_json(str(damaged), manifest)
+    result = run_trainer("evaluate", f"--model={tmp_path / 'model'}", f"--data={damaged}", "--split=test",
+                         f"--output={tmp_path / 'eval'}")
+    assert_one_line_error(result)
+
+
+def test_corrupt_shard_found_during_training_names_the_shard(dataset, tmp_path):
+    copy = tmp_path / "data"
+    storage.copy_tree(str(dataset / "data"), str(copy))
+    shard = sorted(name for name in os.listdir(copy) if name.startswith("train-"))[0]
+    raw = bytearray((copy / shard).read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # flip a byte in the middle: same size, bad checksum
+    (copy / shard).write_bytes(bytes(raw))
+    result = train(dataset, tmp_path, "--feature_cache=off", data=str(copy / "dataset.json"))
+    assert_one_line_error(result, shard)
