@@ -346,3 +346,31 @@ def test_bad_manifests_and_shards_are_one_line_user_errors(dataset, tmp_path):
     os.remove(os.path.join(folder, "train-00003-of-00004.tfrecord"))
     with pytest.raises(UserError, match="missing shard .*train-00003-of-00004.tfrecord"):
         eval_dataset(folder, "train")
+
+
+def gradient_jpeg(width, height):
+    """A smooth RGB JPEG (gradients), so scaled and full decodes can be compared pixel by pixel."""
+    pixels = np.zeros([height, width, 3], np.uint8)
+    pixels[..., 0] = (np.arange(width)[None, :] * 255 // width).astype(np.uint8)
+    pixels[..., 1] = (np.arange(height)[:, None] * 255 // height).astype(np.uint8)
+    pixels[..., 2] = 128
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_decode_image_scales_large_jpegs_while_decoding_and_small_ones_exactly():
+    def full_decode(encoded, size):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        return tf.image.resize(image, [size, size], method="bilinear").numpy()
+
+    # Shorter side below 2 x size, and PNGs: exactly the plain decode.
+    for encoded in (gradient_jpeg(40, 30), encode_image(3, "png")):
+        np.testing.assert_array_equal(data.decode_image(encoded, 16).numpy(), full_decode(encoded, 16))
+    # 128x96 at 24 px: shorter side 96 = 4 x 24, so the decoder works at 1/4 scale (32x24).
+    large = gradient_jpeg(128, 96)
+    quarter = tf.image.resize(tf.io.decode_jpeg(large, channels=3, ratio=4), [24, 24]).numpy()
+    scaled = data.decode_image(large, 24).numpy()
+    np.testing.assert_array_equal(scaled, quarter)
+    assert scaled.shape == (24, 24, 3)
+    assert np.abs(scaled - full_decode(large, 24)).mean() < 4.0  # the same picture

@@ -62,15 +62,35 @@ _diagnosed = {}  # (shard, first missing, next seen, stride) -> problems: diagno
 _skipped_lock = threading.Lock()
 
 
+# JPEG decoders can scale by 1/2, 1/4 or 1/8 while decoding (in the DCT domain), for much less work.
+JPEG_SCALES = (1, 2, 4, 8)
+
+
 def decode_image(encoded, image_size):
     """Decodes JPEG or PNG bytes to float32 RGB 0-255 resized to `image_size` x `image_size`.
 
     Training, evaluation and the exported serving signature all call this one function, so the
     pixels a model sees in production are computed exactly as in training.
+
+    A JPEG whose shorter side is at least twice `image_size` is decoded at the largest of 1/2, 1/4,
+    1/8 scale that keeps its shorter side at or above `image_size` (libjpeg scales while it
+    decodes), then resized: the decode is the input pipeline's main cost, and this cuts it by ~15%
+    for a 500x375 photo at 150 px and several times for camera-sized photos, which serving gets
+    as they are. Smaller JPEGs, and PNGs, decode exactly as `tf.io.decode_image` does.
     """
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image = tf.cond(tf.io.is_jpeg(encoded), lambda: _decode_jpeg_scaled(encoded, image_size),
+                    lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
     image = tf.image.resize(image, [image_size, image_size], method="bilinear")
     return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def _decode_jpeg_scaled(encoded, image_size):
+    height_width = tf.image.extract_jpeg_shape(encoded)[:2]
+    shorter = tf.reduce_min(height_width)
+    # Index into JPEG_SCALES of the largest scale that keeps the shorter side >= image_size.
+    index = tf.reduce_sum(tf.cast(shorter >= image_size * tf.constant(JPEG_SCALES[1:]), tf.int32))
+    branches = [lambda ratio=ratio: tf.io.decode_jpeg(encoded, channels=3, ratio=ratio) for ratio in JPEG_SCALES]
+    return tf.switch_case(index, branches)
 
 
 # --- the manifest ---------------------------------------------------------------------------------
