@@ -1,0 +1,48 @@
+"""The frozen-feature cache: training the head on cached base outputs is the same model."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import run_trainer
+from jobs import write_stripes
+
+from trainer import data, model, storage, train
+
+
+@pytest.fixture(scope="module")
+def manifest_url(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cache")
+    write_stripes(str(folder / "images"), per_class=20)
+    run_trainer("prepare", f"--source={folder / 'images'}", f"--output={folder / 'data'}", "--workers=1",
+                check=True)
+    return str(folder / "data" / "dataset.json")
+
+
+def test_head_on_cached_features_predicts_what_the_full_model_predicts(manifest_url, tmp_path):
+    config = dataclasses.replace(train.TrainConfig(data=manifest_url, job_dir=str(tmp_path / "job")),
+                                 backbone="tiny", weights="none", image_size=32, batch_size=8)
+    classifier = model.build_model("tiny", 2, 32, weights=None, dense_units=16)
+    count = data.load_manifest(manifest_url)["splits"]["val"]["count"]
+    paths = train.extract_features(classifier, config, "val", count, str(tmp_path / "scratch"))
+    cached = train.cached_dataset(paths, batch_size=8, training=False, seed=0)
+    from_cache = classifier.get_layer("head").predict(cached, verbose=0)
+    images = data.make_dataset(manifest_url, "val", 32, 8, training=False)
+    from_images = classifier.predict(images, verbose=0)
+    assert from_cache.shape == from_images.shape == (count, 1)
+    np.testing.assert_allclose(from_cache, from_images, rtol=1e-5, atol=1e-6)
+    labels = np.concatenate([batch_labels.numpy() for _, batch_labels in images])
+    assert np.array_equal(np.load(paths[1]), labels)  # the cache keeps the examples' order
+
+
+def test_cache_is_committed_to_job_dir_and_reused(manifest_url, tmp_path):
+    config = dataclasses.replace(train.TrainConfig(data=manifest_url, job_dir=str(tmp_path / "job")),
+                                 backbone="tiny", weights="none", image_size=32, batch_size=8)
+    classifier = model.build_model("tiny", 2, 32, weights=None, dense_units=16)
+    count = data.load_manifest(manifest_url)["splits"]["val"]["count"]
+    first = train.extract_features(classifier, config, "val", count, str(tmp_path / "node1"))
+    assert storage.exists(str(tmp_path / "job" / "features" / "val" / "COMPLETE"))
+    # A fresh node (other scratch) with another base must get the committed features, not recompute.
+    other = model.build_model("tiny", 2, 32, weights=None, dense_units=16)
+    second = train.extract_features(other, config, "val", count, str(tmp_path / "node2"))
+    np.testing.assert_array_equal(np.load(first[0]), np.load(second[0]))
