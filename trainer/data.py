@@ -409,9 +409,10 @@ def _parse_and_decode(index, record, image_size, num_classes):
     label = features["image/class/label"]
     # A label out of range would fail far from here, in the loss (or give NaNs on a GPU): make it
     # this record's error instead, which the index check names.
-    in_range = [tf.debugging.assert_non_negative(label),
-                tf.debugging.assert_less(label, tf.constant(num_classes, tf.int64))]
-    with tf.control_dependencies(in_range):
+    # One Assert op, not assert_non_negative + assert_less: this runs for every image, and each of
+    # those helpers adds a handful of ops (about 10 us an image on this reader's CPU budget).
+    in_range = tf.debugging.Assert(tf.logical_and(label >= 0, label < num_classes), ["label", label])
+    with tf.control_dependencies([in_range]):
         return index, image, tf.cast(label, tf.int32)
 
 
