@@ -15,6 +15,7 @@ rotating order), and prints the medians and the ratios the issue sets as goals:
   c shards_local          trainer.data.make_dataset on local shards of the same images
   d shards_gcs[_20ms]     the same shards from the GCS server (through a proxy adding 0 or 20 ms a request)
     objects_gcs[_20ms]    one object per image from that server (tf.data, fetch with fsspec, then decode)
+    objects_gcs_20ms_32threads   the same fetched by 32 threads (for reference, not a goal)
   e ceiling_memory        decode_image on the same JPEG bytes already in memory, same parallelism
   f shards_max_side       make_dataset on shards prepared with --max_side (1.5 x image size)
 
@@ -30,6 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from concurrent import futures
 
 # Before TensorFlow or gcsfs is imported: quiet C++ logs, and no gRPC bucket probe (60 s each)
 # against the emulator.
@@ -57,6 +59,7 @@ DESCRIPTIONS = {
     "shards_gcs_20ms": "d: ours, shards from GCS server, +20 ms/request",
     "objects_gcs": "d: one object per image from GCS server (loopback)",
     "objects_gcs_20ms": "d: one object per image from GCS server, +20 ms/request",
+    "objects_gcs_20ms_32threads": "d: the same, fetched by 32 threads (not a goal: an upper bound)",
     "ceiling_memory": "e: ceiling, decode_image on JPEG bytes in memory",
     "shards_max_side": "f: ours, local shards prepared with --max_side",
 }
@@ -259,6 +262,33 @@ def objects_loader(images_url, paths, labels):
     return lambda: count_dataset(dataset)
 
 
+def threaded_objects_loader(images_url, paths, labels, threads=32):
+    """d, for reference: one object per image, fetched by a pool of `threads` threads in order.
+
+    More concurrency than people usually give a per-object loader; it shows how far parallel
+    requests alone go against the latency, without changing the number of requests.
+    """
+    import fsspec
+    import tensorflow as tf
+
+    from trainer.data import decode_image
+
+    filesystem = fsspec.filesystem("gs")
+    base = images_url[len("gs://"):]
+
+    def generate():
+        with futures.ThreadPoolExecutor(threads) as pool:
+            fetched = pool.map(lambda path: filesystem.cat_file(f"{base}/{path}"), paths)
+            yield from zip(fetched, labels, strict=True)
+
+    dataset = tf.data.Dataset.from_generator(
+        generate, output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)))
+    dataset = dataset.map(lambda image, label: (decode_image(image, IMAGE_SIZE), label),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = batch_and_prefetch(dataset)
+    return lambda: count_dataset(dataset)
+
+
 def with_delay(store, milliseconds, run_pass):
     """A pass run with the proxy adding `milliseconds` to each request."""
 
@@ -286,10 +316,10 @@ def compute_ratios(loaders):
 
 
 def format_table(loaders, ratios):
-    lines = [f"{'loader':<18} {'median img/s':>12} {'min':>8} {'max':>8} {'CPU us/img':>10}  what",
+    lines = [f"{'loader':<27} {'median img/s':>12} {'min':>8} {'max':>8} {'CPU us/img':>10}  what",
              "-" * 110]
     for name, result in loaders.items():
-        lines.append(f"{name:<18} {result['median']:>12.1f} {min(result['rates']):>8.1f} "
+        lines.append(f"{name:<27} {result['median']:>12.1f} {min(result['rates']):>8.1f} "
                      f"{max(result['rates']):>8.1f} {result['cpu_us_per_image']:>10.0f}  {DESCRIPTIONS[name]}")
     lines += ["", f"{'ratio':<55} {'value':>7} {'goal':>7}  result", "-" * 80]
     for ratio in ratios:
@@ -345,6 +375,8 @@ def run(images, rounds, output, max_side, num_shards, work_dir=None):
             }
             passes["shards_gcs_20ms"] = with_delay(store, 20, passes["shards_gcs"])
             passes["objects_gcs_20ms"] = with_delay(store, 20, passes["objects_gcs"])
+            passes["objects_gcs_20ms_32threads"] = with_delay(
+                store, 20, threaded_objects_loader(images_url, paths, labels))
             loaders = common.measure_interleaved(passes, rounds, log=log)
         finally:
             store.stop()

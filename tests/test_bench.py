@@ -31,7 +31,8 @@ def test_input_pipeline_smoke(tmp_path):
     results, table = run_bench("input_pipeline", tmp_path)
 
     expected = {"keras_generator", "keras_dataset", "shards_local", "shards_gcs", "shards_gcs_20ms",
-                "objects_gcs", "objects_gcs_20ms", "ceiling_memory", "shards_max_side"}
+                "objects_gcs", "objects_gcs_20ms", "objects_gcs_20ms_32threads", "ceiling_memory",
+                "shards_max_side"}
     assert set(results["loaders"]) == expected
     train_images = results["config"]["train_images"]
     for name, loader in results["loaders"].items():
