@@ -189,24 +189,40 @@ def _run_safely(run):
         try:
             run(argv)
         except (errors.UserError, app.UsageError) as error:
-            sys.stderr.write(f"error: {error}\n")
-            sys.exit(errors.EXIT_BAD_INPUT)
+            _exit(errors.EXIT_BAD_INPUT, f"error: {error}")
         except errors.RetryableError as error:
-            sys.stderr.write(f"retryable error: {error}\n")
-            sys.exit(errors.EXIT_RETRYABLE)
+            _exit(errors.EXIT_RETRYABLE, f"retryable error: {error}")
         except KeyboardInterrupt:
-            sys.stderr.write("interrupted\n")
-            sys.exit(errors.EXIT_RETRYABLE)
+            _exit(errors.EXIT_RETRYABLE, "interrupted")
         except Exception as error:
             translated = _from_data_pipeline(error)
+            if isinstance(translated, errors.RetryableError):
+                _exit(errors.EXIT_RETRYABLE, f"retryable error: {translated}")
             if translated is not None:  # damaged data found inside tf.data (named shard or image)
-                code = errors.EXIT_RETRYABLE if isinstance(translated, errors.RetryableError) else errors.EXIT_BAD_INPUT
-                sys.stderr.write(f"error: {translated}\n")
-                sys.exit(code)
+                _exit(errors.EXIT_BAD_INPUT, f"error: {translated}")
             logging.exception("internal error")  # a bug: keep the traceback for the report
-            sys.exit(errors.EXIT_SOFTWARE)
+            _exit(errors.EXIT_SOFTWARE, "internal error (the traceback is above)")
+        _exit(errors.EXIT_OK)
 
     return main
+
+
+def _exit(code, message=None):
+    """Prints the one-line reason (if any) and ends the process at once.
+
+    With live tf.data iterators (the repeating training input, a failed pipeline), normal
+    interpreter shutdown can deadlock: destroying an iterator waits for its threads while one of
+    them waits for the GIL to run a py_function. Every output is written and closed by now, so
+    nothing is lost by skipping the shutdown.
+    """
+    if message:
+        sys.stderr.write(message + "\n")
+    if "tensorflow" not in sys.modules:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    std_logging.shutdown()
+    os._exit(code)
 
 
 def _from_data_pipeline(error):
