@@ -73,7 +73,7 @@ def test_first_and_better_candidates_are_promoted_previous_stays(gcs_bucket, cap
     assert json.loads(storage.read_bytes(storage.join(folder, "COMPLETE"))) == pointer
 
     better = make_candidate(gcs_bucket, "better", 0.93)
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         better_version = promote.promote(better, production)
     assert better_version != first_version
     assert latest(production)["version"] == better_version
