@@ -35,6 +35,21 @@ def write_stripes(folder, per_class=60, seed=0):
             stripes(name, rng).save(os.path.join(folder, name, f"{name}-{index:03d}.jpg"), quality=92)
 
 
+def prepare_stripes(folder, per_class, num_shards=None):
+    """Writes stripes to folder/images and runs the real `trainer prepare` into folder/data.
+
+    Returns:
+      The URL of folder/data/dataset.json.
+    """
+    from conftest import run_trainer
+
+    write_stripes(str(folder / "images"), per_class=per_class)
+    shards = [f"--num_shards={num_shards}"] if num_shards else []
+    run_trainer("prepare", f"--source={folder / 'images'}", f"--output={folder / 'data'}", "--workers=1", *shards,
+                check=True)
+    return str(folder / "data" / "dataset.json")
+
+
 def free_ports(count):
     """`count` distinct free TCP ports on loopback."""
     sockets = [socket.socket() for _ in range(count)]

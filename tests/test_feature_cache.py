@@ -4,19 +4,14 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import run_trainer
-from jobs import write_stripes
+from jobs import prepare_stripes
 
 from trainer import data, model, storage, train
 
 
 @pytest.fixture(scope="module")
 def manifest_url(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cache")
-    write_stripes(str(folder / "images"), per_class=20)
-    run_trainer("prepare", f"--source={folder / 'images'}", f"--output={folder / 'data'}", "--workers=1",
-                check=True)
-    return str(folder / "data" / "dataset.json")
+    return prepare_stripes(tmp_path_factory.mktemp("cache"), per_class=20)
 
 
 def test_head_on_cached_features_predicts_what_the_full_model_predicts(manifest_url, tmp_path):

@@ -6,18 +6,14 @@ a model that learns and exports float32 probabilities.
 
 import pytest
 from conftest import run_trainer
-from jobs import TINY_JOB, write_stripes
+from jobs import TINY_JOB, prepare_stripes
 
 from trainer import storage
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("precision")
-    write_stripes(str(folder / "images"), per_class=40)
-    run_trainer("prepare", f"--source={folder / 'images'}", f"--output={folder / 'data'}", "--workers=1",
-                check=True)
-    return str(folder / "data" / "dataset.json")
+    return prepare_stripes(tmp_path_factory.mktemp("precision"), per_class=40)
 
 
 @pytest.mark.parametrize("setting", ["--mixed_precision", "--jit_compile"])

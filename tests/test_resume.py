@@ -6,7 +6,7 @@ import signal
 
 import pytest
 from conftest import run_trainer
-from jobs import TINY_JOB, optimizer_steps, start_trainer, wait_until, write_stripes
+from jobs import TINY_JOB, optimizer_steps, prepare_stripes, start_trainer, wait_until
 
 from trainer import storage
 from trainer.errors import EXIT_RETRYABLE
@@ -16,12 +16,8 @@ EPOCHS, FINE_TUNE_EPOCHS, BATCH = 8, 3, 8
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("resume-data")
-    write_stripes(str(folder / "images"), per_class=50)
-    run_trainer("prepare", f"--source={folder / 'images'}", f"--output={folder / 'data'}", "--num_shards=2",
-                "--workers=2", check=True)
-    manifest = storage.read_json(str(folder / "data" / "dataset.json"))
-    return {"url": str(folder / "data" / "dataset.json"), "steps": manifest["splits"]["train"]["count"] // BATCH}
+    url = prepare_stripes(tmp_path_factory.mktemp("resume-data"), per_class=50, num_shards=2)
+    return {"url": url, "steps": storage.read_json(url)["splits"]["train"]["count"] // BATCH}
 
 
 def train_args(dataset, job_dir, *extra):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 from conftest import run_trainer
-from jobs import TINY_JOB, write_stripes
+from jobs import TINY_JOB, prepare_stripes
 
 from trainer import storage
 
@@ -13,9 +13,7 @@ from trainer import storage
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("errors")
-    write_stripes(str(folder / "images"), per_class=20)
-    run_trainer("prepare", f"--source={folder / 'images'}", f"--output={folder / 'data'}", "--workers=1",
-                "--num_shards=2", check=True)
+    prepare_stripes(folder, per_class=20, num_shards=2)
     return folder
 
 
