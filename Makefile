@@ -18,7 +18,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 lint: install
-	$(VENV)/bin/ruff check trainer tests demo
+	$(VENV)/bin/ruff check trainer tests demo bench k8s
 
 clean:
 	rm -rf $(VENV) *.egg-info demo_output bench_output

@@ -52,3 +52,23 @@ def run_trainer(*args, check=False, env=None, timeout=900):
             f"stderr:\n{result.stderr[-5000:]}"
         )
     return result
+
+
+_exit_status = {}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status["code"] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """Ends the test process right after pytest's summary, skipping interpreter shutdown.
+
+    Tests iterate tf.data pipelines in this process; destroying a live iterator at shutdown can
+    deadlock (its threads wait for the GIL to run a py_function), which would hang CI after the
+    tests have passed. The same reason as trainer.cli._exit.
+    """
+    if "tensorflow" in sys.modules and "code" in _exit_status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status["code"])
