@@ -91,45 +91,122 @@ def write_split_folders(folder, count, seed=0, size=(500, 375)):
     return counts
 
 
-def time_pass(run_pass):
-    """Runs one pass; returns (images, wall seconds, CPU seconds of this process, all threads)."""
+class OtherLoad:
+    """CPU (in cores) used by every process outside this benchmark's own process tree.
+
+    The build machine is shared: someone else's test run can take a core for minutes, halving a
+    2-core loader's rate while a 1-thread loader barely notices. Reading the system's busy time
+    and subtracting this tree's (the benchmark, its GCS server and proxy) tells the two apart.
+    """
+
+    def __init__(self):
+        import psutil
+
+        self.psutil = psutil
+        self.me = psutil.Process()
+        self.start()
+
+    def _tree_seconds(self):
+        total = 0.0
+        for process in [self.me, *self.me.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except self.psutil.Error:
+                pass
+        return total
+
+    def _busy_seconds(self):
+        times = self.psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+    def start(self):
+        self.started = (time.perf_counter(), self._busy_seconds(), self._tree_seconds())
+
+    def cores(self):
+        """Cores used by other processes since `start()`."""
+        wall, busy, tree = self.started
+        elapsed = time.perf_counter() - wall
+        return max(0.0, (self._busy_seconds() - busy) - (self._tree_seconds() - tree)) / max(elapsed, 1e-6)
+
+    def wait_until_below(self, cores, timeout, interval=0.5):
+        """Waits until other processes use under `cores` over `interval`; gives up after `timeout` s.
+
+        Returns:
+          The seconds waited.
+        """
+        waited = 0.0
+        while waited < timeout:
+            self.start()
+            time.sleep(interval)
+            if self.cores() < cores:
+                break
+            waited += interval
+        return waited
+
+
+def time_pass(run_pass, other_load=None):
+    """Runs one pass.
+
+    Returns:
+      (images, wall seconds, CPU seconds of this process (all threads), cores other processes used
+      meanwhile or None).
+    """
+    if other_load:
+        other_load.start()
     started, cpu_started = time.perf_counter(), time.process_time()
     images = run_pass()
-    return images, time.perf_counter() - started, time.process_time() - cpu_started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return images, seconds, cpu_seconds, other_load.cores() if other_load else None
 
 
-def measure_interleaved(passes, rounds, log=print):
+def measure_interleaved(passes, rounds, log=print, quiet_cores=0.3, quiet_timeout=120.0):
     """Times every pass once per round, rotating their order each round, after one warm-up each.
 
     Interleaving spreads slow phases of a shared machine (another job starting, a page-cache miss)
     over every loader instead of penalising whichever happened to run then; rotating the order
-    stops one loader from always following the same neighbour. The CPU time per image is recorded
-    too: other processes on the machine change it far less than they change the wall time.
+    stops one loader from always following the same neighbour. Before each timed pass it waits
+    (up to `quiet_timeout` s) until other processes use under `quiet_cores` cores, and records how
+    much they used during the pass. The CPU time per image is recorded too: other processes change
+    it far less than they change the wall time.
 
     Args:
       passes: {name: callable running one full pass and returning the number of images}.
       rounds: timed passes per loader.
       log: where progress lines go.
+      quiet_cores: wait for other processes to use less than this many cores before each pass
+        (None: do not wait).
+      quiet_timeout: the longest wait before a pass, in seconds.
 
     Returns:
       {name: {"images": n, "rates": [images/s per round], "median": median images/s,
-              "cpu_us_per_image": median CPU microseconds per image (this process only)}}.
+              "best": highest images/s, "cpu_us_per_image": median CPU microseconds per image
+              (this process only), "other_cores": [cores other processes used during each pass]}}.
     """
+    other_load = OtherLoad()
     for name, run_pass in passes.items():
-        images, seconds, _ = time_pass(run_pass)
+        images, seconds, _, _ = time_pass(run_pass)
         log(f"warm-up {name}: {images} images in {seconds:.1f} s")
     names = list(passes)
-    results = {name: {"images": 0, "rates": [], "cpu": []} for name in names}
+    results = {name: {"images": 0, "rates": [], "cpu": [], "other_cores": []} for name in names}
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            images, seconds, cpu_seconds = time_pass(passes[name])
-            results[name]["images"] = images
-            results[name]["rates"].append(images / seconds)
-            results[name]["cpu"].append(cpu_seconds / images * 1e6)
-            log(f"round {round_index + 1}/{rounds} {name}: {images / seconds:.1f} images/s")
+            if quiet_cores is not None:
+                waited = other_load.wait_until_below(quiet_cores, quiet_timeout)
+                if waited:
+                    log(f"waited {waited:.0f} s for other processes to calm down")
+            images, seconds, cpu_seconds, others = time_pass(passes[name], other_load)
+            result = results[name]
+            result["images"] = images
+            result["rates"].append(images / seconds)
+            result["cpu"].append(cpu_seconds / images * 1e6)
+            result["other_cores"].append(round(others, 2))
+            log(f"round {round_index + 1}/{rounds} {name}: {images / seconds:.1f} images/s "
+                f"(other processes: {others:.2f} cores)")
     for result in results.values():
         result["median"] = statistics.median(result["rates"])
+        result["best"] = max(result["rates"])
         result["cpu_us_per_image"] = round(statistics.median(result.pop("cpu")), 1)
     return results
 

@@ -80,7 +80,8 @@ def synthetic_dataset(image_size, batch_size):
     return tf.data.Dataset.from_tensors((images, labels)).repeat()
 
 
-def run(images, rounds, steps, skip_steps, output, backbone, image_size, batch_size, max_side, work_dir=None):
+def run(images, rounds, steps, skip_steps, output, backbone, image_size, batch_size, max_side, work_dir=None,
+        quiet_cores=0.3, quiet_timeout=120.0):
     from trainer.data import make_dataset
     from trainer.kerasapi import keras
     from trainer.model import build_model, compile_model
@@ -105,11 +106,18 @@ def run(images, rounds, steps, skip_steps, output, backbone, image_size, batch_s
         for name in datasets:
             fit(name, skip_steps + 2)  # traces the train step once; later fits reuse it
         rates = {name: [] for name in datasets}
+        others = {name: [] for name in datasets}
+        other_load = common.OtherLoad()
         for round_index in range(rounds):
             order = list(datasets) if round_index % 2 == 0 else list(datasets)[::-1]
             for name in order:
+                if quiet_cores is not None:
+                    other_load.wait_until_below(quiet_cores, quiet_timeout)
+                other_load.start()
                 rates[name].append(fit(name, skip_steps + steps))
-                log(f"round {round_index + 1}/{rounds} {name}: {rates[name][-1]:.2f} steps/s")
+                others[name].append(round(other_load.cores(), 2))
+                log(f"round {round_index + 1}/{rounds} {name}: {rates[name][-1]:.2f} steps/s "
+                    f"(other processes: {others[name][-1]:.2f} cores)")
     medians = {name: statistics.median(values) for name, values in rates.items()}
     ratio = medians["reader"] / medians["synthetic"]
     results = {
@@ -120,7 +128,8 @@ def run(images, rounds, steps, skip_steps, output, backbone, image_size, batch_s
                    "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
                    "max_side": max_side},
         "loaders": {name: {"rates": [round(value, 3) for value in rates[name]], "median": round(medians[name], 3),
-                           "images_per_second": round(medians[name] * batch_size, 1)} for name in rates},
+                           "images_per_second": round(medians[name] * batch_size, 1),
+                           "other_cores": others[name]} for name in rates},
         "ratios": [{"name": "reader / synthetic steps/s", "value": round(ratio, 3), "goal": GOAL,
                     "pass": ratio >= GOAL}],
         "seconds": round(time.perf_counter() - started, 1),
@@ -146,13 +155,17 @@ def main(argv=None):
     parser.add_argument("--max_side", type=int, default=None, help="prepare the shards with --max_side")
     parser.add_argument("--output", default="bench_output", help="folder for train_step.json")
     parser.add_argument("--work_dir", default=None, help="where the temporary images and shards go")
+    parser.add_argument("--quiet_cores", type=float, default=0.3,
+                        help="before each fit, wait until other processes use fewer cores than this (<0: never)")
+    parser.add_argument("--quiet_timeout", type=float, default=120.0, help="longest such wait, in seconds")
     parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
     options = parser.parse_args(argv)
     if options.smoke:
         options.images, options.rounds, options.steps, options.skip_steps = 60, 1, 2, 1
-        options.backbone, options.image_size, options.batch_size = "tiny", 32, 8
+        options.backbone, options.image_size, options.batch_size, options.quiet_cores = "tiny", 32, 8, -1
     run(options.images, options.rounds, options.steps, options.skip_steps, options.output, options.backbone,
-        options.image_size, options.batch_size, options.max_side, options.work_dir)
+        options.image_size, options.batch_size, options.max_side, options.work_dir,
+        options.quiet_cores if options.quiet_cores >= 0 else None, options.quiet_timeout)
 
 
 if __name__ == "__main__":
