@@ -155,8 +155,10 @@ def time_pass(run_pass, other_load=None):
     if other_load:
         other_load.start()
     started, cpu_started = time.perf_counter(), time.process_time()
-    images = run_pass()
+    result = run_pass()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    # A pass may time itself (to leave out a teardown): it then returns (images, seconds).
+    images, seconds = result if isinstance(result, tuple) else (result, seconds)
     return images, seconds, cpu_seconds, other_load.cores() if other_load else None
 
 
@@ -171,7 +173,8 @@ def measure_interleaved(passes, rounds, log=print, quiet_cores=0.3, quiet_timeou
     it far less than they change the wall time.
 
     Args:
-      passes: {name: callable running one full pass and returning the number of images}.
+      passes: {name: callable running one full pass and returning the number of images, or
+        (images, seconds) when it times itself}.
       rounds: timed passes per loader.
       log: where progress lines go.
       quiet_cores: wait for other processes to use less than this many cores before each pass
