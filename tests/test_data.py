@@ -288,6 +288,16 @@ def test_flipped_shard_is_skipped_and_counted_on_request(dataset, flipped):
     assert "data checksum mismatch" in entry["problems"][0]
 
 
+def test_flipped_shard_fails_naming_the_shard_in_training_too(flipped):
+    # Training shuffles examples before the per-batch check: the damage is still named exactly.
+    # The shard ends at the flipped record, so 17 examples arrive: batches of 18 leave only a
+    # partial batch, which training drops, but only after checking it.
+    shard = storage.join(flipped, "train-00002-of-00004.tfrecord")
+    with pytest.raises(UserError, match=f"^shard {shard} record 1 .* data checksum mismatch"):
+        with data.translate_errors():
+            read_all(data.make_dataset(flipped, "train", SIZE, 18, training=True, seed=4, repeat=1))
+
+
 def test_shard_truncated_at_a_record_boundary_fails_on_the_manifest(dataset, tmp_path):
     folder = copy_dataset(dataset, tmp_path)
     path = os.path.join(folder, "val-00001-of-00002.tfrecord")
