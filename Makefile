@@ -105,3 +105,4 @@ bench: install
 	$(PY) -m bench.input_pipeline --output=bench_output
 	$(PY) -m bench.train_step --output=bench_output
 	$(PY) -m bench.prepare_memory --output=bench_output
+	$(PY) -m bench.feature_cache --output=bench_output --per_class=2000

@@ -67,3 +67,16 @@ def test_prepare_memory_smoke(tmp_path):
         # The sampled tree is the command plus its worker processes, and it held real memory.
         assert run["processes"] >= 2 and run["peak_tree_rss"] >= run["peak_main_rss"] > 50 * 2**20
     check_ratios(results)
+
+
+@pytest.mark.timeout(600)
+def test_feature_cache_smoke(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.feature_cache", "--smoke", f"--output={tmp_path}"],
+                            cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    with open(tmp_path / "feature_cache.json") as file:
+        results = json.load(file)
+    assert set(results["runs"]) == {"off", "on"}
+    for run in results["runs"].values():
+        assert run["seconds"] > 0 and run["phase_seconds"] > 0 and 0 <= run["test_accuracy"] <= 1
+    assert results["speedup"] > 0 and "feature cache:" in result.stdout
