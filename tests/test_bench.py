@@ -23,7 +23,8 @@ def run_bench(module, output, timeout=600):
 
 def check_ratios(results):
     for ratio in results["ratios"]:
-        assert ratio["value"] > 0 and isinstance(ratio["pass"], bool), ratio
+        assert ratio["value"] > 0, ratio
+        assert isinstance(ratio["pass"], bool) or ratio["goal"] is None, ratio
 
 
 @pytest.mark.timeout(600)
@@ -51,7 +52,7 @@ def test_input_pipeline_smoke(tmp_path):
 def test_train_step_smoke(tmp_path):
     results, _ = run_bench("train_step", tmp_path)
 
-    assert set(results["loaders"]) == {"synthetic", "reader"}
+    assert set(results["loaders"]) == {"synthetic", "reader", "reader_cached"}
     for loader in results["loaders"].values():
         assert len(loader["rates"]) == 1 and loader["median"] > 0
     assert results["ratios"][0]["goal"] == 0.95
