@@ -357,11 +357,11 @@ def plot(loaders, path, title):
     figure, axes = plt.subplots(figsize=(8, 4.2), dpi=90)
     colours = ["tab:orange" if name.startswith(("shards", "ceiling")) else "tab:grey" for name in names]
     axes.barh(names, medians, xerr=[low, high], color=colours, capsize=3)
-    for index, value in enumerate(medians):
-        axes.text(value, index, f" {value:.0f}", va="center", fontsize=8)
+    for index, (value, extra) in enumerate(zip(medians, high, strict=True)):
+        axes.text(value + extra, index, f"  {value:.0f}", va="center", fontsize=8)
     axes.set_xlabel("images/s (median of rounds; bars: min-max)")
     axes.set_title(title, fontsize=10)
-    axes.set_xlim(0, max(medians) * 1.15)
+    axes.set_xlim(0, max(max(loaders[name]["rates"]) for name in names) * 1.15)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
