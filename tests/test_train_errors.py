@@ -28,8 +28,8 @@ def assert_one_line_error(result, *fragments):
 
 def train(dataset, tmp_path, *args, data=None):
     data = data or str(dataset / "data" / "dataset.json")
-    return run_trainer("train", f"--data={data}", f"--job_dir={tmp_path / 'job'}", *TINY_JOB, "--epochs=1",
-                       "--batch_size=8", *args)
+    return run_trainer("train", f"--data={data}", f"--job_dir={tmp_path / 'job'}", *TINY_JOB, "--batch_size=8",
+                       *(args if any(arg.startswith("--epochs") for arg in args) else ("--epochs=1", *args)))
 
 
 def test_unknown_backbone(dataset, tmp_path):
@@ -77,5 +77,18 @@ def test_corrupt_shard_found_during_training_names_the_shard(dataset, tmp_path):
     raw = bytearray((copy / shard).read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # flip a byte in the middle: same size, bad checksum
     (copy / shard).write_bytes(bytes(raw))
-    result = train(dataset, tmp_path, "--feature_cache=off", data=str(copy / "dataset.json"))
+    # Several epochs: the damaged record is certain to be read (an epoch here is 3 batches of 8 from
+    # 25 shuffled records, so one epoch alone may never reach it).
+    result = train(dataset, tmp_path, "--feature_cache=off", "--epochs=4", data=str(copy / "dataset.json"))
+    assert_one_line_error(result, shard)
+
+
+def test_corrupt_shard_found_while_caching_features_names_the_shard(dataset, tmp_path):
+    copy = tmp_path / "data"
+    storage.copy_tree(str(dataset / "data"), str(copy))
+    shard = sorted(name for name in os.listdir(copy) if name.startswith("train-"))[1]
+    raw = bytearray((copy / shard).read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    (copy / shard).write_bytes(bytes(raw))
+    result = train(dataset, tmp_path, "--feature_cache=on", data=str(copy / "dataset.json"))
     assert_one_line_error(result, shard)
