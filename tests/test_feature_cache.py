@@ -14,11 +14,16 @@ def manifest_url(tmp_path_factory):
     return prepare_stripes(tmp_path_factory.mktemp("cache"), per_class=20)
 
 
-def test_head_on_cached_features_predicts_what_the_full_model_predicts(manifest_url, tmp_path):
+def tiny_setup(manifest_url, tmp_path):
+    """A config, an untrained tiny classifier, and the val split's count."""
     config = dataclasses.replace(train.TrainConfig(data=manifest_url, job_dir=str(tmp_path / "job")),
                                  backbone="tiny", weights="none", image_size=32, batch_size=8)
     classifier = model.build_model("tiny", 2, 32, weights=None, dense_units=16)
-    count = data.load_manifest(manifest_url)["splits"]["val"]["count"]
+    return config, classifier, data.load_manifest(manifest_url)["splits"]["val"]["count"]
+
+
+def test_head_on_cached_features_predicts_what_the_full_model_predicts(manifest_url, tmp_path):
+    config, classifier, count = tiny_setup(manifest_url, tmp_path)
     paths = train.extract_features(classifier, config, "val", count, str(tmp_path / "scratch"))
     cached = train.cached_dataset(paths, batch_size=8, training=False, seed=0)
     from_cache = classifier.get_layer("head").predict(cached, verbose=0)
@@ -31,10 +36,7 @@ def test_head_on_cached_features_predicts_what_the_full_model_predicts(manifest_
 
 
 def test_cache_is_committed_to_job_dir_and_reused(manifest_url, tmp_path):
-    config = dataclasses.replace(train.TrainConfig(data=manifest_url, job_dir=str(tmp_path / "job")),
-                                 backbone="tiny", weights="none", image_size=32, batch_size=8)
-    classifier = model.build_model("tiny", 2, 32, weights=None, dense_units=16)
-    count = data.load_manifest(manifest_url)["splits"]["val"]["count"]
+    config, classifier, count = tiny_setup(manifest_url, tmp_path)
     first = train.extract_features(classifier, config, "val", count, str(tmp_path / "node1"))
     assert storage.exists(str(tmp_path / "job" / "features" / "val" / "COMPLETE"))
     # A fresh node (other scratch) with another base must get the committed features, not recompute.

@@ -508,10 +508,13 @@ def train_phases(config, strategy, manifest, steps, context):
                                       weights=config.weights, head=config.head,
                                       dense_units=config.dense_units, dropout=config.dropout)
         model_lib.compile_model(model, num_classes, config.learning_rate, jit_compile=config.jit_compile)
-    train_data, val_data = make_datasets(strategy, config, config.batch_size,
-                                         validate=bool(manifest["splits"].get("val", {}).get("count")))
-    if val_data is None:
+    validate = bool(manifest["splits"].get("val", {}).get("count"))
+    if not validate:
         logging.warning("the dataset has no validation examples: training without validation")
+
+    def image_data():  # built only for the phases that stream images (not a cached head phase)
+        return make_datasets(strategy, config, config.batch_size, validate=validate)
+
     if config.epochs:
         if phase_done(config.job_dir, "head"):
             logging.info("phase head: already complete, loading its weights")
@@ -520,7 +523,7 @@ def train_phases(config, strategy, manifest, steps, context):
             fit_head_on_cached_features(model, config, strategy, manifest, steps, context)
             save_phase_weights(model, config.job_dir, "head", context["scratch"], context["is_chief"])
         else:
-            fit_phase(model, "head", config.epochs, train_data, val_data, steps, config, context)
+            fit_phase(model, "head", config.epochs, *image_data(), steps, config, context)
             save_phase_weights(model, config.job_dir, "head", context["scratch"], context["is_chief"])
     if config.fine_tune_epochs and phase_done(config.job_dir, "fine_tune"):
         logging.info("phase fine_tune: already complete, loading its weights")
@@ -531,6 +534,6 @@ def train_phases(config, strategy, manifest, steps, context):
             model_lib.unfreeze_from(model, config.fine_tune_from)
             model_lib.compile_model(model, num_classes, config.fine_tune_learning_rate,
                                     jit_compile=config.jit_compile)
-        fit_phase(model, "fine_tune", config.fine_tune_epochs, train_data, val_data, steps, config, context)
+        fit_phase(model, "fine_tune", config.fine_tune_epochs, *image_data(), steps, config, context)
         save_phase_weights(model, config.job_dir, "fine_tune", context["scratch"], context["is_chief"])
     return model
