@@ -109,12 +109,12 @@ def identities(images):
     return [int(i) for i in np.round((images[..., 0].mean(axis=(1, 2)) - 2) / 4)]
 
 
-def read_all(dataset):
+def read_all(dataset, size=SIZE):
     """Every batch of a finite dataset -> (images [N, S, S, 3], labels [N], batch sizes)."""
     images, labels, sizes = [], [], []
     for batch_images, batch_labels in dataset:
         assert batch_images.dtype == tf.float32 and batch_labels.dtype == tf.int32
-        assert batch_images.shape[1:] == (SIZE, SIZE, 3)
+        assert batch_images.shape[1:] == (size, size, 3)
         images.append(batch_images.numpy())
         labels.append(batch_labels.numpy())
         sizes.append(len(batch_labels))
@@ -384,3 +384,29 @@ def test_decode_image_scales_large_jpegs_while_decoding_and_small_ones_exactly()
     np.testing.assert_array_equal(scaled, quarter)
     assert scaled.shape == (24, 24, 3)
     assert np.abs(scaled - full_decode(large, 24)).mean() < 4.0  # the same picture
+
+
+def test_max_side_shards_decode_exactly_as_serving_does(tmp_path):
+    # Shards prepared with --max_side under 2 x the image size skip choosing a JPEG decode scale:
+    # the pixels must still be exactly those of decode_image, which serving uses.
+    from trainer.prepare import prepare_dataset
+
+    source = tmp_path / "images"
+    for split in ("train", "val", "test"):
+        for name in ("cats", "dogs"):
+            folder = source / split / name
+            folder.mkdir(parents=True)
+            for i, (width, height) in enumerate([(120, 90), (90, 120), (50, 40)]):
+                (folder / f"{i}.jpg").write_bytes(gradient_jpeg(width + i, height))
+    output = str(tmp_path / "shards")
+    prepare_dataset(str(source), output, layout="split_dirs", num_shards=1, max_side=60, workers=1)
+    location = data.manifest_location(output)
+    manifest = data.load_manifest(location)
+    size = 40
+    assert manifest["max_side"] == 60 < 2 * size
+    images, _, _ = read_all(data.make_dataset(output, "train", size, 4, training=False), size)
+    [(shard, _, _)] = data.list_shards(manifest, "train", location)
+    encoded = [tf.train.Example.FromString(record.numpy()).features.feature["image/encoded"].bytes_list.value[0]
+               for record in tf.data.TFRecordDataset(shard)]
+    assert max(max(Image.open(io.BytesIO(item)).size) for item in encoded) == 60  # resized ones included
+    np.testing.assert_array_equal(images, np.stack([data.decode_image(item, size).numpy() for item in encoded]))
