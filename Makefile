@@ -102,7 +102,9 @@ wait:
 # Benchmarks of issue 6 (docs/benchmarks.md): input pipeline, training step, prepare's memory.
 # Results (JSON + PNG) in bench_output/. Run on a quiet machine: the numbers are rates.
 bench: install
-	$(PY) -m bench.input_pipeline --output=bench_output
-	$(PY) -m bench.train_step --output=bench_output
+	$(PY) -m bench.input_pipeline --rounds=7 --output=bench_output
+	$(PY) -m bench.train_step --rounds=7 --output=bench_output
+	$(PY) -m bench.train_step --rounds=7 --max_side=225 --output=bench_output
+	$(PY) -m bench.train_step --rounds=7 --model_threads=1 --output=bench_output
 	$(PY) -m bench.prepare_memory --output=bench_output
 	$(PY) -m bench.feature_cache --output=bench_output --per_class=2000

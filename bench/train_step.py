@@ -48,24 +48,33 @@ def prepare_shards(work_dir, images, max_side):
 
 
 class StepTimer:
-    """A Keras callback: wall time of the steps after the first `skip` of each fit."""
+    """A Keras callback: steps/s between the end of step `skip` and the end of the last step of a fit.
+
+    Not up to when `fit` returns: Keras sometimes takes 3-5 s to return after the last step, with
+    any dataset, even the synthetic one (measured). That is a cost per `fit` call, which a training
+    run pays once per phase; `fit_end_seconds` records it.
+    """
 
     def __new__(cls, skip):
         from trainer.kerasapi import keras
 
         class _StepTimer(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
-                self.step, self.started, self.timed = 0, None, 0
+                self.step, self.started, self.timed, self.last = 0, None, 0, None
 
             def on_train_batch_end(self, batch, logs=None):
                 self.step += 1
+                self.last = time.perf_counter()
                 if self.step == skip:
-                    self.started = time.perf_counter()
+                    self.started = self.last
                 elif self.step > skip:
                     self.timed += 1
 
             def rate(self):
-                return self.timed / (time.perf_counter() - self.started)
+                return self.timed / (self.last - self.started)
+
+            def fit_end_seconds(self):
+                return time.perf_counter() - self.last
 
         return _StepTimer()
 
@@ -81,7 +90,14 @@ def synthetic_dataset(image_size, batch_size):
 
 
 def run(images, rounds, steps, skip_steps, output, backbone, image_size, batch_size, max_side, work_dir=None,
-        quiet_cores=0.3, quiet_timeout=120.0):
+        quiet_cores=0.3, quiet_timeout=120.0, model_threads=None):
+    import tensorflow as tf
+
+    if model_threads:
+        # The model's ops run on this many threads; tf.data has its own threads, so the reader
+        # decodes on the cores left over, as it does beside a GPU.
+        tf.config.threading.set_intra_op_parallelism_threads(model_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(model_threads)
     from trainer.data import make_dataset
     from trainer.kerasapi import keras
     from trainer.model import build_model, compile_model
@@ -103,8 +119,11 @@ def run(images, rounds, steps, skip_steps, output, backbone, image_size, batch_s
         compile_model(model, 2, learning_rate=1e-5)
         timer = StepTimer(skip_steps)
 
+        fit_ends = []
+
         def fit(name, fit_steps):
             model.fit(datasets[name], epochs=1, steps_per_epoch=fit_steps, verbose=0, callbacks=[timer])
+            fit_ends.append(timer.fit_end_seconds())
             return timer.rate()
 
         epoch_steps = int(0.7 * images) // batch_size + 1
@@ -133,7 +152,9 @@ def run(images, rounds, steps, skip_steps, output, backbone, image_size, batch_s
         "machine": machine,
         "config": {"images": images, "rounds": rounds, "steps": steps, "skip_steps": skip_steps,
                    "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
-                   "max_side": max_side},
+                   "max_side": max_side, "model_threads": model_threads},
+        "fit_end_seconds_median": round(statistics.median(fit_ends), 2),
+        "fit_end_seconds_max": round(max(fit_ends), 2),
         "loaders": {name: {"rates": [round(value, 3) for value in rates[name]], "median": round(medians[name], 3),
                            "images_per_second": round(medians[name] * batch_size, 1),
                            "other_cores": others[name]} for name in rates},
@@ -143,12 +164,15 @@ def run(images, rounds, steps, skip_steps, output, backbone, image_size, batch_s
                     "value": round(cached_ratio, 3), "goal": None, "pass": None}],
         "seconds": round(time.perf_counter() - started, 1),
     }
-    common.write_json(os.path.join(output, "train_step.json"), results)
+    name = "train_step" + (f"_max_side_{max_side}" if max_side else "") + (
+        f"_model_threads_{model_threads}" if model_threads else "")
+    common.write_json(os.path.join(output, f"{name}.json"), results)
     print(f"{'dataset':<12} {'median steps/s':>15} {'images/s':>9}  rounds")
     for name, result in results["loaders"].items():
         print(f"{name:<12} {result['median']:>15.2f} {result['images_per_second']:>9.1f}  {result['rates']}")
     print(f"reader / synthetic = {ratio:.3f} (goal >= {GOAL}): {'PASS' if ratio >= GOAL else 'MISS'}"
-          f"  [{backbone}, {image_size} px, batch {batch_size}, shards max_side={max_side}]")
+          f"  [{backbone}, {image_size} px, batch {batch_size}, shards max_side={max_side}, "
+          f"model threads {model_threads or 'all'}]")
     print(f"reader_cached / synthetic = {cached_ratio:.3f} (the same pipeline, decoded once: what is left "
           "when the decode does not share the model's cores)")
     return results
@@ -164,6 +188,9 @@ def main(argv=None):
     parser.add_argument("--image_size", type=int, default=150)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_side", type=int, default=None, help="prepare the shards with --max_side")
+    parser.add_argument("--model_threads", type=int, default=None,
+                        help="run the model's ops on this many threads (default: all cores), leaving the "
+                             "rest to the reader as beside a GPU")
     parser.add_argument("--output", default="bench_output", help="folder for train_step.json")
     parser.add_argument("--work_dir", default=None, help="where the temporary images and shards go")
     parser.add_argument("--quiet_cores", type=float, default=0.3,
@@ -176,7 +203,7 @@ def main(argv=None):
         options.backbone, options.image_size, options.batch_size, options.quiet_cores = "tiny", 32, 8, -1
     run(options.images, options.rounds, options.steps, options.skip_steps, options.output, options.backbone,
         options.image_size, options.batch_size, options.max_side, options.work_dir,
-        options.quiet_cores if options.quiet_cores >= 0 else None, options.quiet_timeout)
+        options.quiet_cores if options.quiet_cores >= 0 else None, options.quiet_timeout, options.model_threads)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,12 @@ def test_input_pipeline_smoke(tmp_path):
                 "objects_gcs", "objects_gcs_20ms", "objects_gcs_20ms_32threads", "ceiling_memory",
                 "shards_max_side"}
     assert set(results["loaders"]) == expected
-    train_images = results["config"]["train_images"]
+    config = results["config"]
+    assert config["epochs"] == 2
     for name, loader in results["loaders"].items():
-        # Every loader read the whole train split, once per round.
-        assert loader["images"] == train_images, name
+        # Every loader read the whole train split, `epochs` times per round (the per-object ones once).
+        epochs = config["epochs_per_object_loader"] if name.startswith("objects") else config["epochs"]
+        assert loader["images"] == config["train_images"] * epochs, name
         assert len(loader["rates"]) == results["config"]["rounds"] and loader["median"] > 0, name
     assert [ratio["goal"] for ratio in results["ratios"]] == [2.0, 0.9, 2.5, 10.0]
     check_ratios(results)
