@@ -222,6 +222,20 @@ def test_training_shuffles_repeats_and_keeps_only_full_batches(dataset):
     assert any(not any(np.array_equal(image, other) for other in plain) for image in images)
 
 
+def test_augmentation_draws_anew_every_epoch(dataset):
+    # One shard and no shuffling: both epochs see the images in the same order. Seeded random ops
+    # inside a per-shard pipeline would replay the same draws each time the shard is opened.
+    folder, _ = dataset
+    augmented = data.make_dataset(folder, "test", SIZE, 5, training=True, augment=True, seed=7, shuffle_buffer=1,
+                                  repeat=2)
+    plain = data.make_dataset(folder, "test", SIZE, 5, training=True, seed=7, shuffle_buffer=1, repeat=2)
+    first, second = read_all(augmented)[0].reshape(2, 5, -1)
+    plain_first, plain_second = read_all(plain)[0].reshape(2, 5, -1)
+    np.testing.assert_array_equal(plain_first, plain_second)  # same order, same images
+    assert not np.array_equal(first, second)
+    assert all(not np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+
+
 @pytest.mark.parametrize("split, pipelines", [("train", 2), ("test", 2), ("val", 3)])
 def test_input_pipelines_together_cover_every_example_once(dataset, split, pipelines):
     # train: 4 shards, divided by file; test: 1 shard and val: 2 shards < 3 pipelines, by record.

@@ -408,14 +408,12 @@ def _read_with_fsspec(url):
         _generate_records, args=(url,), output_signature=tf.TensorSpec([], tf.string))
 
 
-def _parse_and_decode(index, record, image_size, small, num_classes, augment, seed, check_label):
+def _parse_and_decode(index, record, image_size, small, num_classes, check_label):
     # One record at a time (not tf.io.parse_example on a batch): an error then drops exactly one
     # record, which the index check below can name. Parsing costs microseconds; decoding, which
     # dominates, is per image either way.
     features = tf.io.parse_single_example(record, FEATURES)
     image = decode_image(features["image/encoded"], image_size, small)
-    if augment:  # before the shuffle buffer, as good as after it, and no extra stage per image
-        image = augment_image(image, seed)
     label = features["image/class/label"]
     if not check_label:  # checked per batch, in `_check_batch`
         return index, image, label
@@ -426,8 +424,7 @@ def _parse_and_decode(index, record, image_size, small, num_classes, augment, se
         return index, image, label
 
 
-def _read_shard(number, url, records, *, reader, image_size, small, num_classes, offset, stride, skip, parallel,
-                augment, seed):
+def _read_shard(number, url, records, *, reader, image_size, small, num_classes, offset, stride, skip, parallel):
     """One shard -> tracked examples `(position, (index, image, label), number)`, in record order.
 
     Records carry their index in the shard. Any error inside (a checksum mismatch, a record that
@@ -447,13 +444,13 @@ def _read_shard(number, url, records, *, reader, image_size, small, num_classes,
     count each gap once, keep going, and drop the sentinel (the slower path, on request only).
 
     `parallel`: decode with a parallel map (fewer shards in flight than cores), else in the
-    interleave's thread for this shard. `augment` applies `augment_image` right after decoding.
+    interleave's thread for this shard.
     """
     indexed = reader(url).enumerate()
     if stride > 1:  # fewer shards than input pipelines: each pipeline takes every stride-th record
         indexed = indexed.shard(stride, offset)
     decoded = indexed.map(lambda index, record: _parse_and_decode(index, record, image_size, small, num_classes,
-                                                                  augment, seed, check_label=skip),
+                                                                  check_label=skip),
                           num_parallel_calls=tf.data.AUTOTUNE if parallel else None,
                           deterministic=True).ignore_errors()
     expected_count = (tf.maximum(records - offset, 0) + stride - 1) // stride
@@ -624,13 +621,20 @@ def make_dataset(manifest_url, split, image_size, batch_size, training, augment=
     def read_shard(number, url, records):
         return _read_shard(number, url, records, reader=reader, image_size=image_size, small=small,
                            num_classes=num_classes,
-                           offset=offset, stride=stride, skip=skip_corrupt_shards, parallel=cycle_length < cores,
-                           augment=training and augment, seed=seed)
+                           offset=offset, stride=stride, skip=skip_corrupt_shards, parallel=cycle_length < cores)
 
     examples = files.interleave(read_shard, cycle_length=cycle_length, num_parallel_calls=tf.data.AUTOTUNE,
                                 deterministic=not training)
     if training:
         examples = examples.shuffle(shuffle_buffer, seed=seed)
+        if augment:
+            # After the interleave: one stream of random draws for the whole run, not one per
+            # opening of a shard (whose seeding would depend on how TensorFlow seeds functions
+            # instantiated per interleave input).
+            examples = examples.map(
+                lambda position, example, number: (
+                    position, (example[0], augment_image(example[1], seed), example[2]), number),
+                num_parallel_calls=tf.data.AUTOTUNE)
     batches = examples.batch(batch_size).map(
         lambda positions, examples, numbers: _check_batch(
             positions, examples, numbers, urls=tf.constant(urls), offset=offset, stride=stride,
