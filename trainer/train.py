@@ -225,10 +225,11 @@ def use_feature_cache(config, cluster):
     return True
 
 
-def extract_features(model, config, split, count, scratch):
+def extract_features(model, config, split, count, scratch, strategy=None):
     """Runs the frozen base once over a split; returns local .npy paths (features, labels).
 
-    The result is committed to job_dir/features/ so a restarted job does not recompute it.
+    Each batch is split over the strategy's replicas (the default strategy: one). The result is
+    committed to job_dir/features/ so a restarted job does not recompute it.
     """
     remote = storage.join(config.job_dir, "features", split)
     local = os.path.join(scratch, "features", split)
@@ -240,8 +241,18 @@ def extract_features(model, config, split, count, scratch):
             storage.copy(storage.join(remote, os.path.basename(path)), path)
         return paths
     base = model.get_layer("base")
+    strategy = strategy or tf.distribute.get_strategy()
     dataset = data.make_dataset(config.data, split, config.image_size, config.batch_size, training=False,
                                 skip_corrupt_shards=config.skip_corrupt_shards)
+
+    # Not base.predict_on_batch: for a model built under MirroredStrategy it ran 2.4x slower on
+    # CPU (0.80 against 0.33 s a batch, VGG16 at 64 px), on one core of two.
+    @tf.function
+    def forward(images, batch_labels):
+        outputs = strategy.run(lambda batch: base(batch, training=False), args=(images,))
+        return (tf.concat(strategy.experimental_local_results(outputs), axis=0),
+                tf.concat(strategy.experimental_local_results(batch_labels), axis=0))
+
     shape = (count, *base.output_shape[1:])
     features = np.lib.format.open_memmap(paths[0], mode="w+", dtype=np.float32, shape=shape)
     labels = np.zeros([count], np.int32)
@@ -249,9 +260,9 @@ def extract_features(model, config, split, count, scratch):
     # In a pod's log (no terminal) a progress line every 30 s rather than a redrawn bar.
     progress = tqdm.tqdm(total=count, desc=f"features {split}", unit="img", file=sys.stderr,
                          mininterval=1 if sys.stderr.isatty() else 30)
-    for images, batch_labels in dataset:
-        batch = base.predict_on_batch(images)
-        features[done:done + len(batch)] = batch
+    for images, batch_labels in strategy.experimental_distribute_dataset(dataset):
+        batch, batch_labels = forward(images, batch_labels)
+        features[done:done + len(batch)] = batch.numpy()
         labels[done:done + len(batch)] = batch_labels.numpy()
         done += len(batch)
         progress.update(len(batch))
@@ -291,10 +302,10 @@ def cached_dataset(paths, batch_size, training, seed):
 def fit_head_on_cached_features(model, config, strategy, manifest, steps, context):
     """The head phase on cached base outputs; the full model shares the head's layers."""
     splits = manifest["splits"]
-    train_paths = extract_features(model, config, "train", splits["train"]["count"], context["scratch"])
+    train_paths = extract_features(model, config, "train", splits["train"]["count"], context["scratch"], strategy)
     val_data = None
     if splits.get("val", {}).get("count"):
-        val_paths = extract_features(model, config, "val", splits["val"]["count"], context["scratch"])
+        val_paths = extract_features(model, config, "val", splits["val"]["count"], context["scratch"], strategy)
         val_data = with_data_sharding(cached_dataset(val_paths, config.batch_size, training=False,
                                                      seed=config.seed))
     train_data = strategy.experimental_distribute_dataset(
