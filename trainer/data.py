@@ -613,7 +613,7 @@ def make_dataset(manifest_url, split, image_size, batch_size, training, augment=
     # one shard per core that is all the parallelism there is to have, and every stage after the
     # interleave costs a hand-over between threads per image (~20 us, 4% of a decode). With fewer
     # shards than cores, each shard decodes with a parallel map instead.
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
     # Shards prepared with --max_side under 2 x image_size hold no JPEG that decodes scaled.
     small = bool(manifest.get("max_side")) and manifest["max_side"] < 2 * image_size
     cycle_length = min(len(shards), max(MAX_PARALLEL_SHARDS, cores))
