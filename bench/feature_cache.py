@@ -53,10 +53,10 @@ def phase_seconds(log_text):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="bench_output", help="folder for feature_cache.json")
-    parser.add_argument("--per_class", type=int, default=500, help="images per class")
-    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--per_class", type=common.positive_int, default=500, help="images per class")
+    parser.add_argument("--image_size", type=common.positive_int, default=64)
     parser.add_argument("--backbone", default="vgg16")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=common.positive_int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite")
     options = parser.parse_args()
     if options.smoke:

@@ -429,18 +429,18 @@ def run(images, rounds, output, max_side, num_shards, work_dir=None, quiet_cores
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2000, help="JPEGs over train/val/test (70/15/15)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed passes per loader (interleaved)")
+    parser.add_argument("--images", type=common.positive_int, default=2000, help="JPEGs over train/val/test (70/15/15)")
+    parser.add_argument("--rounds", type=common.positive_int, default=5, help="timed passes per loader (interleaved)")
     parser.add_argument("--output", default="bench_output", help="folder for input_pipeline.json and .png")
-    parser.add_argument("--max_side", type=int, default=round(1.5 * IMAGE_SIZE),
+    parser.add_argument("--max_side", type=common.positive_int, default=round(1.5 * IMAGE_SIZE),
                         help="--max_side of the downscaled shards (f)")
-    parser.add_argument("--num_shards", type=int, default=8,
+    parser.add_argument("--num_shards", type=common.positive_int, default=8,
                         help="shards per split (the Kaggle set at 100 MB shards has about 7 per split)")
     parser.add_argument("--work_dir", default=None, help="where the temporary images and shards go")
     parser.add_argument("--quiet_cores", type=float, default=0.3,
                         help="before each pass, wait until other processes use fewer cores than this (<0: never)")
     parser.add_argument("--quiet_timeout", type=float, default=120.0, help="longest such wait, in seconds")
-    parser.add_argument("--epochs", type=int, default=4,
+    parser.add_argument("--epochs", type=common.positive_int, default=4,
                         help="passes over the train split per timed pass, through one iterator as training "
                              "does (the per-object loaders: 1, a pass at 20 ms is long already)")
     parser.add_argument("--smoke", action="store_true", help="tiny run for tests: 40 images, 1 round, no waiting")

@@ -180,15 +180,16 @@ def run(images, rounds, steps, skip_steps, output, backbone, image_size, batch_s
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1000, help="photo-like JPEGs (70%% train)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed fits per dataset (interleaved)")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per fit")
-    parser.add_argument("--skip_steps", type=int, default=5, help="untimed steps at the start of each fit")
+    parser.add_argument("--images", type=common.positive_int, default=1000, help="photo-like JPEGs (70%% train)")
+    parser.add_argument("--rounds", type=common.positive_int, default=3, help="timed fits per dataset (interleaved)")
+    parser.add_argument("--steps", type=common.positive_int, default=30, help="timed steps per fit")
+    parser.add_argument("--skip_steps", type=common.positive_int, default=5,
+                        help="untimed steps at the start of each fit")
     parser.add_argument("--backbone", default="mobilenet_v2", help="trainer.model backbone (weights=None)")
-    parser.add_argument("--image_size", type=int, default=150)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--max_side", type=int, default=None, help="prepare the shards with --max_side")
-    parser.add_argument("--model_threads", type=int, default=None,
+    parser.add_argument("--image_size", type=common.positive_int, default=150)
+    parser.add_argument("--batch_size", type=common.positive_int, default=64)
+    parser.add_argument("--max_side", type=common.positive_int, default=None, help="prepare the shards with --max_side")
+    parser.add_argument("--model_threads", type=common.positive_int, default=None,
                         help="run the model's ops on this many threads (default: all cores), leaving the "
                              "rest to the reader as beside a GPU")
     parser.add_argument("--output", default="bench_output", help="folder for train_step.json")

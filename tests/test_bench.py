@@ -83,3 +83,13 @@ def test_feature_cache_smoke(tmp_path):
     for run in results["runs"].values():
         assert run["seconds"] > 0 and run["phase_seconds"] > 0 and 0 <= run["test_accuracy"] <= 1
     assert results["speedup"] > 0 and "feature cache:" in result.stdout
+
+
+@pytest.mark.parametrize("module, flag", [("input_pipeline", "--epochs=0"), ("train_step", "--model_threads=-1"),
+                                          ("feature_cache", "--per_class=x")])
+def test_bad_counts_are_one_line_usage_errors(module, flag):
+    result = subprocess.run([sys.executable, "-m", f"bench.{module}", flag], cwd=REPOSITORY, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"error: argument {flag.split('=')[0]}: invalid positive_int value" in result.stderr.splitlines()[-1]

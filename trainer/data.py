@@ -507,6 +507,7 @@ def _report_batch(urls, indices, intact, known, *, offset, stride, num_classes):
         # Everything before the first shifted index is suspect: the diagnosis re-reads it all.
         _report_missing(urls[first], offset, indices[first], stride=stride, num_classes=num_classes, skip=False)
     first = known.argmin()
+    # A label outside the classes: re-reading that one record names the file and the label.
     _report_missing(urls[first], indices[first], indices[first] + stride, stride=stride, num_classes=num_classes,
                     skip=False)
     return 0
@@ -620,8 +621,8 @@ def make_dataset(manifest_url, split, image_size, batch_size, training, augment=
 
     def read_shard(number, url, records):
         return _read_shard(number, url, records, reader=reader, image_size=image_size, small=small,
-                           num_classes=num_classes,
-                           offset=offset, stride=stride, skip=skip_corrupt_shards, parallel=cycle_length < cores)
+                           num_classes=num_classes, offset=offset, stride=stride, skip=skip_corrupt_shards,
+                           parallel=cycle_length < cores)
 
     examples = files.interleave(read_shard, cycle_length=cycle_length, num_parallel_calls=tf.data.AUTOTUNE,
                                 deterministic=not training)
