@@ -15,19 +15,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from trainer import errors  # noqa: E402
+from trainer import config, errors  # noqa: E402
+from trainer.manifest import LAYOUTS, SPLITS  # noqa: E402
 
 FLAGS = flags.FLAGS
-
-BACKBONES = ["vgg16", "vgg19", "resnet50", "inception_v3", "mobilenet_v2", "efficientnet_b0", "tiny"]
-LAYOUTS = ["auto", "class_dirs", "split_dirs", "filename_prefix"]
-SPLITS = ["train", "val", "test"]
 
 
 def define_prepare_flags():
     flags.DEFINE_string("source", None, "Image folder: a local path or URL (gs://bucket/prefix).")
     flags.DEFINE_string("output", None, "Where the shards and dataset.json go: local path or URL.")
-    flags.DEFINE_enum("layout", "auto", LAYOUTS,
+    flags.DEFINE_enum("layout", "auto", ["auto", *LAYOUTS],
                       "class_dirs: SRC/<class>/*; split_dirs: SRC/{train,val|validation,test}/<class>/*; "
                       "filename_prefix: SRC/<class>.<anything> (Kaggle's cat.123.jpg); auto: detect.")
     flags.DEFINE_float("val_fraction", 0.15, "Share of images for validation (layouts without splits).")
@@ -54,55 +51,23 @@ def run_prepare(argv):
 
 
 def define_train_flags():
-    flags.DEFINE_string("data", None, "URL of the dataset.json written by `trainer prepare`.")
-    flags.DEFINE_string("job_dir", None, "Where everything of this run goes (local or URL); "
-                        "rerunning with the same job_dir resumes.")
-    flags.DEFINE_enum("backbone", "vgg16", BACKBONES, "Pretrained base ('tiny': tests and demo only).")
-    flags.DEFINE_string("weights", "imagenet", "imagenet | none | path or URL of a Keras weights file.")
-    flags.DEFINE_integer("image_size", 150, "Images are resized to image_size x image_size.")
-    flags.DEFINE_integer("batch_size", 64, "Global batch size (split over all replicas and workers).")
-    flags.DEFINE_integer("epochs", 10, "Epochs of the first phase (frozen base, new head).")
-    flags.DEFINE_float("learning_rate", 1e-5, "Adam learning rate of the first phase.")
-    flags.DEFINE_bool("augment", False, "Random flips, crops and brightness on training images.")
-    flags.DEFINE_enum("head", "flatten", ["flatten", "avgpool"], "How the head pools the base's output.")
-    flags.DEFINE_integer("dense_units", 256, "Units of the head's hidden Dense layer (0: none).")
-    flags.DEFINE_float("dropout", 0.5, "Dropout rate before the output layer.")
-    flags.DEFINE_integer("fine_tune_epochs", 0, "Epochs of the second phase (0: no fine-tuning).")
-    flags.DEFINE_string("fine_tune_from", "block5_conv1",
-                        "Layer of the base from which the second phase unfreezes (BatchNorm stays frozen).")
-    flags.DEFINE_float("fine_tune_learning_rate", 1e-5, "Adam learning rate of the second phase.")
-    flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "one_device"],
-                      "auto: multi_worker when the cluster environment says so, else mirrored.")
-    flags.DEFINE_integer("cpu_replicas", 0, "With no GPU: split the CPU into this many replicas.")
-    flags.DEFINE_integer("num_workers", None, "Workers of a multi-node job (default: from the environment).")
-    flags.DEFINE_integer("worker_port", 12345, "Port the workers talk on (multi-node jobs).")
-    flags.DEFINE_integer("backup_every_steps", 100, "Steps between preemption backups (and every epoch end).")
-    flags.DEFINE_integer("peer_timeout_seconds", 300, "Multi-worker: give up (exit 75, retryable) when a peer "
-                         "worker has not answered for this long.")
-    flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: one pass over train).")
-    flags.DEFINE_integer("shuffle_buffer", 1000, "Examples in the training shuffle buffer.")
-    flags.DEFINE_integer("seed", 0, "Seed for weights initialisation and shuffling.")
-    flags.DEFINE_bool("skip_corrupt_shards", False, "Skip (and count) damaged shards instead of failing.")
-    flags.DEFINE_enum("feature_cache", "auto", ["auto", "on", "off"],
-                      "Compute the frozen base once per split and train the head on its outputs. "
-                      "auto: when the base is frozen and --augment is off.")
-    flags.DEFINE_bool("mixed_precision", False, "mixed_float16 on GPU (bfloat16 on CPU).")
-    flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
-    flags.mark_flags_as_required(["data", "job_dir"])
+    # One flag per TrainConfig field, with its type, default, choices and help (trainer/config.py).
+    config.define_flags(FLAGS)
 
 
 def run_train(argv):
+    _no_extra_args(argv)
+    train_config = config.TrainConfig.from_flags(FLAGS)
+    config.check_config(train_config)  # before TensorFlow loads: a bad value answers at once
     from trainer import train
 
-    _no_extra_args(argv)
-    config = train.TrainConfig(**{name: FLAGS[name].value for name in train.TrainConfig.field_names()})
-    train.run(config)
+    train.run(train_config)
 
 
 def define_evaluate_flags():
     flags.DEFINE_string("model", None, "The exported model: JOB_DIR/model, or any copy of it.")
     flags.DEFINE_string("data", None, "URL of the dataset.json written by `trainer prepare`.")
-    flags.DEFINE_enum("split", "test", SPLITS, "Which split to evaluate.")
+    flags.DEFINE_enum("split", "test", list(SPLITS), "Which split to evaluate.")
     flags.DEFINE_string("output", None, "Folder for metrics.json and the pictures.")
     flags.DEFINE_string("history", None, "A job's history.json for training curves "
                         "(default: next to --model, when there).")
@@ -229,9 +194,7 @@ def _from_data_pipeline(error):
     """The UserError/RetryableError that TensorFlow wrapped while iterating a dataset, or None."""
     if "tensorflow" not in sys.modules:
         return None
-    from trainer import data
-
-    return data.error_from_pipeline(error)
+    return errors.from_tensorflow(error)
 
 
 def main(argv=None):
@@ -249,7 +212,9 @@ def main(argv=None):
     rest = argv[2:]
     if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in rest):
         print(f"usage: {program} [--flag=value ...]\n\n{summary}\n")
-        print(FLAGS.module_help(sys.modules[__name__]))
+        # This module's flags, or (train) those trainer.config defines from TrainConfig.
+        print("\n".join(text for text in (FLAGS.module_help(sys.modules[__name__]), FLAGS.module_help(config))
+                        if text))
         sys.exit(0)
     logging.set_verbosity(logging.INFO)
     # Our INFO lines, not TensorFlow's (it logs every cross-device reduction at INFO).

@@ -18,26 +18,12 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import storage
-from trainer.errors import UserError
+from trainer.config import BACKBONES, HEADS, check_backbone
+from trainer.errors import UserError, first_line
 from trainer.kerasapi import keras
 
 # ImageNet channel means in BGR order: the "caffe" preprocessing of VGG and ResNet50.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-
-# name -> (constructor of the headless application, preprocessing mode, minimum image size).
-# Modes: "caffe" (RGB->BGR, minus the ImageNet mean), "tf" (scale to [-1, 1]), "none" (the
-# application normalises 0-255 input itself, as EfficientNet does).
-_APPLICATIONS = {
-    "vgg16": ("VGG16", "caffe", 32),
-    "vgg19": ("VGG19", "caffe", 32),
-    "resnet50": ("ResNet50", "caffe", 32),
-    "inception_v3": ("InceptionV3", "tf", 75),
-    "mobilenet_v2": ("MobileNetV2", "tf", 32),
-    "efficientnet_b0": ("EfficientNetB0", "none", 32),
-    "tiny": (None, "tf", 16),  # tests and the offline demo only: see _build_tiny
-}
-BACKBONES = ["vgg16", "vgg19", "resnet50", "inception_v3", "mobilenet_v2", "efficientnet_b0", "tiny"]
-HEADS = ["flatten", "avgpool"]
 
 
 @keras.saving.register_keras_serializable(package="trainer")
@@ -72,19 +58,6 @@ def _build_tiny(input_tensor):
     return keras.Model(keras.utils.get_source_inputs(input_tensor), x, name="tiny")
 
 
-def check_backbone(backbone, image_size):
-    """Validates a backbone name and image size without building anything.
-
-    Raises:
-      UserError: unknown backbone, or an image size below the backbone's minimum.
-    """
-    if backbone not in _APPLICATIONS:
-        raise UserError(f"unknown backbone {backbone!r}; choose one of: {', '.join(BACKBONES)}")
-    minimum = _APPLICATIONS[backbone][2]
-    if image_size < minimum:
-        raise UserError(f"image_size {image_size} is too small for {backbone}: it needs at least {minimum}")
-
-
 def _load_weights(application, weights, backbone):
     """Loads a Keras weights file (local path or URL) into the headless application."""
     try:
@@ -96,8 +69,8 @@ def _load_weights(application, weights, backbone):
     try:
         application.load_weights(local_path)
     except (ValueError, OSError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"weights file {weights} does not fit the headless {backbone}: {reason[:200]}") from error
+        raise UserError(f"weights file {weights} does not fit the headless {backbone}: {first_line(error)}") \
+            from error
     logging.info("Loaded %s weights from %s", backbone, weights)
 
 
@@ -110,7 +83,7 @@ def _build_application(constructor, backbone, weights, preprocessed, image_size)
         # Keras's download raises a bare Exception("URL fetch failure on ...").
         if weights == "imagenet" and "URL fetch failure" in str(error):
             raise UserError(
-                f"cannot download the ImageNet weights of {backbone} ({str(error).splitlines()[0][:300]}); "
+                f"cannot download the ImageNet weights of {backbone} ({first_line(error, 300)}); "
                 "without internet access, put Keras's *_notop.h5 file in your bucket and pass "
                 "--weights=gs://.../file.h5") from error
         raise
@@ -135,7 +108,7 @@ def build_base(backbone, image_size, weights):
         not fit the backbone.
     """
     check_backbone(backbone, image_size)
-    constructor, mode, _ = _APPLICATIONS[backbone]
+    constructor, mode, _ = BACKBONES[backbone]
     inputs = keras.Input(shape=(image_size, image_size, 3), dtype="float32", name="image")
     preprocessed = _preprocessing(mode, inputs)
     if weights is None or str(weights).lower() == "none":

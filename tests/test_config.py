@@ -1,0 +1,84 @@
+"""trainer/config.py: the flags of `trainer train` are TrainConfig's fields, and answer without TensorFlow."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from trainer import config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def flag_values():
+    values = flags.FlagValues()
+    config.define_flags(values)
+    return values
+
+
+def test_every_field_is_a_flag_with_its_default_type_and_choices(flag_values):
+    fields = dataclasses.fields(config.TrainConfig)
+    assert sorted(flag_values) == sorted(field.name for field in fields)
+    for field in fields:
+        flag = flag_values[field.name]
+        assert flag.default == field.default, field.name
+        assert flag.help.endswith(field.metadata["help"]), field.name
+        if field.metadata["choices"]:
+            assert tuple(flag.parser.enum_values) == field.metadata["choices"], field.name
+        elif config.flag_type(field) is bool:
+            assert isinstance(flag, flags.BooleanFlag), field.name
+        else:
+            parsed = flag.parser.parse({str: "x", int: "3", float: "0.25"}[config.flag_type(field)])
+            assert type(parsed) is config.flag_type(field), field.name
+
+
+def test_parsed_flags_fill_the_config(flag_values):
+    flag_values(["trainer train", "--data=gs://b/d.json", "--job_dir=gs://b/j", "--backbone=resnet50",
+                 "--epochs=3", "--learning_rate=0.001", "--augment", "--num_workers=2"])
+    parsed = config.TrainConfig.from_flags(flag_values)
+    assert parsed == dataclasses.replace(config.TrainConfig(data="gs://b/d.json", job_dir="gs://b/j"),
+                                         backbone="resnet50", epochs=3, learning_rate=0.001, augment=True,
+                                         num_workers=2)
+
+
+def test_a_field_without_a_flag_type_is_refused():
+    @dataclasses.dataclass(frozen=True)
+    class Odd:
+        values: list = config._field(None, "a list")  # noqa: SLF001 - the field helper itself
+
+    with pytest.raises(TypeError, match="no flag type"):
+        config.define_flags(flags.FlagValues(), Odd)
+
+
+def test_data_and_job_dir_are_required(flag_values):
+    with pytest.raises(flags.IllegalFlagValueError, match="data"):
+        flag_values(["trainer train", "--job_dir=j"])
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "predict", "promote"])
+def test_help_and_flag_errors_answer_without_tensorflow(command):
+    """`--help`, a bad flag value and a failed check never load TensorFlow (they used to take seconds)."""
+    bad = {"prepare": ["--source=a", "--output=b", "--val_fraction=2"],
+           "train": ["--data=d", "--job_dir=j", "--learning_rate=-1"],
+           "evaluate": ["--model=m", "--data=d", "--output=o", "--split=nope"],
+           "predict": ["--model=m", "--input=i", "--output=o", "--batch_size=x"],
+           "promote": ["--candidate=c", "--production=p", "--tolerance=x"]}[command]
+    script = (
+        "import sys\n"
+        "from trainer import cli\n"
+        "try:\n"
+        "    cli.main(['trainer', *sys.argv[1:]])\n"
+        "finally:\n"
+        "    print('tensorflow loaded' if 'tensorflow' in sys.modules else 'no tensorflow')\n"
+    )
+    for argv, code in (([command, "--help"], 0), ([command, *bad], 1)):
+        result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == code, result.stdout + result.stderr
+        assert result.stdout.strip().splitlines()[-1] == "no tensorflow", result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"trainer {command}: error:") or \
+        result.stderr.strip().splitlines()[-1].startswith("error:"), result.stderr

@@ -1,0 +1,163 @@
+"""The training configuration: one frozen dataclass, the single source of `trainer train`'s flags.
+
+Every field of `TrainConfig` is a flag of the same name, type and default, with the help text
+written next to the field (`define_flags` generates them, as Hugging Face's HfArgumentParser does
+from its dataclasses), so the flags and the config cannot drift apart. The resolved config is
+written to job_dir/config.json.
+
+This module imports no TensorFlow: `trainer train --help` and flag errors answer at once.
+"""
+
+import dataclasses
+import math
+import types
+import typing
+
+# name -> (tf_keras.applications constructor, preprocessing, minimum image size).
+# Preprocessing: "caffe" (RGB->BGR minus the ImageNet mean: VGG, ResNet50), "tf" (scale to
+# [-1, 1]), "none" (the application normalises 0-255 input itself, as EfficientNet does).
+BACKBONES = {
+    "vgg16": ("VGG16", "caffe", 32),
+    "vgg19": ("VGG19", "caffe", 32),
+    "resnet50": ("ResNet50", "caffe", 32),
+    "inception_v3": ("InceptionV3", "tf", 75),
+    "mobilenet_v2": ("MobileNetV2", "tf", 32),
+    "efficientnet_b0": ("EfficientNetB0", "none", 32),
+    "tiny": (None, "tf", 16),  # tests and the offline demo only: trainer.model builds it
+}
+HEADS = ("flatten", "avgpool")
+STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
+FEATURE_CACHE_MODES = ("auto", "on", "off")
+
+
+def _field(default, help, choices=None):  # noqa: A002 - `help` as in absl and argparse
+    metadata = {"help": help, "choices": tuple(choices) if choices else None}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs. Each field is the flag `--<name>` (see `define_flags`)."""
+
+    data: str = _field(None, "URL of the dataset.json written by `trainer prepare`.")
+    job_dir: str = _field(None, "Where everything of this run goes (local or URL); rerunning with the same "
+                          "job_dir resumes.")
+    backbone: str = _field("vgg16", "Pretrained base ('tiny': tests and demo only).", BACKBONES)
+    weights: str = _field("imagenet", "imagenet | none | path or URL of a Keras weights file.")
+    image_size: int = _field(150, "Images are resized to image_size x image_size.")
+    batch_size: int = _field(64, "Global batch size (split over all replicas and workers).")
+    epochs: int = _field(10, "Epochs of the first phase (frozen base, new head).")
+    learning_rate: float = _field(1e-5, "Adam learning rate of the first phase.")
+    augment: bool = _field(False, "Random flips, crops and brightness on training images.")
+    head: str = _field("flatten", "How the head pools the base's output.", HEADS)
+    dense_units: int = _field(256, "Units of the head's hidden Dense layer (0: none).")
+    dropout: float = _field(0.5, "Dropout rate before the output layer.")
+    fine_tune_epochs: int = _field(0, "Epochs of the second phase (0: no fine-tuning).")
+    fine_tune_from: str = _field("block5_conv1", "Layer of the base from which the second phase unfreezes "
+                                 "(BatchNorm stays frozen).")
+    fine_tune_learning_rate: float = _field(1e-5, "Adam learning rate of the second phase.")
+    strategy: str = _field("auto", "auto: multi_worker when the cluster environment says so, else mirrored.",
+                           STRATEGIES)
+    cpu_replicas: int = _field(0, "With no GPU: split the CPU into this many replicas.")
+    num_workers: int | None = _field(None, "Workers of a multi-node job (default: from the environment).")
+    worker_port: int = _field(12345, "Port the workers talk on (multi-node jobs).")
+    backup_every_steps: int = _field(100, "Steps between preemption backups (and every epoch end).")
+    peer_timeout_seconds: int = _field(300, "Multi-worker: give up (exit 75, retryable) when a peer worker "
+                                       "has not answered for this long.")
+    steps_per_epoch: int | None = _field(None, "Cap on steps per epoch (default: one pass over train).")
+    shuffle_buffer: int = _field(1000, "Examples in the training shuffle buffer.")
+    seed: int = _field(0, "Seed for weights initialisation and shuffling.")
+    skip_corrupt_shards: bool = _field(False, "Skip (and count) damaged shards instead of failing.")
+    feature_cache: str = _field("auto", "Compute the frozen base once per split and train the head on its "
+                                "outputs. auto: when the base is frozen and --augment is off.",
+                                FEATURE_CACHE_MODES)
+    mixed_precision: bool = _field(False, "mixed_float16 on GPU (bfloat16 on CPU).")
+    jit_compile: bool = _field(False, "Compile the training step with XLA.")
+
+    @classmethod
+    def field_names(cls):
+        return [field.name for field in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_flags(cls, flag_values):
+        """The config from parsed absl flags defined by `define_flags`."""
+        return cls(**{name: flag_values[name].value for name in cls.field_names()})
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+REQUIRED = ("data", "job_dir")
+
+
+def flag_type(field):
+    """The Python type a field's flag parses to: str, int, float or bool (`int | None` -> int)."""
+    kind = field.type
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    if kind not in (str, int, float, bool):
+        raise TypeError(f"TrainConfig.{field.name}: no flag type for {kind!r}")
+    return kind
+
+
+def define_flags(flag_values, config_class=TrainConfig):
+    """Defines one absl flag per field of `config_class`: same name, type, default and choices.
+
+    Args:
+      flag_values: the absl FlagValues to define them in (`absl.flags.FLAGS`).
+      config_class: a dataclass whose fields were made with `_field`.
+
+    The flags belong to this module (`flag_values.module_help(trainer.config)` lists them).
+    """
+    from absl import flags
+
+    definers = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+                bool: flags.DEFINE_bool}
+    for field in dataclasses.fields(config_class):
+        options = {"flag_values": flag_values}
+        choices = field.metadata["choices"]
+        if choices:
+            flags.DEFINE_enum(field.name, field.default, list(choices), field.metadata["help"], **options)
+        else:
+            definers[flag_type(field)](field.name, field.default, field.metadata["help"], **options)
+    flags.mark_flags_as_required(list(REQUIRED), flag_values=flag_values)
+
+
+def check_config(config):
+    """Raises UserError for values no run can use; instant (no TensorFlow), before any work."""
+    from trainer.errors import UserError
+
+    positive = {"image_size": config.image_size, "batch_size": config.batch_size,
+                "backup_every_steps": config.backup_every_steps, "shuffle_buffer": config.shuffle_buffer,
+                "peer_timeout_seconds": config.peer_timeout_seconds}
+    for name, value in positive.items():
+        if value < 1:
+            raise UserError(f"--{name} must be positive, got {value}")
+    for name in ("cpu_replicas", "num_workers", "steps_per_epoch"):
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise UserError(f"--{name} must not be negative, got {value}")
+    if config.epochs < 0 or config.fine_tune_epochs < 0:
+        raise UserError("--epochs and --fine_tune_epochs must be >= 0")
+    if config.epochs + config.fine_tune_epochs == 0:
+        raise UserError("nothing to train: --epochs and --fine_tune_epochs are both 0")
+    if not 0 <= config.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {config.dropout}")
+    if config.dense_units < 0:
+        raise UserError(f"--dense_units must be 0 or more, got {config.dense_units}")
+    for name in ("learning_rate", "fine_tune_learning_rate"):
+        value = getattr(config, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise UserError(f"--{name} must be a positive number, got {value}")
+    check_backbone(config.backbone, config.image_size)
+
+
+def check_backbone(backbone, image_size):
+    """Raises UserError for an unknown backbone or an image size below its minimum."""
+    from trainer.errors import UserError
+
+    if backbone not in BACKBONES:
+        raise UserError(f"unknown backbone {backbone!r}; choose one of: {', '.join(BACKBONES)}")
+    minimum = BACKBONES[backbone][2]
+    if image_size < minimum:
+        raise UserError(f"image_size {image_size} is too small for {backbone}: it needs at least {minimum}")
