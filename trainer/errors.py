@@ -6,7 +6,15 @@ Exit codes (the Kubernetes manifests' podFailurePolicy is built on them):
   75  retryable: preempted (SIGTERM) after a backup was committed, storage unreachable after
       retries, or a peer worker lost. Restarting the same command resumes.
   70  an unexpected internal error (a bug): logged with its traceback.
+
+Errors raised inside a tf.data pipeline (in a `tf.py_function`) reach the caller wrapped in a
+TensorFlow OpError whose message holds the Python traceback text, whose last line reads
+`UserError: <message>` or `RetryableError: <message>`. `from_tensorflow` is the one place that
+recovers the original error from that text; nothing else parses TensorFlow's messages for it.
+This module imports nothing heavy: the command line uses it before TensorFlow is loaded.
 """
+
+import re
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 1
@@ -20,3 +28,44 @@ class UserError(ValueError):
 
 class RetryableError(RuntimeError):
     """A failure that a restart of the same command can get past (preemption, storage outage)."""
+
+
+# Lines of a TensorFlow error message that say where, not what.
+_TENSORFLOW_NOISE = ("Graph execution error", "Detected at node", "<stack traces")
+
+
+def first_line(error, limit=200):
+    """The first line of an error that says what went wrong, at most `limit` characters.
+
+    TensorFlow's messages run to dozens of lines: "Graph execution error:", "Detected at node ...",
+    indented stack frames, and `{{function_node ...}}` / `[[{{node ...}}]]` / `[Op:...]` decorations
+    around the decoder's or kernel's own words; those are left out. Falls back to the error's type
+    name for an error without a message.
+    """
+    message = getattr(error, "message", None) or str(error)
+    for line in message.splitlines():
+        if not line.strip() or line[0] in " \t" or line.startswith(_TENSORFLOW_NOISE):
+            continue
+        line = re.sub(r"\{\{.*?\}\}", "", line).split(" [[")[0].split("[Op:")[0].strip()
+        if line:
+            return line[:limit]
+    return type(error).__name__
+
+
+def from_tensorflow(error):
+    """The UserError or RetryableError that a py_function raised inside a tf.data pipeline.
+
+    Args:
+      error: any exception; typically a `tf.errors.OpError` caught around dataset iteration or
+        `model.fit`.
+
+    Returns:
+      A new UserError/RetryableError with the original one-line message, or None when `error`
+      does not carry one (a genuine TensorFlow failure, or a bug).
+    """
+    message = getattr(error, "message", None) or str(error)
+    for kind in (UserError, RetryableError):
+        marker = f"{kind.__name__}: "
+        if marker in message:
+            return kind(message.split(marker, 1)[1].split("\n", 1)[0].strip())
+    return None

@@ -9,7 +9,7 @@ finished export. Signatures:
   predict_images:  images float32 [None, S, S, 3], RGB 0-255
                    -> probabilities float32 [None, C]
 
-Decoding and resizing use `trainer.data.decode_image`, the function training reads with, and the
+Decoding and resizing use `trainer.images.decode_image`, the function training reads with, and the
 model does its own normalisation: no training/serving skew. It loads with plain
 `tf.saved_model.load` (or TF Serving) in a process that never imports this package.
 """
@@ -20,8 +20,8 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
-from trainer import data, storage
-from trainer.errors import UserError
+from trainer import images, storage
+from trainer.errors import UserError, first_line
 
 METADATA_FILE = "metadata.json"
 SAVED_MODEL_FILE = "saved_model.pb"
@@ -51,9 +51,9 @@ class _Servable(tf.Module):
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def serve(image_bytes):
-            images = tf.map_fn(lambda encoded: data.decode_image(encoded, image_size), image_bytes,
+            pixels = tf.map_fn(lambda encoded: images.decode_image(encoded, image_size), image_bytes,
                                fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
-            scores = probabilities(images)
+            scores = probabilities(pixels)
             return {"probabilities": scores, "classes": tf.gather(names, tf.argmax(scores, axis=-1))}
 
         self.predict_images = predict_images
@@ -125,4 +125,4 @@ def _load_saved_model(local_dir, model_url):
     try:
         return tf.saved_model.load(local_dir)
     except (OSError, ValueError, tf.errors.OpError) as error:
-        raise UserError(f"cannot load the model at {model_url}: {str(error).splitlines()[0]}") from error
+        raise UserError(f"cannot load the model at {model_url}: {first_line(error)}") from error

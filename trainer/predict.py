@@ -24,7 +24,7 @@ from absl import logging
 from tqdm import tqdm
 
 from trainer import export, storage
-from trainer.errors import RetryableError, UserError
+from trainer.errors import RetryableError, UserError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _GLOB_CHARACTERS = "*?["
@@ -66,15 +66,6 @@ def _read(location):
         return None, f"cannot read: {error}"
 
 
-def _decode_reason(error):
-    """The decoder's own words ("Invalid PNG ...") out of TensorFlow's multi-line graph error."""
-    message = getattr(error, "message", None) or str(error)
-    noise = ("Graph execution error", "Detected at node", "<stack traces", " ", "\t")
-    lines = [line for line in message.splitlines() if line.strip() and not line.startswith(noise)]
-    reason = lines[0] if lines else type(error).__name__
-    return reason.split(" [[")[0].split(" [Op:")[0].strip()
-
-
 def _score(serve, contents):
     """Probabilities for each encoded image, or the decoding error for the ones that fail.
 
@@ -88,7 +79,7 @@ def _score(serve, contents):
         return [(row, None) for row in outputs["probabilities"].numpy()]
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as error:
         if len(contents) == 1:
-            return [(None, f"cannot decode: {_decode_reason(error)}")]
+            return [(None, f"cannot decode: {first_line(error)}")]
     return [result for content in contents for result in _score(serve, [content])]
 
 
