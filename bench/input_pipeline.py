@@ -234,7 +234,7 @@ def ceiling_loader(folders, paths, labels, epochs):
     """e: decode_image on the JPEG bytes already in memory: no file, no parsing, same decode and map."""
     import tensorflow as tf
 
-    from trainer.data import decode_image
+    from trainer.images import decode_image
 
     encoded = []
     for path in paths:
@@ -256,7 +256,7 @@ def objects_loader(images_url, paths, labels):
     import fsspec
     import tensorflow as tf
 
-    from trainer.data import decode_image
+    from trainer.images import decode_image
 
     filesystem = fsspec.filesystem("gs")
     base = images_url[len("gs://"):]
@@ -285,7 +285,7 @@ def threaded_objects_loader(images_url, paths, labels, threads=32):
     import fsspec
     import tensorflow as tf
 
-    from trainer.data import decode_image
+    from trainer.images import decode_image
 
     filesystem = fsspec.filesystem("gs")
     base = images_url[len("gs://"):]

@@ -16,8 +16,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from trainer import data, storage
+from trainer import data, manifest, storage
+from trainer import records as records_lib
 from trainer.errors import UserError
+from trainer.images import decode_image
 
 CLASSES = ["cats", "dogs"]
 SIZE = 24
@@ -162,23 +164,23 @@ def test_framing_parser_reads_tfrecord_writer_output_and_checks_it(tmp_path):
         for record in records:
             writer.write(record)
     raw = open(path, "rb").read()
-    assert list(data.iterate_records(io.BytesIO(raw), "s")) == records
-    assert list(data.iterate_records(io.BytesIO(b""), "s")) == []
+    assert list(records_lib.iterate_records(io.BytesIO(raw), "s")) == records
+    assert list(records_lib.iterate_records(io.BytesIO(b""), "s")) == []
 
     data_flipped = bytearray(raw)
     offset, length = record_offsets(path)[2]
     data_flipped[offset + 12 + 50] ^= 1
     with pytest.raises(UserError, match=rf"shard s record 2 \(byte {offset}\) is corrupt: data checksum"):
-        list(data.iterate_records(io.BytesIO(bytes(data_flipped)), "s"))
+        list(records_lib.iterate_records(io.BytesIO(bytes(data_flipped)), "s"))
     length_flipped = bytearray(raw)
     length_flipped[offset + 1] ^= 1
     with pytest.raises(UserError, match="record 2 .* length checksum"):
-        list(data.iterate_records(io.BytesIO(bytes(length_flipped)), "s"))
+        list(records_lib.iterate_records(io.BytesIO(bytes(length_flipped)), "s"))
     for cut in (offset + 5, offset + 12 + 40, offset + 12 + length + 2):
         with pytest.raises(UserError, match="shard s record 2 .* truncated"):
-            list(data.iterate_records(io.BytesIO(raw[:cut]), "s"))
+            list(records_lib.iterate_records(io.BytesIO(raw[:cut]), "s"))
     # Cut at a record boundary, the stream itself looks whole: the manifest's sizes catch that.
-    assert list(data.iterate_records(io.BytesIO(raw[:offset]), "s")) == records[:2]
+    assert list(records_lib.iterate_records(io.BytesIO(raw[:offset]), "s")) == records[:2]
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -193,11 +195,11 @@ def test_eval_yields_every_example_once_in_a_fixed_order(dataset):
         assert sorted(found) == split_ids(examples, split)
         for image, label, identity in zip(images, labels, found, strict=True):
             assert label == examples[identity]["label"]
-            expected = data.decode_image(examples[identity]["encoded"], SIZE).numpy()
+            expected = decode_image(examples[identity]["encoded"], SIZE).numpy()
             np.testing.assert_array_equal(image, expected)  # exactly the serving decode
         again = identities(read_all(eval_dataset(folder, split))[0])  # the folder works too
         assert again == found
-    assert data.count_examples(data.load_manifest(folder), "val") == 7
+    assert manifest.count_examples(manifest.load_manifest(folder), "val") == 7
 
 
 def test_training_shuffles_repeats_and_keeps_only_full_batches(dataset):
@@ -218,7 +220,7 @@ def test_training_shuffles_repeats_and_keeps_only_full_batches(dataset):
     images, _, sizes = read_all(augmented)
     assert sizes == [5] * 4
     assert images.min() >= 0 and images.max() <= 255
-    plain = [data.decode_image(item["encoded"], SIZE).numpy() for item in examples.values()]
+    plain = [decode_image(item["encoded"], SIZE).numpy() for item in examples.values()]
     assert any(not any(np.array_equal(image, other) for other in plain) for image in images)
 
 
@@ -293,11 +295,12 @@ def test_flipped_shard_fails_naming_the_shard(flipped):
 def test_flipped_shard_is_skipped_and_counted_on_request(dataset, flipped):
     _, examples = dataset
     shard = storage.join(flipped, "train-00002-of-00004.tfrecord")
-    images, _, _ = read_all(eval_dataset(flipped, "train", skip_corrupt_shards=True))
+    damage = records_lib.DamageReport()
+    pixels, _, _ = read_all(eval_dataset(flipped, "train", skip_corrupt_shards=True, damage=damage))
     lost = {i for i, item in examples.items()
             if item["shard"] == "train-00002-of-00004.tfrecord" and item["index"] >= 1}
-    assert sorted(identities(images)) == sorted(set(split_ids(examples, "train")) - lost)
-    [entry] = [entry for entry in data.skipped_data() if entry["shard"] == shard]
+    assert sorted(identities(pixels)) == sorted(set(split_ids(examples, "train")) - lost)
+    [entry] = [entry for entry in damage.skipped() if entry["shard"] == shard]
     assert entry["records"] == len(lost)
     assert "data checksum mismatch" in entry["problems"][0]
 
@@ -329,10 +332,12 @@ def test_undecodable_image_fails_naming_the_file_and_is_never_blank(tmp_path):
     with pytest.raises(UserError, match=f"image '{name}' .* does not decode"):
         with data.translate_errors():
             read_all(eval_dataset(folder, "val", batch_size=1))
-    images, _, _ = read_all(eval_dataset(folder, "val", skip_corrupt_shards=True))
-    assert sorted(identities(images)) == sorted(set(split_ids(examples, "val")) - {22})
-    assert images.reshape(len(images), -1).max(axis=1).min() > 0  # no blank image
-    assert any(name in entry["problems"][0] for entry in data.skipped_data())
+    damage = records_lib.DamageReport()
+    pixels, _, _ = read_all(eval_dataset(folder, "val", skip_corrupt_shards=True, damage=damage))
+    assert sorted(identities(pixels)) == sorted(set(split_ids(examples, "val")) - {22})
+    assert pixels.reshape(len(pixels), -1).max(axis=1).min() > 0  # no blank image
+    assert [entry["records"] for entry in damage.skipped()] == [1]
+    assert name in damage.skipped()[0]["problems"][0]
 
     # A label outside the classes would only fail later, in the loss: it is named here instead.
     with pytest.raises(UserError, match=f"{examples[29]['filename']} .* has label \\[7\\], not one of 0..1"):
@@ -390,11 +395,11 @@ def test_decode_image_scales_large_jpegs_while_decoding_and_small_ones_exactly()
 
     # Shorter side below 2 x size, and PNGs: exactly the plain decode.
     for encoded in (gradient_jpeg(40, 30), encode_image(3, "png")):
-        np.testing.assert_array_equal(data.decode_image(encoded, 16).numpy(), full_decode(encoded, 16))
+        np.testing.assert_array_equal(decode_image(encoded, 16).numpy(), full_decode(encoded, 16))
     # 128x96 at 24 px: shorter side 96 = 4 x 24, so the decoder works at 1/4 scale (32x24).
     large = gradient_jpeg(128, 96)
     quarter = tf.image.resize(tf.io.decode_jpeg(large, channels=3, ratio=4), [24, 24]).numpy()
-    scaled = data.decode_image(large, 24).numpy()
+    scaled = decode_image(large, 24).numpy()
     np.testing.assert_array_equal(scaled, quarter)
     assert scaled.shape == (24, 24, 3)
     assert np.abs(scaled - full_decode(large, 24)).mean() < 4.0  # the same picture
@@ -414,13 +419,13 @@ def test_max_side_shards_decode_exactly_as_serving_does(tmp_path):
                 (folder / f"{i}.jpg").write_bytes(gradient_jpeg(width + i, height))
     output = str(tmp_path / "shards")
     prepare_dataset(str(source), output, layout="split_dirs", num_shards=1, max_side=60, workers=1)
-    location = data.manifest_location(output)
-    manifest = data.load_manifest(location)
+    location = manifest.manifest_location(output)
+    dataset_manifest = manifest.load_manifest(location)
     size = 40
-    assert manifest["max_side"] == 60 < 2 * size
+    assert dataset_manifest["max_side"] == 60 < 2 * size
     images, _, _ = read_all(data.make_dataset(output, "train", size, 4, training=False), size)
-    [(shard, _, _)] = data.list_shards(manifest, "train", location)
+    [(shard, _, _)] = manifest.list_shards(dataset_manifest, "train", location)
     encoded = [tf.train.Example.FromString(record.numpy()).features.feature["image/encoded"].bytes_list.value[0]
                for record in tf.data.TFRecordDataset(shard)]
     assert max(max(Image.open(io.BytesIO(item)).size) for item in encoded) == 60  # resized ones included
-    np.testing.assert_array_equal(images, np.stack([data.decode_image(item, size).numpy() for item in encoded]))
+    np.testing.assert_array_equal(images, np.stack([decode_image(item, size).numpy() for item in encoded]))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import data, export, model, storage
+from trainer import export, model, storage
 from trainer.errors import UserError
+from trainer.images import decode_image
 
 IMAGE_SIZE = 32
 
@@ -49,7 +50,7 @@ def encoded_images():
 
 
 def keras_probabilities(classifier, blobs):
-    images = tf.stack([data.decode_image(blob, IMAGE_SIZE) for blob in blobs])
+    images = tf.stack([decode_image(blob, IMAGE_SIZE) for blob in blobs])
     return classifier(images, training=False).numpy()
 
 

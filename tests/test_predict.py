@@ -9,8 +9,9 @@ import tensorflow as tf
 from conftest import run_trainer
 from PIL import Image
 
-from trainer import data, export, model, predict, storage
+from trainer import export, model, predict, storage
 from trainer.errors import UserError
+from trainer.images import decode_image
 
 IMAGE_SIZE = 32
 CLASSES = ["cats", "dogs"]
@@ -59,7 +60,7 @@ def read_csv(location):
 
 
 def expected_dog_probability(classifier, blob):
-    image = data.decode_image(blob, IMAGE_SIZE)
+    image = decode_image(blob, IMAGE_SIZE)
     return float(classifier(tf.expand_dims(image, 0), training=False).numpy()[0, 0])
 
 

@@ -16,7 +16,6 @@ window of images is in flight between the workers and the writer.
 
 import collections
 import contextlib
-import datetime
 import hashlib
 import io
 import math
@@ -33,16 +32,9 @@ import tqdm
 from absl import logging
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-import trainer
 from trainer import storage
 from trainer.errors import UserError
-
-SPLITS = ("train", "val", "test")
-# Source folder name -> split name (the seed's `validation/` is the `val` split).
-SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
-LAYOUTS = ("class_dirs", "split_dirs", "filename_prefix")
-MANIFEST = "dataset.json"
-SCHEMA_VERSION = 1
+from trainer.manifest import LAYOUTS, MANIFEST_NAME, SPLIT_FOLDERS, SPLITS, new_manifest, shard_name
 
 # Pillow's names for files whose bytes TensorFlow's JPEG decoder reads as they are (MPO: the
 # multi-picture JPEG many cameras write; its first frame is a plain JPEG).
@@ -111,26 +103,11 @@ def prepare_dataset(source, output, layout="auto", val_fraction=0.15, test_fract
                 storage.remove(storage.join(output, shard["file"]))
         raise
 
-    hashed = layout != "split_dirs"
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "trainer-dataset",
-        "tool_version": trainer.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "source": source,
-        "layout": layout,
-        # Split folders decide the splits themselves: the fractions played no part.
-        "val_fraction": val_fraction if hashed else None,
-        "test_fraction": test_fraction if hashed else None,
-        "split_seed": split_seed,
-        "max_side": max_side,
-        "classes": classes,
-        "splits": written["splits"],
-        "image_stats": written["image_stats"],
-        "skipped": skipped,
-        "seconds": round(time.monotonic() - started, 2),
-    }
-    storage.write_json(storage.join(output, MANIFEST), manifest)
+    manifest = new_manifest(
+        source=source, layout=layout, val_fraction=val_fraction, test_fraction=test_fraction,
+        split_seed=split_seed, max_side=max_side, classes=classes, splits=written["splits"],
+        image_stats=written["image_stats"], skipped=skipped, seconds=round(time.monotonic() - started, 2))
+    storage.write_json(storage.join(output, MANIFEST_NAME), manifest)
     _log_summary(manifest, output)
     return manifest
 
@@ -327,14 +304,10 @@ def plan_shards(files, seed, shard_size_mb, num_shards=None):
     return plan
 
 
-def shard_name(split, index, count):
-    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
-
-
 def check_output(output, overwrite):
     """Raises UserError when `output` already holds a dataset and `overwrite` is off."""
-    if storage.exists(storage.join(output, MANIFEST)) and not overwrite:
-        raise UserError(f"{output} already holds a dataset ({MANIFEST}); pass --overwrite to replace it")
+    if storage.exists(storage.join(output, MANIFEST_NAME)) and not overwrite:
+        raise UserError(f"{output} already holds a dataset ({MANIFEST_NAME}); pass --overwrite to replace it")
 
 
 def remove_dataset(output):
@@ -342,7 +315,7 @@ def remove_dataset(output):
 
     Nothing else is touched: other files in the folder are not ours to delete.
     """
-    location = storage.join(output, MANIFEST)
+    location = storage.join(output, MANIFEST_NAME)
     if not storage.exists(location):
         return
     try:
@@ -359,7 +332,7 @@ def remove_dataset(output):
         if isinstance(name, str) and name.endswith(".tfrecord") and "/" not in name and "\\" not in name:
             storage.remove(storage.join(output, name))
             removed += 1
-    logging.info("--overwrite: removed the old dataset at %s (%s and %d shards)", output, MANIFEST, removed)
+    logging.info("--overwrite: removed the old dataset at %s (%s and %d shards)", output, MANIFEST_NAME, removed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,26 +472,11 @@ def image_mapper(workers):
 # Writing: runs in the main process.
 
 
-def make_example(encoded, image_format, label, class_name, filename, height, width):
-    """One serialized `tf.train.Example` with the dataset's keys."""
-    import tensorflow as tf  # here, not at the top: the workers and every early error skip its import
+def _make_example(*args):
+    # Imported here: a run that stops early (bad options, nothing usable) never loads TensorFlow.
+    from trainer import records
 
-    def bytes_feature(value):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-    def int_feature(value):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
-
-    feature = {
-        "image/encoded": bytes_feature(encoded),
-        "image/format": bytes_feature(image_format.encode()),
-        "image/class/label": int_feature(label),
-        "image/class/text": bytes_feature(class_name.encode()),
-        "image/filename": bytes_feature(filename.encode()),
-        "image/height": int_feature(height),
-        "image/width": int_feature(width),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    return records.make_example(*args)
 
 
 class ShardWriter:
@@ -611,8 +569,8 @@ def write_dataset(source, output, plan, classes, max_side, workers):
                 skipped.append({"file": file.path, "reason": result["skip"], "class": file.label})
                 progress.set_postfix(skipped=len(skipped), refresh=False)
                 continue
-            writer.write(make_example(result["encoded"], result["format"], label_of[file.label],
-                                      file.label, file.path, result["height"], result["width"]))
+            writer.write(_make_example(result["encoded"], result["format"], label_of[file.label],
+                                       file.label, file.path, result["height"], result["width"]))
             splits[split]["count"] += 1
             splits[split]["class_counts"][file.label] += 1
             stats.add(result["width"], result["height"])
@@ -682,7 +640,7 @@ def _log_summary(manifest, output):
         for entry in skipped[:SKIPPED_LOGGED]:
             logging.info("  skipped %s: %s", entry["file"], entry["reason"])
         if len(skipped) > SKIPPED_LOGGED:
-            logging.info("  ... and %d more (all listed in %s)", len(skipped) - SKIPPED_LOGGED, MANIFEST)
+            logging.info("  ... and %d more (all listed in %s)", len(skipped) - SKIPPED_LOGGED, MANIFEST_NAME)
     stats = manifest["image_stats"]
     logging.info("stored image sizes: width %d-%d (mean %.0f), height %d-%d (mean %.0f)",
                  stats["width"]["min"], stats["width"]["max"], stats["width"]["mean"],
