@@ -1,12 +1,10 @@
 """The frozen-feature cache: training the head on cached base outputs is the same model."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 from jobs import prepare_stripes
 
-from trainer import data, model, storage, train
+from trainer import data, featurecache, jobdir, manifest, model, storage
 
 
 @pytest.fixture(scope="module")
@@ -15,17 +13,21 @@ def manifest_url(tmp_path_factory):
 
 
 def tiny_setup(manifest_url, tmp_path):
-    """A config, an untrained tiny classifier, and the val split's count."""
-    config = dataclasses.replace(train.TrainConfig(data=manifest_url, job_dir=str(tmp_path / "job")),
-                                 backbone="tiny", weights="none", image_size=32, batch_size=8)
+    """The job_dir, an untrained tiny classifier, and the val split's count."""
     classifier = model.build_model("tiny", 2, 32, weights=None, dense_units=16)
-    return config, classifier, data.load_manifest(manifest_url)["splits"]["val"]["count"]
+    count = manifest.count_examples(manifest.load_manifest(manifest_url), "val")
+    return jobdir.JobDir(str(tmp_path / "job")), classifier, count
+
+
+def extract(classifier, job, manifest_url, count, scratch):
+    dataset_args = {"manifest_url": manifest_url, "image_size": 32, "batch_size": 8}
+    return featurecache.extract_features(classifier.get_layer("base"), job, dataset_args, "val", count, scratch)
 
 
 def test_head_on_cached_features_predicts_what_the_full_model_predicts(manifest_url, tmp_path):
-    config, classifier, count = tiny_setup(manifest_url, tmp_path)
-    paths = train.extract_features(classifier, config, "val", count, str(tmp_path / "scratch"))
-    cached = train.cached_dataset(paths, batch_size=8, training=False, seed=0)
+    job, classifier, count = tiny_setup(manifest_url, tmp_path)
+    paths = extract(classifier, job, manifest_url, count, str(tmp_path / "scratch"))
+    cached = featurecache.cached_dataset(paths, batch_size=8, training=False, seed=0)
     from_cache = classifier.get_layer("head").predict(cached, verbose=0)
     images = data.make_dataset(manifest_url, "val", 32, 8, training=False)
     from_images = classifier.predict(images, verbose=0)
@@ -36,10 +38,10 @@ def test_head_on_cached_features_predicts_what_the_full_model_predicts(manifest_
 
 
 def test_cache_is_committed_to_job_dir_and_reused(manifest_url, tmp_path):
-    config, classifier, count = tiny_setup(manifest_url, tmp_path)
-    first = train.extract_features(classifier, config, "val", count, str(tmp_path / "node1"))
+    job, classifier, count = tiny_setup(manifest_url, tmp_path)
+    first = extract(classifier, job, manifest_url, count, str(tmp_path / "node1"))
     assert storage.exists(str(tmp_path / "job" / "features" / "val" / "COMPLETE"))
     # A fresh node (other scratch) with another base must get the committed features, not recompute.
     other = model.build_model("tiny", 2, 32, weights=None, dense_units=16)
-    second = train.extract_features(other, config, "val", count, str(tmp_path / "node2"))
+    second = extract(other, job, manifest_url, count, str(tmp_path / "node2"))
     np.testing.assert_array_equal(np.load(first[0]), np.load(second[0]))

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from trainer import storage, train
+from trainer import config as config_lib
+from trainer import featurecache, jobdir, storage, train
 from trainer.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,43 +46,64 @@ def test_batch_larger_than_train_split_is_a_user_error():
     ({"batch_size": 0}, "batch_size"),
     ({"epochs": 0, "fine_tune_epochs": 0}, "nothing to train"),
     ({"dropout": 1.0}, "dropout"),
-    ({"learning_rate": 0.0}, "learning rates"),
+    ({"learning_rate": 0.0}, "--learning_rate must be a positive number"),
+    ({"fine_tune_learning_rate": float("nan")}, "--fine_tune_learning_rate must be a positive number"),
+    ({"backbone": "tiny", "image_size": 8}, "too small for tiny"),
 ])
 def test_bad_values_are_user_errors(overrides, message):
     with pytest.raises(UserError, match=message):
-        train.check_config(config(**overrides))
+        config_lib.check_config(config(**overrides))
 
 
 def test_feature_cache_auto_only_when_eligible():
-    assert train.use_feature_cache(config(), cluster=None)
-    assert not train.use_feature_cache(config(augment=True), cluster=None)
-    assert not train.use_feature_cache(config(feature_cache="off"), cluster=None)
-    assert not train.use_feature_cache(config(), cluster={"cluster": {"worker": ["a", "b"]}})
+    assert featurecache.use_feature_cache("auto", augment=False, epochs=10, multi_worker=False)
+    assert not featurecache.use_feature_cache("auto", augment=True, epochs=10, multi_worker=False)
+    assert not featurecache.use_feature_cache("off", augment=False, epochs=10, multi_worker=False)
+    assert not featurecache.use_feature_cache("auto", augment=False, epochs=10, multi_worker=True)
     with pytest.raises(UserError, match="augment"):
-        train.use_feature_cache(config(feature_cache="on", augment=True), cluster=None)
+        featurecache.use_feature_cache("on", augment=True, epochs=10, multi_worker=False)
 
 
 @pytest.mark.parametrize("remote_kind", ["local", "gcs"])
-def test_checkpoint_upload_commits_index_last_and_drops_stale_files(tmp_path, remote_kind, request):
-    remote = str(tmp_path / "remote") if remote_kind == "local" else request.getfixturevalue("gcs_bucket") + "/b"
+def test_backup_commit_writes_index_last_and_drops_stale_files(tmp_path, remote_kind, request):
+    root = str(tmp_path / "job") if remote_kind == "local" else request.getfixturevalue("gcs_bucket") + "/b"
+    job = jobdir.JobDir(root)
+    remote = job.backup_url("head")
     local = tmp_path / "local"
     local.mkdir()
     (local / "ckpt-1.index").write_bytes(b"i1")
     (local / "ckpt-1.data-00000-of-00001").write_bytes(b"d1")
     (local / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
-    train.upload_checkpoint_dir(str(local), remote)
+    job.commit_backup("head", str(local))
     (local / "ckpt-1.index").unlink()
     (local / "ckpt-1.data-00000-of-00001").unlink()
     (local / "ckpt-2.index").write_bytes(b"i2")
     (local / "ckpt-2.data-00000-of-00001").write_bytes(b"d2")
     (local / "checkpoint").write_text('model_checkpoint_path: "ckpt-2"\n')
-    train.upload_checkpoint_dir(str(local), remote)
+    job.commit_backup("head", str(local))
     assert [name for name, _ in storage.list_files(remote)] == [
         "checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index"]
     restored = tmp_path / "restored"
-    assert train.download_checkpoint_dir(remote, str(restored))
+    assert job.restore_backup("head", str(restored))
     assert (restored / "ckpt-2.data-00000-of-00001").read_bytes() == b"d2"
-    assert not train.download_checkpoint_dir(str(tmp_path / "nothing"), str(tmp_path / "x"))
+    assert not job.restore_backup("fine_tune", str(tmp_path / "x"))
+
+
+def test_a_committed_phase_drops_its_backup_and_the_head_phase_the_feature_cache(tmp_path):
+    job = jobdir.JobDir(str(tmp_path / "job"))
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "checkpoint").write_text('model_checkpoint_path: "weights"\n')
+    (weights / "weights.index").write_bytes(b"w")
+    job.commit_backup("head", str(weights))
+    storage.write_text(storage.join(job.features_url("train"), "COMPLETE"), "x")
+    assert not job.is_phase_complete("head")
+    job.commit_phase("head", str(weights))
+    assert job.is_phase_complete("head")
+    assert not storage.exists(job.backup_url("head")) and not storage.exists(job.path("features"))
+    restored = tmp_path / "restored"
+    job.restore_phase("head", str(restored))
+    assert (restored / "weights.index").read_bytes() == b"w"
 
 
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.flags")))
@@ -93,12 +115,12 @@ def test_every_preset_parses_and_validates(preset):
     script = (
         "import json, sys\n"
         "from absl import flags\n"
-        "from trainer import cli, train\n"
+        "from trainer import cli, config\n"
         "cli.define_train_flags()\n"
         f"flags.FLAGS(['trainer train', '--flagfile={preset}', '--data=gs://b/d.json', '--job_dir=gs://b/j'])\n"
-        "config = train.TrainConfig(**{n: flags.FLAGS[n].value for n in train.TrainConfig.field_names()})\n"
-        "train.check_config(config)\n"
-        "print(json.dumps(vars(config)))\n"
+        "train_config = config.TrainConfig.from_flags(flags.FLAGS)\n"
+        "config.check_config(train_config)\n"
+        "print(json.dumps(train_config.to_dict()))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]

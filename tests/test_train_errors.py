@@ -92,3 +92,25 @@ def test_corrupt_shard_found_while_caching_features_names_the_shard(dataset, tmp
     (copy / shard).write_bytes(bytes(raw))
     result = train(dataset, tmp_path, "--feature_cache=on", data=str(copy / "dataset.json"))
     assert_one_line_error(result, shard)
+
+
+def flip_a_byte(dataset, tmp_path, which, where):
+    copy = tmp_path / "data"
+    storage.copy_tree(str(dataset / "data"), str(copy))
+    shard = sorted(name for name in os.listdir(copy) if name.startswith("train-"))[which]
+    raw = bytearray((copy / shard).read_bytes())
+    raw[int(len(raw) * where)] ^= 0xFF
+    (copy / shard).write_bytes(bytes(raw))
+    return copy, shard
+
+
+def test_skip_corrupt_shards_with_the_feature_cache_trains_and_records_what_it_skipped(dataset, tmp_path):
+    copy, shard = flip_a_byte(dataset, tmp_path, 1, 1 / 3)
+    result = train(dataset, tmp_path, "--feature_cache=on", "--skip_corrupt_shards", data=str(copy / "dataset.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped" in result.stderr and "damaged records" in result.stderr
+    history = storage.read_json(str(tmp_path / "job" / "history.json"))
+    [entry] = history["skipped_data"]
+    assert entry["shard"] == str(copy / shard) and entry["records"] >= 1
+    assert "checksum mismatch" in entry["problems"][0]
+    assert storage.exists(str(tmp_path / "job" / "DONE"))

@@ -1,0 +1,175 @@
+"""The job_dir layout: every path of a training run, and the few operations that change it.
+
+  config.json          the resolved configuration (chief, at start)
+  history.json         per-epoch metrics of each phase, and damaged data skipped (every epoch)
+  tensorboard/         TensorBoard event files, synced after every epoch
+  backup/<phase>/      preemption backups (BackupAndRestore); the `checkpoint` index file last
+  features/<split>/    the frozen base's outputs (the feature cache), COMPLETE last
+  checkpoints/<phase>/ the weights at the end of each phase, and COMPLETE once they are whole
+  model/               the exported SavedModel (trainer.export)
+  eval/                `trainer evaluate --output=JOB_DIR/eval`: metrics.json and pictures
+  DONE                 written last: a rerun of a finished job exits 0 at once
+
+Keras writes checkpoints and event files to local scratch; the operations here copy them to
+job_dir (any store fsspec reaches) with the commit point last, so a crash mid-copy leaves the
+previous state whole, and a pod rescheduled on an empty disk resumes from job_dir. Train, evaluate
+and promote all name these paths through this module. Only the chief calls the writing operations.
+"""
+
+import datetime
+import os
+
+from trainer import storage
+
+CONFIG = "config.json"
+HISTORY = "history.json"
+TENSORBOARD = "tensorboard"
+BACKUP = "backup"
+FEATURES = "features"
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+EVAL = "eval"
+METRICS = "metrics.json"
+DONE = "DONE"
+COMPLETE = "COMPLETE"  # the commit marker of a phase's weights and of a split's features
+CHECKPOINT_INDEX = "checkpoint"  # TensorFlow's index of a checkpoint folder: its commit point
+
+
+def now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def history_next_to_model(model_url):
+    """Where a job's history.json is when `model_url` is its JOB_DIR/model (or a copy of both)."""
+    return storage.join(storage.dirname(model_url), HISTORY)
+
+
+class JobDir:
+    """One run's job_dir (local path or URL)."""
+
+    def __init__(self, url):
+        self.url = url.rstrip("/") if storage.is_url(url) else url
+
+    def path(self, *parts):
+        return storage.join(self.url, *parts)
+
+    @property
+    def model_url(self):
+        return self.path(MODEL)
+
+    @property
+    def metrics_url(self):
+        """The evaluation that `trainer promote` gates on (JOB_DIR/eval/metrics.json)."""
+        return self.path(EVAL, METRICS)
+
+    # --- the run as a whole
+
+    def is_done(self):
+        return storage.exists(self.path(DONE))
+
+    def mark_done(self):
+        storage.write_text(self.path(DONE), now_iso())
+
+    def write_config(self, config):
+        storage.write_json(self.path(CONFIG), config)
+
+    def load_history(self, phases):
+        """history.json as {"phases": [{"name", "epochs": [...]}], ...}, with every phase listed."""
+        url = self.path(HISTORY)
+        history = storage.read_json(url) if storage.exists(url) else {"phases": []}
+        for name in phases:
+            if not any(phase["name"] == name for phase in history["phases"]):
+                history["phases"].append({"name": name, "epochs": []})
+        return history
+
+    def write_history(self, history):
+        storage.write_json(self.path(HISTORY), history)
+
+    def sync_tensorboard(self, local_dir):
+        """Copies the local TensorBoard event files up (they only grow: a full copy each epoch)."""
+        if os.path.isdir(local_dir):
+            storage.copy_tree(local_dir, self.path(TENSORBOARD))
+
+    # --- preemption backups (one per phase)
+
+    def commit_backup(self, phase, local_dir):
+        """Uploads a BackupAndRestore folder, its `checkpoint` index last (the commit point)."""
+        _upload_checkpoint_dir(local_dir, self.path(BACKUP, phase))
+
+    def restore_backup(self, phase, local_dir):
+        """Downloads the committed backup of `phase` to `local_dir`; False when there is none."""
+        return _download_checkpoint_dir(self.path(BACKUP, phase), local_dir)
+
+    def backup_url(self, phase):
+        return self.path(BACKUP, phase)
+
+    # --- phases
+
+    def is_phase_complete(self, phase):
+        return storage.exists(self.path(CHECKPOINTS, phase, COMPLETE))
+
+    def commit_phase(self, phase, local_dir):
+        """Publishes a phase's final weights (a TF checkpoint folder), then its COMPLETE marker.
+
+        The phase's preemption backup, and after the head phase the feature cache, are removed
+        afterwards: they are the largest files of a job and a complete phase never reads them.
+        """
+        remote = self.path(CHECKPOINTS, phase)
+        _upload_checkpoint_dir(local_dir, remote)
+        storage.write_text(storage.join(remote, COMPLETE), now_iso())
+        storage.remove(self.path(BACKUP, phase), recursive=True)
+        if phase == "head":
+            storage.remove(self.path(FEATURES), recursive=True)
+
+    def restore_phase(self, phase, local_dir):
+        """Downloads a complete phase's weights to `local_dir`."""
+        _download_checkpoint_dir(self.path(CHECKPOINTS, phase), local_dir)
+
+    # --- the feature cache (one folder per split)
+
+    def features_url(self, split):
+        return self.path(FEATURES, split)
+
+    def restore_features(self, split, local_paths):
+        """Downloads a split's committed feature files to `local_paths`; False when not committed."""
+        remote = self.features_url(split)
+        if not storage.exists(storage.join(remote, COMPLETE)):
+            return False
+        for path in local_paths:
+            storage.copy(storage.join(remote, os.path.basename(path)), path)
+        return True
+
+    def commit_features(self, split, local_paths):
+        """Uploads a split's feature files, then its COMPLETE marker."""
+        remote = self.features_url(split)
+        for path in local_paths:
+            storage.copy(path, storage.join(remote, os.path.basename(path)))
+        storage.write_text(storage.join(remote, COMPLETE), now_iso())
+
+
+def _upload_checkpoint_dir(local_dir, remote_dir):
+    """Copies a TF checkpoint folder up, the `checkpoint` index file last (the commit point).
+
+    A crash mid-copy leaves the previous `checkpoint` pointing at files that are all present.
+    Files of checkpoints that the index no longer names are removed afterwards.
+    """
+    names = sorted(name for name in os.listdir(local_dir) if os.path.isfile(os.path.join(local_dir, name)))
+    for name in names:
+        if name != CHECKPOINT_INDEX:
+            storage.copy(os.path.join(local_dir, name), storage.join(remote_dir, name))
+    if CHECKPOINT_INDEX in names:
+        storage.copy(os.path.join(local_dir, CHECKPOINT_INDEX), storage.join(remote_dir, CHECKPOINT_INDEX))
+    remote = set()
+    if storage.isdir(remote_dir):
+        remote = {relative for relative, _ in storage.list_files(remote_dir)}
+    for stale in remote - set(names):
+        storage.remove(storage.join(remote_dir, stale))
+
+
+def _download_checkpoint_dir(remote_dir, local_dir):
+    """Copies a committed checkpoint folder down; returns False when there is none."""
+    if not storage.exists(storage.join(remote_dir, CHECKPOINT_INDEX)):
+        return False
+    os.makedirs(local_dir, exist_ok=True)
+    storage.copy_tree(remote_dir, local_dir)
+    return True
