@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import evaluate, storage
+from trainer import evaluate, gate, storage
 from trainer.errors import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -225,11 +225,11 @@ def test_baseline_must_exist_and_hold_an_accuracy(tmp_path):
 
 
 def test_check_gate():
-    assert evaluate.check_gate({"accuracy": 0.9}) is None
-    assert evaluate.check_gate({"accuracy": 0.9}, min_accuracy=0.9) is None
-    assert "below --min_accuracy" in evaluate.check_gate({"accuracy": 0.89}, min_accuracy=0.9)
-    assert evaluate.check_gate({"accuracy": 0.9}, baseline={"accuracy": 0.92}, tolerance=0.02) is None
-    reason = evaluate.check_gate({"accuracy": 0.9}, baseline={"accuracy": 0.95}, tolerance=0.02)
+    assert gate.check_gate({"accuracy": 0.9}) is None
+    assert gate.check_gate({"accuracy": 0.9}, min_accuracy=0.9) is None
+    assert "below --min_accuracy" in gate.check_gate({"accuracy": 0.89}, min_accuracy=0.9)
+    assert gate.check_gate({"accuracy": 0.9}, baseline={"accuracy": 0.92}, tolerance=0.02) is None
+    reason = gate.check_gate({"accuracy": 0.9}, baseline={"accuracy": 0.95}, tolerance=0.02)
     assert "baseline" in reason and "\n" not in reason
 
 

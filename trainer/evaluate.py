@@ -15,38 +15,12 @@ from absl import logging
 from sklearn import metrics as skmetrics
 from tqdm import tqdm
 
-from trainer import storage
+from trainer import gate, jobdir, manifest, storage
 from trainer.errors import UserError
 
 # Probabilities are clipped to [EPSILON, 1 - EPSILON] before the log, as Keras does, so the loss
 # here is comparable with the val_loss of training (and one confident mistake stays finite).
 EPSILON = 1e-7
-
-
-class GateFailed(UserError):
-    """The evaluation ran and was written, but fails the CI gate (--min_accuracy, --baseline)."""
-
-
-def check_gate(metrics, min_accuracy=None, baseline=None, tolerance=0.0):
-    """Decides whether an evaluation passes the CI gate.
-
-    Args:
-      metrics: a metrics.json dict (needs "accuracy").
-      min_accuracy: the accuracy must be at least this (None: no floor).
-      baseline: another metrics.json dict; accuracy may fall below its accuracy by at most
-        `tolerance` (None: no baseline).
-      tolerance: allowed shortfall against the baseline, in accuracy units (0.01 = one point).
-
-    Returns:
-      None when the gate passes, else a one-line reason.
-    """
-    accuracy = metrics["accuracy"]
-    if min_accuracy is not None and accuracy < min_accuracy:
-        return f"accuracy {accuracy:.4f} is below --min_accuracy {min_accuracy:.4f}"
-    if baseline is not None and accuracy < baseline["accuracy"] - tolerance:
-        return (f"accuracy {accuracy:.4f} is {baseline['accuracy'] - accuracy:.4f} below the "
-                f"baseline's {baseline['accuracy']:.4f}, more than --tolerance {tolerance:.4f}")
-    return None
 
 
 def compute_metrics(labels, probabilities, class_names):
@@ -300,7 +274,7 @@ def score(predict_images, dataset, expected_examples, batch_size=None):
 
 
 def read_history(model_url, history_url=None):
-    """A job's history.json: `history_url`, else `<model_url>/../history.json` when it exists.
+    """A job's history.json: `history_url`, else the one next to the model folder when it exists.
 
     Returns:
       The history dict, or None when no history_url was given and none sits next to the model.
@@ -309,28 +283,16 @@ def read_history(model_url, history_url=None):
       UserError: an explicit `history_url` that is missing, or a history that is not JSON.
     """
     if history_url is None:
-        history_url = storage.join(storage.dirname(model_url), "history.json")
+        history_url = jobdir.history_next_to_model(model_url)
         if not storage.exists(history_url):
             logging.info("no history.json next to the model (%s): no training curves", history_url)
             return None
-    return _read_json(history_url, "--history")
-
-
-def _read_json(url, what):
-    try:
-        return storage.read_json(url)
-    except FileNotFoundError as error:
-        raise UserError(f"{what}: {url} does not exist") from error
-    except ValueError as error:
-        raise UserError(f"{what}: {url} is not valid JSON: {error}") from error
+    return gate.read_json(history_url, "--history")
 
 
 def read_baseline(baseline_url):
     """Reads a baseline metrics.json for the gate. Raises UserError if missing or without accuracy."""
-    baseline = _read_json(baseline_url, "--baseline")
-    if not isinstance(baseline, dict) or not isinstance(baseline.get("accuracy"), (int, float)):
-        raise UserError(f"--baseline: {baseline_url} has no numeric \"accuracy\" (not a metrics.json?)")
-    return baseline
+    return gate.read_metrics(baseline_url, "--baseline")
 
 
 def format_summary(metrics):
@@ -354,16 +316,6 @@ def _check_arguments(batch_size, min_accuracy, tolerance):
         raise UserError(f"--min_accuracy must be between 0 and 1, got {min_accuracy}")
     if tolerance < 0.0:
         raise UserError(f"--tolerance must not be negative, got {tolerance}")
-
-
-def _split_count(manifest, split, manifest_url):
-    if split not in manifest.get("splits", {}):
-        raise UserError(f"split {split!r} is not in {manifest_url} "
-                        f"(it has: {', '.join(manifest.get('splits', {})) or 'none'})")
-    count = manifest["splits"][split]["count"]
-    if count == 0:
-        raise UserError(f"split {split!r} of {manifest_url} has no examples to evaluate")
-    return count
 
 
 def _check_classes(model_classes, data_classes, model_url, manifest_url):
@@ -406,31 +358,33 @@ def run(model_url, manifest_url, split, output_url, history_url=None, batch_size
     _check_arguments(batch_size, min_accuracy, tolerance)
     # Read the baseline first: a typo in its URL should not cost a whole evaluation.
     baseline = read_baseline(baseline_url) if baseline_url else None
-    manifest = data.load_manifest(manifest_url)
-    expected = _split_count(manifest, split, manifest_url)
+    dataset_manifest = manifest.load_manifest(manifest_url)
+    expected = manifest.count_examples(dataset_manifest, split, manifest_url)
+    if expected == 0:
+        raise UserError(f"split {split!r} of {manifest_url} has no examples to evaluate")
     loaded, metadata = export.load_model(model_url)
-    _check_classes(metadata["classes"], manifest["classes"], model_url, manifest_url)
+    _check_classes(metadata["classes"], dataset_manifest["classes"], model_url, manifest_url)
     if "predict_images" not in loaded.signatures:
         raise UserError(f"{model_url} has no predict_images signature (not exported by `trainer train`?)")
     logging.info("evaluating %s on the %s split of %s: %d examples, image size %d, batch %d",
                  model_url, split, manifest_url, expected, metadata["image_size"], batch_size)
 
-    dataset = data.make_dataset(manifest_url, split, metadata["image_size"], batch_size, training=False)
+    examples = data.make_dataset(manifest_url, split, metadata["image_size"], batch_size, training=False)
     with data.translate_errors():  # a damaged record: its one-line UserError, not an OpError
-        labels, probabilities = score(loaded.signatures["predict_images"], dataset, expected, batch_size)
-    metrics = {"split": split, **compute_metrics(labels, probabilities, manifest["classes"]),
+        labels, probabilities = score(loaded.signatures["predict_images"], examples, expected, batch_size)
+    metrics = {"split": split, **compute_metrics(labels, probabilities, dataset_manifest["classes"]),
                "model": model_url, "data": manifest_url}
     curves = metrics.pop("curves", None)  # plotted, not stored: up to one point per example
 
-    storage.write_json(storage.join(output_url, "metrics.json"), metrics)
+    storage.write_json(storage.join(output_url, jobdir.METRICS), metrics)
     pictures = write_pictures(metrics, output_url, roc_data=curves,
                               history=read_history(model_url, history_url))
     logging.info("%s", format_summary(metrics))
-    logging.info("wrote %s and %s", storage.join(output_url, "metrics.json"), ", ".join(pictures))
+    logging.info("wrote %s and %s", storage.join(output_url, jobdir.METRICS), ", ".join(pictures))
 
-    reason = check_gate(metrics, min_accuracy=min_accuracy, baseline=baseline, tolerance=tolerance)
+    reason = gate.check_gate(metrics, min_accuracy=min_accuracy, baseline=baseline, tolerance=tolerance)
     if reason is not None:
-        raise GateFailed(f"gate failed: {reason}")
+        raise gate.GateFailed(f"gate failed: {reason}")
     if min_accuracy is not None or baseline is not None:
         logging.info("gate passed")
     return metrics

@@ -26,12 +26,10 @@ import hashlib
 import json
 import os
 import socket
-import sys
 
 from absl import logging
-from tqdm import tqdm
 
-from trainer import evaluate, storage
+from trainer import gate, jobdir, storage
 from trainer.errors import RetryableError, UserError
 
 POINTER = "LATEST"
@@ -54,7 +52,7 @@ def promote(candidate, production, min_accuracy=None, tolerance=0.0):
       The name of the production version that now holds the candidate's model.
 
     Raises:
-      evaluate.GateFailed: the candidate does not pass the gate (nothing is promoted).
+      gate.GateFailed: the candidate does not pass the gate (nothing is promoted).
       UserError: the candidate or production is malformed.
       RetryableError: storage unreachable, or production kept changing under us.
     """
@@ -71,12 +69,12 @@ def promote(candidate, production, min_accuracy=None, tolerance=0.0):
                 discard_version(production, version)
             return pointer["version"]
         baseline = read_baseline(production, pointer)
-        reason = evaluate.check_gate(metrics, min_accuracy=min_accuracy, baseline=baseline,
+        reason = gate.check_gate(metrics, min_accuracy=min_accuracy, baseline=baseline,
                                      tolerance=tolerance)
         if reason:
             if version:  # lost a race, and the winner is better: this copy will never be served
                 discard_version(production, version)
-            raise evaluate.GateFailed(f"not promoted: {reason}")
+            raise gate.GateFailed(f"not promoted: {reason}")
         logging.info("gate passed: accuracy %.4f (production: %s)", metrics["accuracy"],
                      f"{baseline['accuracy']:.4f}" if baseline else "none yet")
         if version is None:
@@ -98,14 +96,13 @@ def read_candidate(candidate):
     Raises:
       UserError: the model or its evaluation is missing or unreadable.
     """
-    for required in ("model/saved_model.pb", "model/metadata.json", "eval/metrics.json"):
-        if not storage.exists(storage.join(candidate, *required.split("/"))):
-            raise UserError(f"{candidate} is not a candidate: {required} is missing "
-                            "(train exports model/; `trainer evaluate --output=JOB_DIR/eval`)")
-    metrics = _read_json(storage.join(candidate, "eval", "metrics.json"))
-    if not isinstance(metrics.get("accuracy"), (int, float)):
-        raise UserError(f"{candidate}/eval/metrics.json has no accuracy")
-    return metrics
+    job = jobdir.JobDir(candidate)
+    required = [storage.join(job.model_url, export_file) for export_file in ("saved_model.pb", "metadata.json")]
+    for url in [*required, job.metrics_url]:
+        if not storage.exists(url):
+            raise UserError(f"{candidate} is not a candidate: {url} is missing "
+                            f"(train exports {jobdir.MODEL}/; `trainer evaluate --output=JOB_DIR/{jobdir.EVAL}`)")
+    return gate.read_metrics(job.metrics_url, "candidate")
 
 
 def read_pointer(production):
@@ -127,10 +124,10 @@ def read_baseline(production, pointer):
     """The metrics.json of the version in production (the gate's baseline), or None."""
     if not pointer:
         return None
-    url = storage.join(production, VERSIONS, pointer["version"], "metrics.json")
+    url = storage.join(production, VERSIONS, pointer["version"], jobdir.METRICS)
     if not storage.exists(url):
         raise UserError(f"{url} is missing: production's version has no metrics to compare with")
-    return _read_json(url)
+    return gate.read_metrics(url, "production")
 
 
 def version_name(candidate, now=None):
@@ -156,9 +153,9 @@ def publish_version(candidate, production, version, metrics):
     if not storage.write_if_absent(storage.join(folder, "CLAIM"), _to_json(claim)):
         raise RetryableError(f"production version {version} is already being written by "
                              "another promotion of the same candidate")
-    copy_model(storage.join(candidate, "model"), storage.join(folder, "model"))
-    storage.write_json(storage.join(folder, "metrics.json"), metrics)
-    record = {"version": version, "model": f"{VERSIONS}/{version}/model", "promoted": _now(),
+    copy_model(jobdir.JobDir(candidate).model_url, storage.join(folder, jobdir.MODEL))
+    storage.write_json(storage.join(folder, jobdir.METRICS), metrics)
+    record = {"version": version, "model": f"{VERSIONS}/{version}/{jobdir.MODEL}", "promoted": _now(),
               "candidate": candidate, "accuracy": metrics["accuracy"]}
     storage.write_bytes(storage.join(folder, "COMPLETE"), _to_json(record))
     return record
@@ -166,11 +163,7 @@ def publish_version(candidate, production, version, metrics):
 
 def copy_model(source, destination):
     """Copies every file of the model folder and checks that all arrived whole."""
-    files = storage.list_files(source)
-    for relative, _ in tqdm(files, desc="copy model", unit="file", file=sys.stderr,
-                            disable=len(files) < 10):
-        parts = relative.split("/")
-        storage.copy(storage.join(source, *parts), storage.join(destination, *parts))
+    files = storage.copy_tree(source, destination, progress="copy model")
     copied = dict(storage.list_files(destination))
     for relative, size in files:
         if copied.get(relative) != size:
@@ -197,13 +190,6 @@ def log_promotion(production, version, previous):
         latest = storage.join(production, POINTER)
         copy = "gcloud storage cp" if storage.is_gcs(production) else "cp"
         logging.info("to roll back to %s: %s %s %s", previous["version"], copy, complete, latest)
-
-
-def _read_json(url):
-    try:
-        return storage.read_json(url)
-    except ValueError as error:
-        raise UserError(f"{url} is not valid JSON: {error}") from error
 
 
 def _to_json(value):

@@ -1,21 +1,30 @@
 """Every user-given location goes through this module: local paths, `gs://`, any fsspec URL.
 
 Nothing else in the trainer calls `open()`, `os.makedirs`, gcsfs or `tf.io.gfile` on a location a
-user named. Remote access goes through fsspec (gcsfs for `gs://`), whose clients already retry
-transient errors with exponential backoff; what still fails after those retries is raised here as
-`RetryableError` so the job exits with the retryable code instead of a traceback.
-
-Writes are whole-or-nothing: a local file is written to a temporary name in the same folder and
-renamed; an object-store upload only becomes visible when it completes.
+user named. fsspec does the work for every store (its local filesystem included; gcsfs for
+`gs://`, whose client already retries transient errors with exponential backoff). Own code is kept
+only where it adds something:
+  - errors: what still fails after the client's retries is raised as `RetryableError`, so the job
+    exits with the retryable code instead of a traceback; a local permission problem is a
+    `UserError`;
+  - whole-or-nothing writes: a local file is written to a temporary name in the same folder and
+    renamed (with the permissions the umask gives); an object-store upload only becomes visible
+    when it completes;
+  - compare-and-swap writes (`write_if_generation`): a generation precondition on `gs://` through
+    google-cloud-storage (one client per process), an exclusive lock on the folder locally.
 """
 
 import contextlib
+import fcntl
+import functools
+import glob as globmodule
 import hashlib
 import json
 import os
 import posixpath
 import shutil
 import tempfile
+import uuid
 
 import fsspec
 
@@ -28,6 +37,7 @@ if os.environ.get("STORAGE_EMULATOR_HOST"):
 
 # What a storage client raises when the service cannot be reached (after its own retries).
 _UNREACHABLE = (ConnectionError, TimeoutError)
+COPY_BLOCK_BYTES = 16 * 2**20
 
 
 def is_url(location):
@@ -72,10 +82,12 @@ def dirname(location):
     return os.path.dirname(os.path.abspath(_local(location)))
 
 
-def _remote(url):
+def _filesystem(location):
+    """fsspec's filesystem for `location` and the path on it (local paths: the local filesystem)."""
+    if not is_url(location):
+        return fsspec.filesystem("file"), os.path.abspath(_local(location))
     # No listings cache: another process (a peer worker, a rerun) may have written since.
-    filesystem, path = fsspec.core.url_to_fs(url, use_listings_cache=False)
-    return filesystem, path
+    return fsspec.core.url_to_fs(location, use_listings_cache=False)
 
 
 @contextlib.contextmanager
@@ -95,27 +107,21 @@ def _translate_errors(location):
 
 def exists(location):
     with _translate_errors(location):
-        if is_url(location):
-            filesystem, path = _remote(location)
-            return filesystem.exists(path)
-        return os.path.exists(_local(location))
+        filesystem, path = _filesystem(location)
+        return filesystem.exists(path)
 
 
 def isdir(location):
     """True for a local folder, or a URL prefix that has objects under it."""
     with _translate_errors(location):
-        if is_url(location):
-            filesystem, path = _remote(location)
-            return filesystem.isdir(path)
-        return os.path.isdir(_local(location))
+        filesystem, path = _filesystem(location)
+        return filesystem.isdir(path)
 
 
 def size(location):
     with _translate_errors(location):
-        if is_url(location):
-            filesystem, path = _remote(location)
-            return filesystem.size(path)
-        return os.path.getsize(_local(location))
+        filesystem, path = _filesystem(location)
+        return filesystem.size(path)
 
 
 def makedirs(location):
@@ -131,38 +137,67 @@ def list_files(location):
     Relative paths always use `/`. Raises FileNotFoundError when `location` does not exist.
     """
     with _translate_errors(location):
-        if is_url(location):
-            filesystem, path = _remote(location)
-            path = path.rstrip("/")
-            if not filesystem.isdir(path):
-                raise FileNotFoundError(location)
-            found = filesystem.find(path, detail=True)
-            return sorted(
-                (posixpath.relpath(name, path), int(info.get("size") or 0))
-                for name, info in found.items()
-                if info.get("type") != "directory" and not name.endswith("/")
-            )
-        root = _local(location)
-        if not os.path.isdir(root):
+        if not is_url(location):
+            return _list_local_files(_local(location))
+        filesystem, path = _filesystem(location)
+        path = path.rstrip("/")
+        if not filesystem.isdir(path):
             raise FileNotFoundError(location)
-        files = []
-        for folder, _, names in os.walk(root):
-            for name in names:
-                full = os.path.join(folder, name)
-                relative = os.path.relpath(full, root).replace(os.sep, "/")
-                files.append((relative, os.path.getsize(full)))
-        return sorted(files)
+        found = filesystem.find(path, detail=True)
+        return sorted(
+            (posixpath.relpath(name, path), int(info.get("size") or 0))
+            for name, info in found.items()
+            if info.get("type") != "directory" and not name.endswith("/")
+        )
+
+
+def _list_local_files(root):
+    """`list_files` of a local folder: symbolic links are followed, each real folder listed once
+    (a link loop ends there), and dangling links are left out and logged."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(root)
+    files, seen, dangling = [], set(), 0
+    for folder, folders, names in os.walk(root, followlinks=True):
+        status = os.stat(folder)
+        if (status.st_dev, status.st_ino) in seen:
+            folders[:] = []  # a link back to a folder already listed
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        for name in names:
+            full = os.path.join(folder, name)
+            try:
+                size = os.path.getsize(full)
+            except FileNotFoundError:  # a link to nothing
+                dangling += 1
+                continue
+            files.append((os.path.relpath(full, root).replace(os.sep, "/"), size))
+    if dangling:
+        from absl import logging
+
+        logging.warning("%s: left out %d dangling symbolic links", root, dangling)
+    return sorted(files)
 
 
 def glob(pattern):
-    """Sorted full locations matching a glob pattern (`*`, `?`, `[..]`, `**`)."""
-    with _translate_errors(pattern):
-        if is_url(pattern):
-            filesystem, path = _remote(pattern)
-            return sorted(filesystem.unstrip_protocol(name) for name in filesystem.glob(path))
-        import glob as globmodule  # local only; the name `glob` is this function
+    """Sorted full locations matching a glob pattern (`*`, `?`, `[..]`, `**`).
 
-        return sorted(globmodule.glob(_local(pattern), recursive=True))
+    Local matches keep the form of the pattern (relative stays relative), as a shell would.
+    """
+    with _translate_errors(pattern):
+        if not is_url(pattern):
+            return sorted(globmodule.glob(_local(pattern), recursive=True))
+        filesystem, path = _filesystem(pattern)
+        return sorted(filesystem.unstrip_protocol(name) for name in filesystem.glob(path))
+
+
+def _create_temporary(folder):
+    """A new empty file in `folder`, created with the permissions the umask gives (not 0600)."""
+    while True:
+        temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
@@ -182,7 +217,7 @@ def open_file(location, mode="rb", block_size=None):
         raise ValueError(f"unsupported mode {mode!r}")
     with _translate_errors(location):
         if is_url(location):
-            filesystem, path = _remote(location)
+            filesystem, path = _filesystem(location)
             options = {"block_size": block_size} if block_size else {}
             if mode.startswith("r"):
                 # Plain read-ahead: gcsfs's default "adaptive" cache starts a background prefetcher
@@ -197,7 +232,7 @@ def open_file(location, mode="rb", block_size=None):
             path = _local(location)
             folder = os.path.dirname(os.path.abspath(path))
             os.makedirs(folder, exist_ok=True)
-            descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            descriptor, temporary = _create_temporary(folder)
             try:
                 with os.fdopen(descriptor, mode) as handle:
                     yield handle
@@ -234,77 +269,42 @@ def write_json(location, value):
     write_text(location, json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
-def write_if_absent(location, data):
-    """Creates `location` with `data` only if nothing is there yet; returns whether it did.
-
-    `gs://` uses a generation precondition (`ifGenerationMatch=0`), so of two concurrent writers
-    exactly one wins. Local files use O_EXCL on a hard link. Other fsspec stores fall back to
-    check-then-write, which is not atomic.
-    """
-    with _translate_errors(location):
-        if is_gcs(location):
-            from google.api_core import exceptions
-            from google.cloud import storage as gcs
-
-            bucket, _, name = location[len("gs://"):].partition("/")
-            client = gcs.Client.create_anonymous_client() if os.environ.get(
-                "STORAGE_EMULATOR_HOST") else gcs.Client()
-            try:
-                client.bucket(bucket).blob(name).upload_from_string(data, if_generation_match=0)
-                return True
-            except exceptions.PreconditionFailed:
-                return False
-        if is_url(location):
-            if exists(location):
-                return False
-            write_bytes(location, data)
-            return True
-        path = _local(location)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
-            os.link(temporary, path)  # fails if `path` exists: atomic create-if-absent
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(temporary)
-
-
 def copy(source, destination):
     """Copies one file between any two locations, streaming."""
-    with open_file(source, "rb", block_size=16 * 2**20) as reader, open_file(destination, "wb") as writer:
+    with open_file(source, "rb", block_size=COPY_BLOCK_BYTES) as reader, open_file(destination, "wb") as writer:
         shutil.copyfileobj(reader, writer, length=8 * 2**20)
 
 
-def copy_tree(source, destination):
+def copy_tree(source, destination, progress=None):
     """Copies every file under `source` to the same relative path under `destination`.
 
+    Args:
+      source, destination: folders (local paths or URLs).
+      progress: a description for a progress bar on stderr (shown for 10 files or more).
+
     Returns:
-      The number of files copied.
+      The `(relative_path, size)` pairs copied (as `list_files(source)`).
     """
     files = list_files(source)
-    for relative, _ in files:
+    if progress and len(files) >= 10:
+        import sys
+
+        import tqdm
+
+        files_shown = tqdm.tqdm(files, desc=progress, unit="file", file=sys.stderr)
+    else:
+        files_shown = files
+    for relative, _ in files_shown:
         copy(join(source, *relative.split("/")), join(destination, *relative.split("/")))
-    return len(files)
+    return files
 
 
 def remove(location, recursive=False):
     """Removes a file (or with `recursive`, everything under a folder or prefix); missing is fine."""
     with _translate_errors(location):
-        if is_url(location):
-            filesystem, path = _remote(location)
-            if filesystem.exists(path):
-                filesystem.rm(path, recursive=recursive)
-            return
-        path = _local(location)
-        if os.path.isdir(path) and recursive:
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+        filesystem, path = _filesystem(location)
+        if filesystem.exists(path):
+            filesystem.rm(path, recursive=recursive)
 
 
 def local_copy(location, cache_dir=None):
@@ -323,14 +323,22 @@ def local_copy(location, cache_dir=None):
     return target
 
 
-def _gcs_blob(location):
-    """The google-cloud-storage blob of a `gs://` URL (anonymous against an emulator)."""
+# --- compare-and-swap -------------------------------------------------------------------------------
+
+
+@functools.cache
+def _gcs_client():
+    """One google-cloud-storage client per process (anonymous against an emulator)."""
     from google.cloud import storage as gcs
 
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return gcs.Client.create_anonymous_client()
+    return gcs.Client()
+
+
+def _gcs_blob(location):
     bucket, _, name = location[len("gs://"):].partition("/")
-    client = gcs.Client.create_anonymous_client() if os.environ.get(
-        "STORAGE_EMULATOR_HOST") else gcs.Client()
-    return client.bucket(bucket).blob(name)
+    return _gcs_client().bucket(bucket).blob(name)
 
 
 @contextlib.contextmanager
@@ -345,11 +353,6 @@ def _translate_gcs_errors(location):
             raise RetryableError(f"storage error at {location}: {error}") from error
         except exceptions.Forbidden as error:
             raise UserError(f"no permission for {location}: {error}") from error
-
-
-def _content_generation(data):
-    """The generation token of a local file or a non-GCS object: a hash of its content."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_with_generation(location):
@@ -382,16 +385,16 @@ def read_with_generation(location):
         data = read_bytes(location)
     except FileNotFoundError:
         return None, 0
-    return data, _content_generation(data)
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def write_if_generation(location, data, generation):
     """Replaces `location` with `data` only if it is still at `generation`; returns whether it did.
 
     A compare-and-swap: of several writers that read the same generation (`read_with_generation`),
-    exactly one succeeds; generation 0 means "only if absent". `gs://` uses the `ifGenerationMatch`
-    precondition. Local files compare and rename under an exclusive lock on `<location>.lock`.
-    Other fsspec stores fall back to compare-then-write, which is not atomic.
+    exactly one succeeds; generation 0 means "only if absent" (`write_if_absent`). `gs://` uses the
+    `ifGenerationMatch` precondition. Local files compare and rename under an exclusive lock on
+    their folder. Other fsspec stores fall back to compare-then-write, which is not atomic.
 
     Raises:
       RetryableError: remote storage unreachable after the client's retries.
@@ -410,13 +413,21 @@ def write_if_generation(location, data, generation):
             return False
         write_bytes(location, data)
         return True
-    import fcntl  # local files only (POSIX)
-
     path = _local(location)
-    makedirs(os.path.dirname(os.path.abspath(path)))
-    with _translate_errors(location), open(path + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if read_with_generation(path)[1] != generation:
-            return False
-        write_bytes(path, data)
-        return True
+    folder = os.path.dirname(os.path.abspath(path))
+    makedirs(folder)
+    with _translate_errors(location):
+        lock = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the descriptor closes
+            if read_with_generation(path)[1] != generation:
+                return False
+            write_bytes(path, data)
+            return True
+        finally:
+            os.close(lock)
+
+
+def write_if_absent(location, data):
+    """Creates `location` with `data` only if nothing is there yet; returns whether it did."""
+    return write_if_generation(location, data, 0)
