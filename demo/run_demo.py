@@ -54,10 +54,8 @@ def main():
     parser.add_argument("--output", default="demo_output", help="local folder for the results")
     options = parser.parse_args()
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from gcsserver import GCSServer
-
     from trainer import storage
+    from trainer.localgcs import GCSServer
 
     started = time.time()
     output = os.path.abspath(options.output)

