@@ -1,0 +1,42 @@
+"""trainer/storage.py: local behaviour that fsspec alone would not give (permissions, links, compare-and-swap)."""
+
+import os
+import stat
+import threading
+
+from trainer import storage
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        storage.write_text(str(tmp_path / "a" / "metrics.json"), "{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "a" / "metrics.json").st_mode) == 0o644
+    assert os.listdir(tmp_path / "a") == ["metrics.json"]  # no temporary left behind
+
+
+def test_listing_follows_folder_links_once_and_leaves_out_dangling_ones(tmp_path):
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere" / "dogs"
+    (photos / "cats").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    (photos / "cats" / "1.jpg").write_bytes(b"c")
+    (elsewhere / "2.jpg").write_bytes(b"dd")
+    os.symlink(elsewhere, photos / "dogs")  # a class folder kept somewhere else
+    os.symlink(photos, photos / "cats" / "loop")  # a link back up: listed once, not forever
+    os.symlink(tmp_path / "gone.jpg", photos / "cats" / "dangling.jpg")
+    assert storage.list_files(str(photos)) == [("cats/1.jpg", 1), ("dogs/2.jpg", 2)]
+
+
+def test_write_if_absent_has_exactly_one_winner_and_leaves_no_lock_file(tmp_path):
+    target = str(tmp_path / "v1" / "CLAIM")
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(storage.write_if_absent(target, f"{i}".encode())))
+               for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 7 + [True]
+    assert os.listdir(tmp_path / "v1") == ["CLAIM"]
