@@ -13,9 +13,11 @@ Kustomize stays the source of the manifests; this script only sets what differs 
   --image     every trainer container's image
   --set F=V   the trainer flag --F=V (replaced, or appended) in the containers running --command;
               --set F alone writes the boolean --F
-  --gpus      nvidia.com/gpu of each GPU container; cpu and memory scale with it
+  --accelerator, --gpus  the GKE GPU type (node selector) and GPUs per pod; every GPU container
+              gets the cpu, memory and ephemeral-storage of that row of k8s/shapes.yaml
   --workers   workers of a multi-node run: parallelism, completions and --num_workers
-  --accelerator  the GKE GPU type (cloud.google.com/gke-accelerator node selector)
+  --queue     the Kueue LocalQueue: the queue-name label on the workload Kueue manages, created
+              suspended so that Kueue admits it by unsuspending
   --service-account-email  include the ServiceAccount, bound to this Google service account
     (left out otherwise, so a submission never resets the binding made at setup)
 
@@ -23,10 +25,10 @@ Needs PyYAML and `kubectl` on PATH.
 """
 
 import argparse
+import os
 import re
 import subprocess
 import sys
-from fractions import Fraction
 
 import yaml
 
@@ -34,6 +36,27 @@ WORKLOAD_KINDS = ("Job", "JobSet", "CronJob")
 TRAINER_COMMANDS = ("prepare", "train", "evaluate", "predict", "promote")
 ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
 WORKLOAD_IDENTITY_ANNOTATION = "iam.gke.io/gcp-service-account"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The label each controller puts on a run's pods, with the run's name: what the NetworkPolicy selects.
+RUN_POD_LABELS = {"JobSet": "jobset.sigs.k8s.io/jobset-name", "Job": "batch.kubernetes.io/job-name"}
+SHAPES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.yaml")
+
+
+def load_shapes():
+    with open(SHAPES_FILE) as handle:
+        return yaml.safe_load(handle)
+
+
+def shape_of(shapes, accelerator, gpus):
+    """The row of k8s/shapes.yaml for a GPU type and count; SystemExit naming what exists."""
+    if accelerator not in shapes["accelerators"]:
+        raise SystemExit(f"render: unknown accelerator {accelerator!r}; k8s/shapes.yaml has "
+                         f"{', '.join(shapes['accelerators'])}")
+    rows = shapes["accelerators"][accelerator]["gpus"]
+    if gpus not in rows:
+        raise SystemExit(f"render: {accelerator} nodes come with {', '.join(map(str, rows))} GPUs, not {gpus} "
+                         "(k8s/shapes.yaml)")
+    return rows[gpus]
 
 
 def kustomize(overlay):
@@ -87,39 +110,15 @@ def set_flag(args, flag, value=None):
     args.append(token)
 
 
-_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|Ki|Mi|Gi|Ti)?$")
-
-
-def scale_quantity(quantity, factor):
-    """Multiplies a Kubernetes quantity such as "8", "500m" or "32Gi" by a (rational) factor."""
-    match = _QUANTITY.match(str(quantity))
-    if not match:
-        raise SystemExit(f"render: cannot scale the quantity {quantity!r}")
-    number = Fraction(match.group(1)) * factor
-    unit = match.group(2) or ""
-    if number.denominator != 1:  # e.g. 3 cpu * 1/2: go one unit down
-        smaller = {"": ("m", 1000), "Gi": ("Mi", 1024), "Mi": ("Ki", 1024), "Ti": ("Gi", 1024)}
-        if unit not in smaller:
-            raise SystemExit(f"render: cannot scale the quantity {quantity!r} by {factor}")
-        unit, multiplier = smaller[unit]
-        number = Fraction(round(number * multiplier))
-    return f"{int(number)}{unit}"
-
-
-def set_gpus(container, gpus):
-    """Sets nvidia.com/gpu of a GPU container; cpu and memory scale by the same factor."""
+def set_shape(container, shape, gpus, ephemeral_storage):
+    """Gives a GPU container the requests (= limits) of its node shape; others are left alone."""
     resources = container.get("resources", {})
-    current = int(resources.get("limits", {}).get("nvidia.com/gpu", 0))
-    if not current:
+    if not resources.get("limits", {}).get("nvidia.com/gpu"):
         return
-    factor = Fraction(gpus, current)
-    for section in ("requests", "limits"):
-        values = resources.get(section, {})
-        for name in ("cpu", "memory"):
-            if name in values:
-                values[name] = scale_quantity(values[name], factor)
-        if "nvidia.com/gpu" in values:
-            values["nvidia.com/gpu"] = gpus
+    values = {"cpu": shape["cpu"], "memory": shape["memory"], "ephemeral-storage": ephemeral_storage,
+              "nvidia.com/gpu": gpus}
+    resources["requests"] = dict(values)
+    resources["limits"] = dict(values)
 
 
 def set_workers(job_spec, template, workers):
@@ -131,6 +130,28 @@ def set_workers(job_spec, template, workers):
     for container in containers(template):
         if trainer_command(container) == "train":
             set_flag(container["args"], "num_workers", workers)
+
+
+def set_queue(workload, queue):
+    """Kueue: the queue-name label on what Kueue manages (a CronJob's Jobs), created suspended."""
+    if workload["kind"] == "CronJob":
+        job = workload["spec"]["jobTemplate"]
+        job.setdefault("metadata", {}).setdefault("labels", {})[QUEUE_LABEL] = queue
+        job["spec"]["suspend"] = True
+        return
+    workload["metadata"].setdefault("labels", {})[QUEUE_LABEL] = queue
+    workload["spec"]["suspend"] = True
+
+
+def set_policy_name(policy, name, kind):
+    """The NetworkPolicy of one run: its name, and the run's pods on both sides of the rule."""
+    policy["metadata"]["name"] = f"{name}-workers"
+    policy["metadata"].setdefault("labels", {})["app.kubernetes.io/instance"] = name
+    label = RUN_POD_LABELS[kind]
+    selectors = [policy["spec"]["podSelector"]] + [peer["podSelector"] for rule in policy["spec"]["ingress"]
+                                                   for peer in rule["from"]]
+    for selector in selectors:
+        selector["matchLabels"][label] = name
 
 
 def set_name(workload, name):
@@ -167,6 +188,9 @@ def select(objects, command, service_account_email):
         elif item["kind"] == "Service":
             if item["metadata"]["name"] in subdomains:
                 selected.append(item)
+        elif item["kind"] == "NetworkPolicy":  # the workers' port: only with a multi-worker workload
+            if any(runs_command(w, "train") and _multi_worker(w) for w in workloads):
+                selected.append(item)
         elif item in workloads:
             selected.append(item)
         elif item["kind"] not in WORKLOAD_KINDS:
@@ -174,10 +198,25 @@ def select(objects, command, service_account_email):
     return selected
 
 
+def _multi_worker(workload):
+    return any(job.get("completionMode") == "Indexed" for job, _ in pod_templates(workload))
+
+
 def customize(objects, args):
-    for workload in (o for o in objects if o["kind"] in WORKLOAD_KINDS):
+    shapes = load_shapes()
+    accelerator = args.accelerator or shapes["default"]["accelerator"]
+    gpus = args.gpus or shapes["default"]["gpus"]
+    shape = shape_of(shapes, accelerator, gpus) if (args.accelerator or args.gpus) else None
+    workloads = [o for o in objects if o["kind"] in WORKLOAD_KINDS]
+    if args.name:
+        trainers = [w for w in workloads if runs_command(w, "train") and _multi_worker(w)]
+        for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+            set_policy_name(policy, args.name, trainers[0]["kind"] if trainers else "Job")
+    for workload in workloads:
         if args.name:
             set_name(workload, args.name)
+        if args.queue:
+            set_queue(workload, args.queue)
         for job_spec, template in pod_templates(workload):
             for container in containers(template):
                 command = trainer_command(container)
@@ -185,8 +224,8 @@ def customize(objects, args):
                     continue
                 if args.image:
                     container["image"] = args.image
-                if args.gpus is not None:
-                    set_gpus(container, args.gpus)
+                if shape:
+                    set_shape(container, shape, gpus, shapes["ephemeral_storage"])
                 if command == args.command:
                     for assignment in args.set:
                         flag, equals, value = assignment.partition("=")
@@ -195,7 +234,7 @@ def customize(objects, args):
                 set_workers(job_spec, template, args.workers)
             selector = template["spec"].get("nodeSelector", {})
             if args.accelerator and ACCELERATOR_LABEL in selector:
-                selector[ACCELERATOR_LABEL] = args.accelerator
+                selector[ACCELERATOR_LABEL] = accelerator
     return objects
 
 
@@ -209,7 +248,8 @@ def parse_args(argv):
     parser.add_argument("--set", action="append", default=[], metavar="FLAG[=VALUE]")
     parser.add_argument("--gpus", type=int)
     parser.add_argument("--workers", type=int)
-    parser.add_argument("--accelerator")
+    parser.add_argument("--accelerator", help="GKE GPU type, a key of k8s/shapes.yaml (default: nvidia-l4)")
+    parser.add_argument("--queue", help="Kueue LocalQueue name")
     parser.add_argument("--service-account-email")
     args = parser.parse_args(argv)
     if args.set and not args.command:
@@ -221,6 +261,8 @@ def parse_args(argv):
         parser.error("--gpus must be at least 1")
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.queue is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?", args.queue):
+        parser.error(f"--queue {args.queue!r}: a LocalQueue name (lower-case letters, digits, '-', '.')")
     return args
 
 

@@ -80,61 +80,30 @@ def as_job(template, name="validated"):
             "metadata": {"name": name, **template.get("metadata", {})}, "spec": template["spec"]}
 
 
-# The JobSet v1alpha2 fields (kubernetes-sigs/jobset api/jobset/v1alpha2/jobset_types.go), closed
-# to unknown fields like the API server's structural schema. Job templates are checked separately.
-_JOB_FAILURE_REASONS = ["BackoffLimitExceeded", "DeadlineExceeded", "FailedIndexes",
-                        "MaxFailedIndexesExceeded", "PodFailurePolicy"]
-JOBSET_SCHEMA = {
-    "type": "object", "additionalProperties": False,
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "jobset.x-k8s.io/v1alpha2"},
-        "kind": {"const": "JobSet"},
-        "metadata": {"type": "object", "required": ["name"]},
-        "spec": {
-            "type": "object", "additionalProperties": False, "required": ["replicatedJobs"],
-            "properties": {
-                "replicatedJobs": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "additionalProperties": False, "required": ["name", "template"],
-                    "properties": {
-                        "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-                        "groupName": {"type": "string"},
-                        "replicas": {"type": "integer", "minimum": 0},
-                        "template": {"type": "object", "required": ["spec"]},
-                        "dependsOn": {"type": "array"}}}},
-                "network": {"type": "object", "additionalProperties": False, "properties": {
-                    "enableDNSHostnames": {"type": "boolean"}, "subdomain": {"type": "string"},
-                    "publishNotReadyAddresses": {"type": "boolean"}}},
-                "successPolicy": {"type": "object", "additionalProperties": False,
-                                  "required": ["operator"], "properties": {
-                                      "operator": {"enum": ["All", "Any"]},
-                                      "targetReplicatedJobs": {"type": "array"}}},
-                "failurePolicy": {"type": "object", "additionalProperties": False, "properties": {
-                    "maxRestarts": {"type": "integer", "minimum": 0},
-                    "restartStrategy": {"enum": ["Recreate", "BlockingRecreate", "InPlaceRestart"]},
-                    "rules": {"type": "array", "items": {
-                        "type": "object", "additionalProperties": False,
-                        "required": ["name", "action"], "properties": {
-                            "name": {"type": "string",
-                                     "pattern": "^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"},
-                            "action": {"enum": ["FailJobSet", "RestartJobSet",
-                                                "RestartJobSetAndIgnoreMaxRestarts", "RestartJob",
-                                                "RestartJobAndIgnoreMaxRestarts"]},
-                            "onJobFailureReasons": {"type": "array",
-                                                    "items": {"enum": _JOB_FAILURE_REASONS}},
-                            "onJobFailureMessagePatterns": {"type": "array"},
-                            "targetReplicatedJobs": {"type": "array"}}}}}},
-                "startupPolicy": {"type": "object"},
-                "suspend": {"type": "boolean"},
-                "coordinator": {"type": "object"},
-                "managedBy": {"type": "string"},
-                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-                "volumeClaimPolicies": {"type": "array"}}}}}
+def closed(schema):
+    """An OpenAPI schema with unknown fields refused wherever it lists the known ones (as the API
+    server's strict field validation does; structural schemas otherwise prune them silently)."""
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {key: closed(value) for key, value in schema.items()}
+    if ("properties" in schema and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        schema["additionalProperties"] = False
+    return schema
+
+
+# The JobSet CRD's own schema at a tagged release (tests/schemas/jobset/README.md: source, licence).
+with open(os.path.join(ROOT, "tests", "schemas", "jobset", "jobset-v1alpha2-v0.12.0.json")) as _schema_file:
+    JOBSET_SCHEMA = closed(json.load(_schema_file))
+SHAPES = yaml.safe_load(open(os.path.join(K8S, "shapes.yaml")))  # noqa: SIM115 - read once at import
 
 
 def validate(item, version):
-    """Strict schema validation; a JobSet by its own fields plus its Job templates."""
+    """Strict schema validation; a JobSet by its CRD's schema plus its Job templates as real Jobs."""
     if item["kind"] == "JobSet":
+        assert item["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
         jsonschema.validate(item, JOBSET_SCHEMA)
         for rjob in item["spec"]["replicatedJobs"]:
             kubernetes_validate.validate(as_job(rjob["template"]), version, strict=True)
@@ -157,8 +126,8 @@ def env_of(container):
 EXPECTED_KINDS = {
     "base": ["Job", "Job", "ServiceAccount"],
     "overlays/gpu-spot": ["Job", "Job", "ServiceAccount"],
-    "overlays/multiworker-jobset": ["Job", "JobSet", "ServiceAccount"],
-    "overlays/multiworker-indexed": ["Job", "Job", "Service", "ServiceAccount"],
+    "overlays/multiworker-jobset": ["Job", "JobSet", "NetworkPolicy", "ServiceAccount"],
+    "overlays/multiworker-indexed": ["Job", "Job", "NetworkPolicy", "Service", "ServiceAccount"],
     "overlays/retrain-cron": ["CronJob", "ServiceAccount"],
 }
 
@@ -189,8 +158,12 @@ def test_validation_is_strict():
         validate(jobset, "1.32")
     template = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
     del jobset["spec"]["failurePolicy"]["maxRestart"]
-    template["spec"]["containers"][0]["resource"] = {}
-    with pytest.raises(kubernetes_validate.ValidationError):
+    template["spec"]["containers"][0]["resource"] = {}  # inside the pod template: the CRD schema has it too
+    with pytest.raises(jsonschema.ValidationError, match="resource"):
+        validate(jobset, "1.32")
+    del template["spec"]["containers"][0]["resource"]
+    jobset["spec"]["failurePolicy"]["rules"][0]["action"] = "RestartForever"
+    with pytest.raises(jsonschema.ValidationError, match="RestartForever"):
         validate(jobset, "1.32")
 
 
@@ -287,17 +260,54 @@ def test_failure_policy_follows_the_trainer_exit_codes(workload, job, template):
     assert by_code[errors.EXIT_SOFTWARE] == "FailJob"
     if workload["kind"] == "JobSet":
         # The child Job fails at once (backoffLimit 0) so that the JobSet restarts ALL workers
-        # together; only bad input or a bug (the FailJob above) fails the whole JobSet.
+        # together; every failure the trainer explains fails it through podFailurePolicy, whose
+        # message the JobSet rules read.
         assert job["backoffLimit"] == 0
-        assert by_code[errors.EXIT_RETRYABLE] == "Count" and disruption == ["Count"]
+        assert by_code[errors.EXIT_RETRYABLE] == "FailJob" and disruption == ["FailJob"]
         policy = workload["spec"]["failurePolicy"]
         assert policy["maxRestarts"] > 0
-        assert [(r["action"], r["onJobFailureReasons"]) for r in policy["rules"]] == [
-            ("FailJobSet", ["PodFailurePolicy"])]
+        assert jobset_decision(policy, "PodFailurePolicy", job_failure_message(rules, exit_code=75)) == \
+            "RestartJobSetAndIgnoreMaxRestarts"
+        assert jobset_decision(policy, "PodFailurePolicy", job_failure_message(rules, disrupted=True)) == \
+            "RestartJobSetAndIgnoreMaxRestarts"
+        for code in (errors.EXIT_BAD_INPUT, errors.EXIT_SOFTWARE):
+            assert jobset_decision(policy, "PodFailurePolicy", job_failure_message(rules, exit_code=code)) == \
+                "FailJobSet"
+        # A crash (OOM kill: 137) exhausts backoffLimit 0: the default, counted restart.
+        assert jobset_decision(policy, "BackoffLimitExceeded", "Job has reached the specified backoff limit") == \
+            "RestartJobSet"
+        assert jobset_decision(policy, "DeadlineExceeded", "Job was active longer than specified deadline") == \
+            "FailJobSet"
+        # One deadline for the whole run, however often it restarts: the trainer's own.
+        (container,) = [c for c in all_containers(template) if c["args"][0] == "train"]
+        assert float(flag_value(container["args"], "deadline_hours")) * 3600 <= job["activeDeadlineSeconds"]
     else:
         # Preempted after a committed backup, or a disruption: retry without using up backoffLimit.
         assert by_code[errors.EXIT_RETRYABLE] == "Ignore" and disruption == ["Ignore"]
     assert errors.EXIT_OK not in by_code
+
+
+def job_failure_message(rules, exit_code=None, disrupted=False):
+    """The Job controller's Failed-condition message when a pod matches a FailJob rule
+    (kubernetes pkg/controller/job/pod_failure_policy.go), for the rule it matches first."""
+    for index, rule in enumerate(rules):
+        if disrupted and "onPodConditions" in rule:
+            return (f"Pod default/train-x-0 has condition DisruptionTarget matching {rule['action']} rule "
+                    f"at index {index}")
+        if exit_code is not None and exit_code in rule.get("onExitCodes", {}).get("values", []):
+            return (f"Container trainer for pod default/train-x-0 failed with exit code {exit_code} "
+                    f"matching {rule['action']} rule at index {index}")
+    raise AssertionError(f"no rule for exit code {exit_code} / disruption {disrupted}")
+
+
+def jobset_decision(policy, reason, message):
+    """What the JobSet controller does with a failed child Job: the first rule matching both the
+    reason and (any of) the message patterns; RestartJobSet when none matches."""
+    for rule in policy.get("rules", []):
+        reasons, patterns = rule.get("onJobFailureReasons", []), rule.get("onJobFailureMessagePatterns", [])
+        if (not reasons or reason in reasons) and (not patterns or any(re.search(p, message) for p in patterns)):
+            return rule["action"]
+    return "RestartJobSet"
 
 
 # ---- Trainer arguments ---------------------------------------------------------------------------
@@ -479,7 +489,10 @@ def test_render_names_a_run_and_sets_image_gpus_workers_and_flags():
                          "--image=registry.example/trainer:abc", "--gpus=4", "--workers=3",
                          "--accelerator=nvidia-tesla-a100", "--set=data=gs://b/d/dataset.json",
                          "--set=job_dir=gs://b/runs/x1", "--set=epochs=2")
-    assert [i["kind"] for i in objects] == ["JobSet"]  # no eval Job, no ServiceAccount
+    assert sorted(i["kind"] for i in objects) == ["JobSet", "NetworkPolicy"]  # no eval Job, no ServiceAccount
+    policy = next(i for i in objects if i["kind"] == "NetworkPolicy")
+    assert policy["metadata"]["name"] == "train-x1-workers"
+    objects = [i for i in objects if i["kind"] == "JobSet"]
     jobset = objects[0]
     validate(jobset, "1.32")
     assert jobset["metadata"]["name"] == "train-x1"
@@ -490,7 +503,9 @@ def test_render_names_a_run_and_sets_image_gpus_workers_and_flags():
     assert pod["spec"]["nodeSelector"]["cloud.google.com/gke-accelerator"] == "nvidia-tesla-a100"
     container = pod["spec"]["containers"][0]
     assert container["image"] == "registry.example/trainer:abc"
-    assert container["resources"]["limits"] == {"cpu": "32", "memory": "128Gi", "nvidia.com/gpu": 4}
+    assert container["resources"]["limits"] == {"cpu": "46", "memory": "320Gi", "ephemeral-storage": "60Gi",
+                                                "nvidia.com/gpu": 4}  # a2-highgpu-4g (k8s/shapes.yaml)
+    assert container["resources"]["requests"] == container["resources"]["limits"]
     assert flag_value(container["args"], "num_workers") == "3"
     assert flag_value(container["args"], "data") == "gs://b/d/dataset.json"
     assert flag_value(container["args"], "job_dir") == "gs://b/runs/x1"
@@ -501,7 +516,7 @@ def test_render_indexed_run_brings_its_headless_service():
     objects = render_run("k8s/overlays/multiworker-indexed", "--command=train", "--name=train-x2",
                          "--workers=2", "--service-account-email=ml@proj.iam.gserviceaccount.com")
     kinds = {i["kind"]: i for i in objects}
-    assert sorted(kinds) == ["Job", "Service", "ServiceAccount"]
+    assert sorted(kinds) == ["Job", "NetworkPolicy", "Service", "ServiceAccount"]
     assert kinds["ServiceAccount"]["metadata"]["annotations"][
         "iam.gke.io/gcp-service-account"] == "ml@proj.iam.gserviceaccount.com"
     assert kinds["Job"]["metadata"]["name"] == "train-x2"
@@ -519,3 +534,207 @@ def test_render_refuses_what_cannot_work():
     assert "multi-worker overlay" in fails("k8s/overlays/gpu-spot", "--command=train", "--workers=2")
     assert "--name" in fails("k8s/base", "--command=train", "--name=Bad_Name")
     assert "--set needs --command" in fails("k8s/base", "--set=epochs=1")
+
+
+# ---- Pod shapes (k8s/shapes.yaml) ------------------------------------------------------------------
+
+def quantity_gib(quantity):
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)(Mi|Gi)", quantity).groups()
+    return float(number) / (1024 if unit == "Mi" else 1)
+
+
+def gke_allocatable(vcpus, memory_gib, boot_disk_gib):
+    """GKE Standard's node allocatable (cloud.google.com/kubernetes-engine/docs/concepts/plan-node-sizes):
+    what is left after the kubelet's and system's reservation and the eviction thresholds."""
+    cpu_reserved = (0.06 * min(vcpus, 1) + 0.01 * max(0, min(vcpus, 2) - 1) + 0.005 * max(0, min(vcpus, 4) - 2)
+                    + 0.0025 * max(0, vcpus - 4))
+    tiers = [(4, 0.25), (8, 0.20), (16, 0.10), (128, 0.06), (float("inf"), 0.02)]
+    memory_reserved, lower = 0.0, 0
+    for upper, share in tiers:
+        memory_reserved += share * max(0, min(memory_gib, upper) - lower)
+        lower = upper
+    disk_reserved = min(0.5 * boot_disk_gib, 6 + 0.35 * boot_disk_gib, 100) + 0.10 * boot_disk_gib
+    return vcpus - cpu_reserved, memory_gib - memory_reserved - 100 / 1024, boot_disk_gib - disk_reserved
+
+
+SHAPE_ROWS = [pytest.param(accelerator, gpus, row, id=f"{accelerator}x{gpus}")
+              for accelerator, entry in SHAPES["accelerators"].items() for gpus, row in entry["gpus"].items()]
+
+
+@pytest.mark.parametrize("accelerator,gpus,row", SHAPE_ROWS)
+def test_every_shape_fits_its_machine(accelerator, gpus, row):
+    cpu, memory, disk = gke_allocatable(row["vcpus"], row["memory_gib"], SHAPES["boot_disk_gb"] * 1e9 / 2**30)
+    reserve = SHAPES["daemonsets"]
+    assert float(row["cpu"]) <= cpu - reserve["cpu"], (row, cpu)
+    assert quantity_gib(row["memory"]) <= memory - reserve["memory_gib"], (row, memory)
+    assert quantity_gib(SHAPES["ephemeral_storage"]) <= disk
+    # ... and uses most of it: a pod that owns the node should not leave a third of it idle.
+    assert float(row["cpu"]) >= 0.9 * cpu - 1 and quantity_gib(row["memory"]) >= 0.9 * memory - 2
+
+
+def test_the_usual_machines_are_the_ones_the_issue_names():
+    machines = {(a, g): row["machine"] for a, e in SHAPES["accelerators"].items() for g, row in e["gpus"].items()}
+    assert machines[("nvidia-l4", 1)] == "g2-standard-8"
+    assert machines[("nvidia-tesla-t4", 1)] == "n1-standard-8"
+    assert machines[("nvidia-tesla-t4", 4)] == "n1-standard-32"
+    assert {"nvidia-l4", "nvidia-tesla-t4", "nvidia-tesla-a100", "nvidia-a100-80gb",
+            "nvidia-h100-80gb"} <= set(SHAPES["accelerators"])
+
+
+@pytest.mark.parametrize("workload,job,template", every_pod())
+def test_manifests_request_the_default_shape_and_scratch_fits_it(workload, job, template):
+    default = SHAPES["default"]
+    row = SHAPES["accelerators"][default["accelerator"]]["gpus"][default["gpus"]]
+    volumes = {volume["name"]: volume for volume in template["spec"]["volumes"]}
+    for container in all_containers(template):
+        resources = container["resources"]
+        if not resources["limits"].get("nvidia.com/gpu"):
+            continue
+        assert resources["requests"] == resources["limits"] == {
+            "cpu": row["cpu"], "memory": row["memory"], "ephemeral-storage": SHAPES["ephemeral_storage"],
+            "nvidia.com/gpu": default["gpus"]}
+        disk = [quantity_gib(volumes[m["name"]]["emptyDir"]["sizeLimit"]) for m in container["volumeMounts"]
+                if volumes[m["name"]]["emptyDir"].get("medium") != "Memory"]
+        assert sum(disk) <= quantity_gib(SHAPES["ephemeral_storage"])
+
+
+def test_submit_with_a_t4_renders_what_schedules_on_n1_standard_8():
+    result = subprocess.run(["make", "-s", "submit-train", "DRY_RUN=1", "IMAGE=r.example/t:1", "DATA=gs://b/d.json",
+                             "JOB_DIR=gs://b/r", "ACCELERATOR=nvidia-tesla-t4", "GPUS=1"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    (job,) = [i for i in yaml.safe_load_all(result.stdout) if i and i["kind"] == "Job"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    cpu, memory, _ = gke_allocatable(8, 30, 200)
+    assert float(container["resources"]["requests"]["cpu"]) < cpu
+    assert quantity_gib(container["resources"]["requests"]["memory"]) < memory
+    assert job["spec"]["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-accelerator"] == "nvidia-tesla-t4"
+
+
+def test_render_refuses_a_gpu_count_the_machine_family_does_not_have():
+    result = subprocess.run([sys.executable, os.path.join(K8S, "render.py"), "k8s/overlays/gpu-spot",
+                             "--command=train", "--accelerator=nvidia-tesla-t4", "--gpus=8"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "nvidia-tesla-t4 nodes come with 1, 2, 4 GPUs, not 8" in result.stderr
+
+
+# ---- Kueue ------------------------------------------------------------------------------------------
+
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+
+@pytest.mark.parametrize("overlay,command", [("k8s/overlays/gpu-spot", "train"), ("k8s/overlays/gpu-spot", "evaluate"),
+                                             ("k8s/overlays/multiworker-jobset", "train"),
+                                             ("k8s/overlays/multiworker-indexed", "train"),
+                                             ("k8s/overlays/retrain-cron", "train")])
+def test_queue_labels_the_workload_kueue_manages_and_creates_it_suspended(overlay, command):
+    (workload,) = [i for i in render_run(overlay, f"--command={command}", "--name=run-q", "--queue=team-a")
+                   if i["kind"] in WORKLOAD_KINDS]
+    managed = workload["spec"]["jobTemplate"] if workload["kind"] == "CronJob" else workload
+    assert managed["metadata"]["labels"][QUEUE_LABEL] == "team-a"
+    assert managed["spec"]["suspend"] is True  # Kueue admits it by unsuspending
+    validate(workload, "1.32")
+    (plain,) = [i for i in render_run(overlay, f"--command={command}", "--name=run-q") if i["kind"] in WORKLOAD_KINDS]
+    assert QUEUE_LABEL not in yaml.safe_dump(plain) and "suspend" not in json.dumps(plain)
+
+
+def test_kueue_example_queues_match_the_gpu_nodes():
+    objects = [doc for doc in yaml.safe_load_all(open(os.path.join(K8S, "kueue", "queues.yaml"))) if doc]
+    kinds = {item["kind"]: item for item in objects}
+    assert sorted(kinds) == ["ClusterQueue", "LocalQueue", "ResourceFlavor"]
+    flavor, cluster_queue, local_queue = kinds["ResourceFlavor"], kinds["ClusterQueue"], kinds["LocalQueue"]
+    assert flavor["spec"]["nodeLabels"]["cloud.google.com/gke-accelerator"] == SHAPES["default"]["accelerator"]
+    assert local_queue["spec"]["clusterQueue"] == cluster_queue["metadata"]["name"]
+    (group,) = cluster_queue["spec"]["resourceGroups"]
+    assert {"cpu", "memory", "nvidia.com/gpu", "ephemeral-storage"} <= set(group["coveredResources"])
+    (quota,) = group["flavors"]
+    assert quota["name"] == flavor["metadata"]["name"]
+    # The quota is a whole number of nodes of the default shape (here 4): no resource runs out first.
+    default = SHAPES["default"]
+    row = SHAPES["accelerators"][default["accelerator"]]["gpus"][default["gpus"]]
+    per_pod = {"cpu": float(row["cpu"]), "memory": quantity_gib(row["memory"]),
+               "ephemeral-storage": quantity_gib(SHAPES["ephemeral_storage"]), "nvidia.com/gpu": default["gpus"]}
+    nominal = {r["name"]: r["nominalQuota"] for r in quota["resources"]}
+    pods = {name: (quantity_gib(value) if isinstance(value, str) else float(value)) / per_pod[name]
+            for name, value in nominal.items()}
+    assert set(pods.values()) == {4.0}, pods
+
+
+# ---- NetworkPolicy -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlay,pod_label", [("k8s/overlays/multiworker-jobset", "jobset.sigs.k8s.io/jobset-name"),
+                                               ("k8s/overlays/multiworker-indexed", "batch.kubernetes.io/job-name")])
+def test_worker_port_admits_only_the_same_runs_pods(overlay, pod_label):
+    objects = render_run(overlay, "--command=train", "--name=run-a", "--workers=2")
+    (policy,) = [i for i in objects if i["kind"] == "NetworkPolicy"]
+    validate(policy, "1.32")
+    (workload,) = [i for i in objects if i["kind"] in WORKLOAD_KINDS]
+    (_, template), = pod_templates(workload)
+    container = template["spec"]["containers"][0]
+    # The labels a pod of this run carries: its template's, plus the controller's with the run's name.
+    ours = {**template["metadata"]["labels"], pod_label: "run-a"}
+    other_run = {**ours, pod_label: "run-b"}
+    elsewhere = {"app.kubernetes.io/name": "something-else"}
+
+    def selects(selector, labels):
+        return selector["matchLabels"].items() <= labels.items()
+
+    assert selects(policy["spec"]["podSelector"], ours) and not selects(policy["spec"]["podSelector"], other_run)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [int(flag_value(container["args"], "worker_port"))]
+    assert any(selects(peer["podSelector"], ours) for peer in rule["from"])
+    assert not any(selects(peer["podSelector"], labels) for peer in rule["from"] for labels in (other_run, elsewhere))
+    assert all(set(peer) == {"podSelector"} for peer in rule["from"])  # no namespace or IP block opens it wider
+
+
+def test_single_node_runs_bring_no_network_policy():
+    assert [i["kind"] for i in render_run("k8s/overlays/gpu-spot", "--command=train", "--name=one")] == ["Job"]
+
+
+# ---- Vertex AI ----------------------------------------------------------------------------------
+
+def vertex_spec(*args):
+    result = subprocess.run([sys.executable, os.path.join(K8S, "vertex.py"), "--image=r.example/t:1",
+                             "--set=data=gs://b/d/dataset.json", "--set=job_dir=gs://b/runs/v1", *args],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_vertex_spec_one_node():
+    spec = vertex_spec("--accelerator=nvidia-tesla-t4", "--gpus=4")
+    assert sorted(spec) == ["baseOutputDirectory", "scheduling", "workerPoolSpecs"]
+    (pool,) = spec["workerPoolSpecs"]
+    assert pool["machineSpec"] == {"machineType": "n1-standard-32", "acceleratorType": "NVIDIA_TESLA_T4",
+                                   "acceleratorCount": 4}
+    assert pool["replicaCount"] == 1 and pool["diskSpec"]["bootDiskSizeGb"] == SHAPES["boot_disk_gb"]
+    args = pool["containerSpec"]["args"]
+    assert args[0] == "train" and flag_value(args, "strategy") == "mirrored"
+    assert flag_value(args, "job_dir") == "gs://b/runs/v1"
+    assert spec["baseOutputDirectory"]["outputUriPrefix"] == "gs://b/runs/v1/vertex"
+    assert spec["scheduling"]["strategy"] == "STANDARD"
+    assert int(spec["scheduling"]["timeout"].rstrip("s")) > float(flag_value(args, "deadline_hours")) * 3600
+    parse_with_trainer({"train": [args[1:]]})
+
+
+def test_vertex_spec_several_workers_is_a_chief_pool_and_a_worker_pool():
+    spec = vertex_spec("--workers=3", "--spot", "--set=epochs=2", "--service-account-email=t@p.iam.gserviceaccount.com")
+    chief, workers = spec["workerPoolSpecs"]
+    assert (chief["replicaCount"], workers["replicaCount"]) == (1, 2)
+    assert chief["containerSpec"] == workers["containerSpec"] and chief["machineSpec"] == workers["machineSpec"]
+    args = chief["containerSpec"]["args"]
+    assert flag_value(args, "strategy") == "multi_worker" and flag_value(args, "epochs") == "2"
+    assert not any(arg.startswith("--num_workers") for arg in args)  # Vertex's TF_CONFIG says
+    assert spec["scheduling"] == {**spec["scheduling"], "restartJobOnWorkerRestart": True, "strategy": "SPOT"}
+    assert spec["serviceAccount"] == "t@p.iam.gserviceaccount.com"
+    parse_with_trainer({"train": [args[1:]]})
+
+
+def test_make_submit_vertex_dry_run_prints_the_spec():
+    result = subprocess.run(["make", "-s", "submit-vertex", "DRY_RUN=1", "IMAGE=r.example/t:1", "DATA=gs://b/d.json",
+                             "JOB_DIR=gs://b/runs/v2", "WORKERS=2"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    spec = yaml.safe_load(result.stdout)
+    assert [pool["replicaCount"] for pool in spec["workerPoolSpecs"]] == [1, 1]
+    assert "--data=gs://b/d.json" in spec["workerPoolSpecs"][0]["containerSpec"]["args"]
