@@ -54,9 +54,22 @@ def test_a_field_without_a_flag_type_is_refused():
         config.define_flags(flags.FlagValues(), Odd)
 
 
-def test_data_and_job_dir_are_required(flag_values):
+def test_data_is_required_and_job_dir_unless_vertex_names_one(flag_values):
+    from trainer.errors import UserError
+
     with pytest.raises(flags.IllegalFlagValueError, match="data"):
         flag_values(["trainer train", "--job_dir=j"])
+    fresh = flags.FlagValues()
+    config.define_flags(fresh)
+    fresh(["trainer train", "--data=d.json"])
+    parsed = config.TrainConfig.from_flags(fresh)
+    with pytest.raises(UserError, match="--job_dir are required"):
+        config.check_config(config.with_launcher_defaults(parsed, {}))
+    on_vertex = config.with_launcher_defaults(parsed, {"AIP_CHECKPOINT_DIR": "gs://b/run/checkpoints"})
+    assert on_vertex.job_dir == "gs://b/run/checkpoints"
+    config.check_config(on_vertex)
+    explicit = dataclasses.replace(parsed, job_dir="gs://b/mine")
+    assert config.with_launcher_defaults(explicit, {"AIP_CHECKPOINT_DIR": "gs://x"}).job_dir == "gs://b/mine"
 
 
 @pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "predict", "promote"])

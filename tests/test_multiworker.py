@@ -77,6 +77,33 @@ def test_indexed_job_environment_trains_two_workers(dataset, tmp_path):
     assert "task worker-1" in logs[1]
 
 
+def vertex_env(ports, index, tmp_path, base):
+    """What Vertex AI custom training gives each machine: TF_CONFIG whose first pool is "chief"
+    (cloud.google.com/vertex-ai/docs/training/distributed-training), and the AIP_* folders."""
+    task = {"type": "chief", "index": 0} if index == 0 else {"type": "worker", "index": index - 1}
+    tf_config = {"cluster": {"chief": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{p}" for p in ports[1:]]},
+                 "task": {**task, "trial": ""}, "environment": "cloud", "job": {"worker_pool_specs": []}}
+    return {"TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(make_dir(tmp_path / f"tmp-{index}")),
+            "AIP_CHECKPOINT_DIR": f"{base}/checkpoints", "AIP_MODEL_DIR": f"{base}/model",
+            "AIP_TENSORBOARD_LOG_DIR": f"{base}/logs"}
+
+
+def test_vertex_chief_and_worker_train_with_the_vertex_folders(dataset, gcs_bucket, tmp_path):
+    base = f"{gcs_bucket}/vertex"
+    ports = free_ports(2)
+    args = [arg for arg in worker_args(dataset, "unused", "--epochs=1") if not arg.startswith("--job_dir")]
+    codes, logs = run_workers(args, [vertex_env(ports, i, tmp_path, base) for i in range(2)], tmp_path, "vx")
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert fingerprints(logs[0]) == fingerprints(logs[1])
+    assert "task chief-0" in logs[0] and "task worker-0" in logs[1]
+    job_dir = f"{base}/checkpoints"  # --job_dir defaults to AIP_CHECKPOINT_DIR
+    assert storage.exists(f"{job_dir}/DONE")
+    # The chief's export, copied where Vertex looks for it, and the event files for Vertex TensorBoard.
+    exported = dict(storage.list_files(f"{job_dir}/model"))
+    assert dict(storage.list_files(f"{base}/model")) == exported and "saved_model.pb" in exported
+    assert any(name.startswith("head/") for name, _ in storage.list_files(f"{base}/logs"))
+
+
 def test_lost_worker_then_restart_of_both_completes(dataset, gcs_bucket, tmp_path):
     job_dir = f"{gcs_bucket}/job"
     ports = free_ports(2)

@@ -114,3 +114,14 @@ def test_skip_corrupt_shards_with_the_feature_cache_trains_and_records_what_it_s
     assert entry["shard"] == str(copy / shard) and entry["records"] >= 1
     assert "checksum mismatch" in entry["problems"][0]
     assert storage.exists(str(tmp_path / "job" / "DONE"))
+
+
+def test_feature_cache_on_two_replicas_with_a_last_batch_smaller_than_the_replicas(dataset, tmp_path):
+    """A split whose last batch holds 1 example, on 2 replicas: one replica would get an empty batch."""
+    counts = {name: split["count"] for name, split in
+              storage.read_json(str(dataset / "data" / "dataset.json"))["splits"].items()}
+    assert counts["train"] % 8 == 1 or counts["val"] % 8 == 1, counts  # the case under test
+    result = train(dataset, tmp_path, "--cpu_replicas=2", "--feature_cache=on")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"feature cache: train: {counts['train']} examples" in result.stderr
+    assert f"feature cache: val: {counts['val']} examples" in result.stderr

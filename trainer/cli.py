@@ -57,7 +57,7 @@ def define_train_flags():
 
 def run_train(argv):
     _no_extra_args(argv)
-    train_config = config.TrainConfig.from_flags(FLAGS)
+    train_config = config.with_launcher_defaults(config.TrainConfig.from_flags(FLAGS), os.environ)
     config.check_config(train_config)  # before TensorFlow loads: a bad value answers at once
     from trainer import train
 

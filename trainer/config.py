@@ -41,7 +41,7 @@ class TrainConfig:
 
     data: str = _field(None, "URL of the dataset.json written by `trainer prepare`.")
     job_dir: str = _field(None, "Where everything of this run goes (local or URL); rerunning with the same "
-                          "job_dir resumes.")
+                          "job_dir resumes. On Vertex AI it defaults to AIP_CHECKPOINT_DIR.")
     backbone: str = _field("vgg16", "Pretrained base ('tiny': tests and demo only).", BACKBONES)
     weights: str = _field("imagenet", "imagenet | none | path or URL of a Keras weights file.")
     image_size: int = _field(150, "Images are resized to image_size x image_size.")
@@ -64,6 +64,9 @@ class TrainConfig:
     backup_every_steps: int = _field(100, "Steps between preemption backups (and every epoch end).")
     peer_timeout_seconds: int = _field(300, "Multi-worker: give up (exit 75, retryable) when a peer worker "
                                        "has not answered for this long.")
+    deadline_hours: float | None = _field(None, "Give up (exit 1, after committing a backup) once this many hours "
+                                          "have passed since the run first started (job_dir/STARTED): one bound "
+                                          "for the whole run, however often it is preempted and restarted.")
     steps_per_epoch: int | None = _field(None, "Cap on steps per epoch (default: one pass over train).")
     shuffle_buffer: int = _field(1000, "Examples in the training shuffle buffer.")
     seed: int = _field(0, "Seed for weights initialisation and shuffling.")
@@ -87,7 +90,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-REQUIRED = ("data", "job_dir")
+REQUIRED = ("data",)  # and job_dir, unless the launcher names one (`with_launcher_defaults`)
+
+# What Vertex AI custom training sets when a job has a base output directory
+# (https://cloud.google.com/vertex-ai/docs/training/code-requirements#environment-variables).
+VERTEX_CHECKPOINT_DIR = "AIP_CHECKPOINT_DIR"  # -> the default job_dir
+VERTEX_MODEL_DIR = "AIP_MODEL_DIR"  # -> a copy of the export, where Vertex looks for the model
+VERTEX_TENSORBOARD_DIR = "AIP_TENSORBOARD_LOG_DIR"  # -> a copy of the TensorBoard event files
 
 
 def flag_type(field):
@@ -123,10 +132,20 @@ def define_flags(flag_values, config_class=TrainConfig):
     flags.mark_flags_as_required(list(REQUIRED), flag_values=flag_values)
 
 
+def with_launcher_defaults(config, environ):
+    """`config` with what the launcher's environment supplies: job_dir from AIP_CHECKPOINT_DIR."""
+    if config.job_dir is None and environ.get(VERTEX_CHECKPOINT_DIR):
+        return dataclasses.replace(config, job_dir=environ[VERTEX_CHECKPOINT_DIR])
+    return config
+
+
 def check_config(config):
     """Raises UserError for values no run can use; instant (no TensorFlow), before any work."""
     from trainer.errors import UserError
 
+    if not config.data or not config.job_dir:
+        raise UserError("--data and --job_dir are required (on Vertex AI, job_dir defaults to "
+                        f"{VERTEX_CHECKPOINT_DIR})")
     positive = {"image_size": config.image_size, "batch_size": config.batch_size,
                 "backup_every_steps": config.backup_every_steps, "shuffle_buffer": config.shuffle_buffer,
                 "peer_timeout_seconds": config.peer_timeout_seconds}
@@ -145,6 +164,8 @@ def check_config(config):
         raise UserError(f"--dropout must be in [0, 1), got {config.dropout}")
     if config.dense_units < 0:
         raise UserError(f"--dense_units must be 0 or more, got {config.dense_units}")
+    if config.deadline_hours is not None and not (config.deadline_hours > 0 and math.isfinite(config.deadline_hours)):
+        raise UserError(f"--deadline_hours must be a positive number, got {config.deadline_hours}")
     for name in ("learning_rate", "fine_tune_learning_rate"):
         value = getattr(config, name)
         if not (value > 0 and math.isfinite(value)):

@@ -75,7 +75,16 @@ def extract_features(base, job, dataset_args, split, count, scratch, strategy=No
         return paths
     strategy = strategy or tf.distribute.get_strategy()
     skipped_before = _skipped_records(damage)
-    dataset = data.make_dataset(split=split, training=False, damage=damage, **dataset_args)
+    replicas = strategy.num_replicas_in_sync
+
+    def pad_to_replicas(images, labels):
+        # A last batch smaller than the replicas would leave a replica an empty batch, which some
+        # kernels reject: pad it to a multiple (label -1 marks the padding, dropped below).
+        missing = (-tf.shape(labels)[0]) % replicas
+        return (tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]]),
+                tf.pad(labels, [[0, missing]], constant_values=-1))
+
+    dataset = data.make_dataset(split=split, training=False, damage=damage, **dataset_args).map(pad_to_replicas)
 
     # Not base.predict_on_batch: for a model built under MirroredStrategy it ran 2.4x slower on
     # CPU (0.80 against 0.33 s a batch, VGG16 at 64 px), on one core of two.
@@ -94,8 +103,10 @@ def extract_features(base, job, dataset_args, split, count, scratch, strategy=No
                          mininterval=1 if sys.stderr.isatty() else 30)
     for images, batch_labels in strategy.experimental_distribute_dataset(dataset):
         batch, batch_labels = forward(images, batch_labels)
-        features[done:done + len(batch)] = batch.numpy()
-        labels[done:done + len(batch)] = batch_labels.numpy()
+        real = batch_labels.numpy() >= 0
+        batch, batch_labels = batch.numpy()[real], batch_labels.numpy()[real]
+        features[done:done + len(batch)] = batch
+        labels[done:done + len(batch)] = batch_labels
         done += len(batch)
         progress.update(len(batch))
     progress.close()

@@ -1,5 +1,6 @@
 """The job_dir layout: every path of a training run, and the few operations that change it.
 
+  STARTED              when the run first started (the first task to start writes it, only if absent)
   config.json          the resolved configuration (chief, at start)
   history.json         per-epoch metrics of each phase, and damaged data skipped (every epoch)
   tensorboard/         TensorBoard event files, synced after every epoch
@@ -21,6 +22,7 @@ import os
 
 from trainer import storage
 
+STARTED = "STARTED"
 CONFIG = "config.json"
 HISTORY = "history.json"
 TENSORBOARD = "tensorboard"
@@ -69,6 +71,22 @@ class JobDir:
 
     def mark_done(self):
         storage.write_text(self.path(DONE), now_iso())
+
+    def first_started(self):
+        """When the run first started (UTC, aware): STARTED, created now unless an attempt did before.
+
+        Any task may create it: the write is create-if-absent, so the first one wins and every
+        restart, on any machine, reads the same time.
+        """
+        storage.write_if_absent(self.path(STARTED), now_iso().encode())
+        text = storage.read_text(self.path(STARTED)).strip()
+        try:
+            return datetime.datetime.fromisoformat(text)
+        except ValueError:
+            from trainer.errors import UserError
+
+            raise UserError(f"{self.path(STARTED)} is damaged ({text[:40]!r}): delete it to restart the "
+                            "run's deadline clock") from None
 
     def write_config(self, config):
         storage.write_json(self.path(CONFIG), config)

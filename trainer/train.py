@@ -13,14 +13,15 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import __version__, data, distribute, export, featurecache, jobdir, manifest, records
+from trainer import __version__, data, distribute, export, featurecache, jobdir, manifest, records, storage
 from trainer import model as model_lib
-from trainer.config import TrainConfig, check_config
+from trainer.config import VERTEX_MODEL_DIR, VERTEX_TENSORBOARD_DIR, TrainConfig, check_config
 from trainer.errors import RetryableError, UserError, first_line
 from trainer.kerasapi import keras
 
@@ -29,6 +30,13 @@ __all__ = ["TrainConfig", "run"]
 
 class Preempted(Exception):
     """Raised inside fit once a SIGTERM was received and the backup after it is committed."""
+
+
+class DeadlinePassed(Exception):
+    """Raised inside fit once --deadline_hours has passed and the backup after it is committed."""
+
+
+STOPS = {"SIGTERM": Preempted, "deadline": DeadlinePassed}  # why a run stops early -> what fit raises
 
 
 @dataclasses.dataclass
@@ -42,6 +50,7 @@ class Run:
     scratch: str  # this process's local scratch folder (removed at the end)
     history: dict  # history.json, rewritten by the chief after every epoch
     damage: records.DamageReport  # damaged data skipped with --skip_corrupt_shards
+    tensorboard_copy: str | None = None  # also sync event files here (Vertex AI's AIP_TENSORBOARD_LOG_DIR)
     active_backups: list = dataclasses.field(default_factory=list)  # what SIGTERM asks to back up
 
 
@@ -68,14 +77,15 @@ def derive_batches(global_batch, replicas, train_count, steps_cap=None):
 class SyncedBackupAndRestore(keras.callbacks.BackupAndRestore):
     """BackupAndRestore whose every backup is also committed to job_dir, plus SIGTERM handling.
 
-    On SIGTERM the next batch end writes a backup, commits it, and raises `Preempted`, so the
-    process can exit with the retryable code; a restart resumes at that exact step.
+    On SIGTERM (or when the run's deadline passes) the next batch end writes a backup, commits it,
+    and raises `Preempted` (`DeadlinePassed`), so the process can exit with the retryable code (the
+    bad-input code); a restart resumes at that exact step.
     """
 
     def __init__(self, local_dir, job, phase, save_freq, is_chief):
         super().__init__(backup_dir=local_dir, save_freq=save_freq, delete_checkpoint=False)
         self.local_dir, self.job, self.phase, self.is_chief = local_dir, job, phase, is_chief
-        self.terminate_requested_at = None
+        self.stop_requested = None  # (time.time() of the request, a key of STOPS)
 
     def _backup(self, epoch, batch=0):
         super()._backup(epoch=epoch, batch=batch)
@@ -85,13 +95,15 @@ class SyncedBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)
-        if self.terminate_requested_at is not None:
+        if self.stop_requested is not None:
             self._backup(epoch=self._current_epoch, batch=batch)
-            elapsed = datetime.datetime.now().timestamp() - self.terminate_requested_at
-            logging.warning("SIGTERM: backup committed to %s %.1f s after the signal",
+            requested, reason = self.stop_requested
+            elapsed = time.time() - requested
+            logging.warning("%s: backup committed to %s %.1f s after the signal", reason,
                             self.job.backup_url(self.phase), elapsed)
-            print(f"preemption backup committed {elapsed:.1f} s after SIGTERM", flush=True)
-            raise Preempted()
+            if reason == "SIGTERM":
+                print(f"preemption backup committed {elapsed:.1f} s after SIGTERM", flush=True)
+            raise STOPS[reason]()
 
 
 class EpochRecorder(keras.callbacks.Callback):
@@ -111,6 +123,8 @@ class EpochRecorder(keras.callbacks.Callback):
         record_skipped_data(self.run)
         self.run.job.write_history(history)
         self.run.job.sync_tensorboard(self.tensorboard_dir)
+        if self.run.tensorboard_copy:
+            storage.copy_tree(self.tensorboard_dir, self.run.tensorboard_copy)
 
 
 def record_skipped_data(run):
@@ -275,18 +289,54 @@ def train_phases(run, dataset_manifest, steps, feature_cache):
 # ---------------------------------------------------------------- the run
 
 
-def install_sigterm_handler(run):
-    """On SIGTERM, ask every active backup callback to save at the next batch end."""
+def install_stop_handlers(run, deadline_seconds=None):
+    """On SIGTERM, or when `deadline_seconds` from now have passed (SIGALRM), ask every active
+    backup callback to save at the next batch end, then stop (at once when no phase is running)."""
 
     def handler(signum, frame):
-        logging.warning("SIGTERM received: backing up at the next step, then exiting")
-        now = datetime.datetime.now().timestamp()
+        reason = "SIGTERM" if signum == signal.SIGTERM else "deadline"
+        logging.warning("%s: backing up at the next step, then exiting", reason)
         for backup in run.active_backups:
-            backup.terminate_requested_at = now
+            backup.stop_requested = (time.time(), reason)
         if not run.active_backups:
-            raise Preempted()
+            raise STOPS[reason]()
 
     signal.signal(signal.SIGTERM, handler)
+    if deadline_seconds is not None:
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, deadline_seconds)
+
+
+def check_deadline(config, job):
+    """Seconds left before the run's --deadline_hours (None: no deadline).
+
+    Raises:
+      UserError: the deadline has passed already (a restart after it).
+    """
+    if config.deadline_hours is None:
+        return None
+    started = job.first_started()
+    elapsed = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+    left = config.deadline_hours * 3600 - elapsed
+    if left <= 0:
+        raise UserError(deadline_message(config, started))
+    logging.info("deadline: %.1f of --deadline_hours=%g left (the run first started at %s)", left / 3600,
+                 config.deadline_hours, started.isoformat())
+    return left
+
+
+def deadline_message(config, started):
+    return (f"the run's deadline passed: --deadline_hours={config.deadline_hours:g} since it first started at "
+            f"{started.isoformat()} ({jobdir.STARTED} in {config.job_dir}); rerun with a larger --deadline_hours "
+            "to go on from the last backup")
+
+
+def publish_for_vertex(job):
+    """On Vertex AI, a copy of the export where AIP_MODEL_DIR says (its model upload reads it)."""
+    target = os.environ.get(VERTEX_MODEL_DIR)
+    if target and target.rstrip("/") != job.model_url.rstrip("/"):
+        storage.copy_tree(job.model_url, target, progress="copy model")
+        logging.info("model copied to %s (AIP_MODEL_DIR)", target)
 
 
 def log_plan(config, strategy, cluster, dataset_manifest, per_replica, steps):
@@ -314,6 +364,7 @@ def run(config):
         logging.info("job %s is already complete (%s exists); nothing to do", config.job_dir, job.path(jobdir.DONE))
         print(f"already complete: {config.job_dir}")
         return
+    deadline_seconds = check_deadline(config, job)
     strategy, cluster = distribute.make_strategy(config.strategy, config.cpu_replicas, config.num_workers,
                                                  config.worker_port, config.peer_timeout_seconds)
     is_chief = distribute.is_chief(cluster)
@@ -327,14 +378,15 @@ def run(config):
     phases = ["head"] * bool(config.epochs) + ["fine_tune"] * bool(config.fine_tune_epochs)
     scratch = tempfile.mkdtemp(prefix=f"trainer-{distribute.task_id(cluster)}-")
     state = Run(config=config, job=job, strategy=strategy, is_chief=is_chief, scratch=scratch,
-                history=job.load_history(phases), damage=records.DamageReport())
+                history=job.load_history(phases), damage=records.DamageReport(),
+                tensorboard_copy=os.environ.get(VERTEX_TENSORBOARD_DIR))
     feature_cache = featurecache.use_feature_cache(config.feature_cache, config.augment, config.epochs,
                                                    multi_worker=bool(cluster))
     if is_chief:
         job.write_config({**config.to_dict(), "tool_version": __version__,
                           "replicas": strategy.num_replicas_in_sync, "per_replica_batch": per_replica,
                           "steps_per_epoch": steps, "classes": classes})
-    install_sigterm_handler(state)
+    install_stop_handlers(state, deadline_seconds)
     try:
         model = train_phases(state, dataset_manifest, steps, feature_cache)
         # Every worker exports (saving can run collectives under MultiWorkerMirroredStrategy);
@@ -342,10 +394,13 @@ def run(config):
         model_url = job.model_url if is_chief else os.path.join(scratch, "model")
         export.export_model(model, classes, config.image_size, model_url, backbone=config.backbone)
         if is_chief:
+            publish_for_vertex(job)
             job.mark_done()
             logging.info("done: model exported to %s", model_url)
     except Preempted as error:
         raise RetryableError("preempted (SIGTERM); the backup is committed, rerun to resume") from error
+    except DeadlinePassed as error:
+        raise UserError(deadline_message(config, job.first_started())) from error
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
             tf.errors.AbortedError) as error:
         if not cluster:
@@ -355,5 +410,6 @@ def run(config):
         raise RetryableError(f"lost contact with a peer worker ({type(error).__name__}: {first_line(error)})") \
             from error
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         shutil.rmtree(scratch, ignore_errors=True)
