@@ -34,7 +34,9 @@ demo: install
 #   make submit-train ... WORKERS=2 [MULTI=indexed]   (multi-node: a JobSet, or an Indexed Job)
 #   make status [RUN=name]; make logs RUN=name [FOLLOW=1]; make wait RUN=name [TIMEOUT=6h]
 #   make submit-eval IMAGE=... DATA=... JOB_DIR=gs://b/runs/r1   (-> JOB_DIR/eval/metrics.json)
-.PHONY: image push render submit-train submit-eval status logs wait
+#   make submit-* ... QUEUE=team-a          (Kueue: the LocalQueue that admits the run)
+#   make submit-vertex IMAGE=... DATA=... JOB_DIR=gs://b/runs/r1 REGION=us-central1 [WORKERS=2] [SPOT=1]
+.PHONY: image push render submit-train submit-eval submit-vertex status logs wait
 
 BUILDER ?= docker
 IMAGE ?= us-docker.pkg.dev/YOUR_PROJECT/trainer/image-transfer-trainer:$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
@@ -49,13 +51,16 @@ SPLIT ?= test
 TAIL ?= 200
 TIMEOUT ?= 6h
 # Optional: RUN (the run's name), OVERLAY, ARGS (more trainer flags), GSA (also apply the
-# ServiceAccount bound to this Google service account), MODEL/OUTPUT (eval), DRY_RUN=1, FOLLOW=1.
+# ServiceAccount bound to this Google service account), QUEUE (Kueue LocalQueue), MODEL/OUTPUT
+# (eval), DRY_RUN=1, FOLLOW=1. ACCELERATOR and GPUS pick a row of k8s/shapes.yaml.
+REGION ?= us-central1
+GCLOUD ?= gcloud
 RUN_STAMP := $(shell date -u +%Y%m%d-%H%M%S)
 comma := ,
 SELECTOR = app.kubernetes.io/name=image-trainer$(if $(RUN),$(comma)app.kubernetes.io/instance=$(RUN))
 TRAIN_OVERLAY = k8s/overlays/$(if $(filter-out 1,$(WORKERS)),multiworker-$(MULTI),gpu-spot)
 RENDER_COMMON = --image=$(IMAGE) --gpus=$(GPUS) --accelerator=$(ACCELERATOR) \
-	$(if $(GSA),--service-account-email=$(GSA)) $(foreach arg,$(ARGS),--set=$(patsubst --%,%,$(arg)))
+	$(if $(QUEUE),--queue=$(QUEUE)) $(if $(GSA),--service-account-email=$(GSA)) $(foreach arg,$(ARGS),--set=$(patsubst --%,%,$(arg)))
 # Prints the manifests (DRY_RUN=1) or applies them; a failed render applies nothing.
 APPLY = if [ -n "$(DRY_RUN)" ]; then printf '%s\n' "$$manifest"; \
 	else printf '%s\n' "$$manifest" | $(KUBECTL) apply -f - && \
@@ -86,6 +91,18 @@ submit-eval:
 		$(RENDER_COMMON) --set=model=$(or $(MODEL),$(JOB_DIR)/model) --set=data=$(DATA) \
 		--set=output=$(or $(OUTPUT),$(JOB_DIR)/eval) --set=split=$(SPLIT))" && $(APPLY)
 
+# Vertex AI custom training (k8s/vertex.py): the same image and trainer flags, no cluster needed.
+submit-vertex:
+	@if [ -z "$(DATA)" ] || [ -z "$(JOB_DIR)" ]; then echo "usage: make submit-vertex DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [REGION=us-central1] [GPUS=1] [ACCELERATOR=nvidia-l4] [WORKERS=1] [SPOT=1] [GSA=...] [ARGS='--epochs=2'] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
+	@run=$(or $(RUN),train-$(RUN_STAMP)); \
+	spec="$$($(RENDER_PY) k8s/vertex.py --image=$(IMAGE) --gpus=$(GPUS) --accelerator=$(ACCELERATOR) \
+		--workers=$(WORKERS) $(if $(SPOT),--spot) $(if $(GSA),--service-account-email=$(GSA)) \
+		$(foreach arg,$(ARGS),--set=$(patsubst --%,%,$(arg))) --set=data=$(DATA) --set=job_dir=$(JOB_DIR))" && \
+	if [ -n "$(DRY_RUN)" ]; then printf '%s\n' "$$spec"; \
+	else file=$$(mktemp); printf '%s\n' "$$spec" > "$$file" && \
+		$(GCLOUD) ai custom-jobs create --region=$(REGION) --display-name=$$run --config="$$file"; \
+		code=$$?; rm -f "$$file"; exit $$code; fi
+
 status:
 	$(KUBECTL) get cronjobs,jobs,pods -l $(SELECTOR)
 	-@$(KUBECTL) get jobsets -l $(SELECTOR) 2>/dev/null
@@ -108,3 +125,4 @@ bench: install
 	$(PY) -m bench.train_step --rounds=7 --model_threads=1 --output=bench_output
 	$(PY) -m bench.prepare_memory --output=bench_output
 	$(PY) -m bench.feature_cache --output=bench_output --per_class=2000
+	$(PY) -m bench.sigterm --output=bench_output

@@ -93,3 +93,12 @@ def test_bad_counts_are_one_line_usage_errors(module, flag):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"error: argument {flag.split('=')[0]}: invalid positive_int value" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_smoke(tmp_path):
+    results, table = run_bench("sigterm", tmp_path)
+    assert set(results["results"]) == {"head_cached", "head_streaming"}
+    for result in results["results"].values():
+        assert result["seconds"] and all(seconds >= 0 for seconds in result["seconds"])
+    assert "SIGTERM -> committed backup" in table
