@@ -99,7 +99,7 @@ def test_make_render_prints_every_overlay():
     overlays = sorted(f"k8s/overlays/{name}" for name in os.listdir(os.path.join(ROOT, "k8s", "overlays")))
     assert headers == ["k8s/base", *overlays]
     kinds = [doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc]
-    assert {"Job", "JobSet", "CronJob", "Service", "ServiceAccount"} == set(kinds)
+    assert {"Job", "JobSet", "CronJob", "NetworkPolicy", "Service", "ServiceAccount"} == set(kinds)
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (kustomize)")
