@@ -21,7 +21,7 @@ def tiny_setup(manifest_url, tmp_path):
 
 def extract(classifier, job, manifest_url, count, scratch):
     dataset_args = {"manifest_url": manifest_url, "image_size": 32, "batch_size": 8}
-    return featurecache.extract_features(classifier.get_layer("base"), job, dataset_args, "val", count, scratch)
+    return featurecache.extract_features(classifier.get_layer("base"), job, dataset_args, "val", scratch)
 
 
 def test_head_on_cached_features_predicts_what_the_full_model_predicts(manifest_url, tmp_path):
@@ -40,7 +40,7 @@ def test_head_on_cached_features_predicts_what_the_full_model_predicts(manifest_
 def test_cache_is_committed_to_job_dir_and_reused(manifest_url, tmp_path):
     job, classifier, count = tiny_setup(manifest_url, tmp_path)
     first = extract(classifier, job, manifest_url, count, str(tmp_path / "node1"))
-    assert storage.exists(str(tmp_path / "job" / "features" / "val" / "COMPLETE"))
+    assert storage.exists(str(tmp_path / "job" / "features" / "val" / "part-0-of-1" / "COMPLETE"))
     # A fresh node (other scratch) with another base must get the committed features, not recompute.
     other = model.build_model("tiny", 2, 32, weights=None, dense_units=16)
     second = extract(other, job, manifest_url, count, str(tmp_path / "node2"))

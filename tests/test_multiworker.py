@@ -127,3 +127,114 @@ def test_lost_worker_then_restart_of_both_completes(dataset, gcs_bucket, tmp_pat
     assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
     assert optimizer_steps(texts[0]) == {"head": epochs * dataset["steps"]}
     assert fingerprints(texts[0]) == fingerprints(texts[1])
+
+
+# ---- The frozen-feature cache across workers ----------------------------------------------------
+
+def part_files(job_dir, split):
+    """{worker: (features, labels)} of every committed part of a split's feature cache."""
+    import io
+
+    import numpy as np
+
+    parts = {}
+    for name, _ in storage.list_files(f"{job_dir}/features/{split}"):
+        if name.endswith("/COMPLETE"):
+            folder = name.rsplit("/", 1)[0]
+            worker = int(folder.split("-")[1])
+            parts[worker] = tuple(np.load(io.BytesIO(storage.read_bytes(f"{job_dir}/features/{split}/{folder}/{f}")))
+                                  for f in ("features.npy", "labels.npy"))
+    return parts
+
+
+def start_workers(args, envs, tmp_path, name):
+    logs = [tmp_path / f"{name}-{i}.log" for i in range(len(envs))]
+    return [start_trainer(args, env=env, log_path=log) for env, log in zip(envs, logs, strict=True)], logs
+
+
+def test_feature_cache_across_two_workers_holds_every_example_once_and_resumes(dataset, gcs_bucket, tmp_path):
+    job_dir, epochs = f"{gcs_bucket}/job", 4
+    args = worker_args(dataset, job_dir, f"--epochs={epochs}", "--feature_cache=on", "--backup_every_steps=1",
+                       "--peer_timeout_seconds=30")
+    ports = free_ports(2)
+    processes, logs = start_workers(args, [tf_config_env(ports, i, tmp_path) for i in range(2)], tmp_path, "first")
+    # The head phase has taken a step (both workers committed their parts first): stop both there.
+    committed = storage.join(job_dir, "backup", "head", "checkpoint")
+    assert wait_until(lambda: storage.exists(committed) or processes[0].poll() is not None, timeout=600)
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    text = [log.read_text() for log in logs]
+    assert "feature cache: worker 0 of 2: train:" in text[0] and "feature cache: worker 1 of 2: train:" in text[1]
+
+    # Every training example is in exactly one worker's part: the counts add up to the split, per
+    # class too, and no row repeats (each image has its own features).
+    import numpy as np
+
+    manifest = storage.read_json(dataset["url"])
+    for split in ("train", "val"):
+        parts = part_files(job_dir, split)
+        assert sorted(parts) == [0, 1]
+        features = np.concatenate([parts[w][0] for w in (0, 1)])
+        labels = np.concatenate([parts[w][1] for w in (0, 1)])
+        assert len(labels) == manifest["splits"][split]["count"]
+        counts = np.bincount(labels, minlength=len(manifest["classes"]))
+        assert dict(zip(manifest["classes"], counts.tolist(), strict=True)) == manifest["splits"][split]["class_counts"]
+        assert len(np.unique(features.reshape(len(features), -1), axis=0)) == len(features)
+
+    # Restarted (new ports, empty scratch): both reuse their committed parts, none is recomputed,
+    # and training ends at the step count of an uninterrupted run, with the same weights on both.
+    ports = free_ports(2)
+    envs = [{**tf_config_env(ports, i, tmp_path), "TMPDIR": str(make_dir(tmp_path / f"again-{i}"))} for i in range(2)]
+    codes, texts = run_workers(args, envs, tmp_path, "again")
+    assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
+    for worker in (0, 1):
+        assert f"feature cache: worker {worker} of 2: train: reusing" in texts[worker]
+        assert f"feature cache: worker {worker} of 2: val: reusing" in texts[worker]
+    assert "resuming from the backup" in texts[0]
+    assert optimizer_steps(texts[0]) == optimizer_steps(texts[1]) == {"head": epochs * dataset["steps"]}
+    assert fingerprints(texts[0]) == fingerprints(texts[1])
+    # Only the chief wrote shared files; the parts went with the completed head phase.
+    files = [name for name, _ in storage.list_files(job_dir)]
+    assert "DONE" in files and not [name for name in files if name.startswith("features/")]
+
+
+def test_feature_cache_killed_during_extraction_completes_with_the_exact_step_count(dataset, tmp_path):
+    job_dir, epochs = str(tmp_path / "job"), 3
+    args = worker_args(dataset, job_dir, f"--epochs={epochs}", "--feature_cache=on", "--peer_timeout_seconds=30")
+    ports = free_ports(2)
+    processes, _ = start_workers(args, [tf_config_env(ports, i, tmp_path) for i in range(2)], tmp_path, "first")
+    first_part = f"{job_dir}/features/train/part-0-of-2/COMPLETE"
+    assert wait_until(lambda: storage.exists(first_part) or processes[0].poll() is not None, timeout=600)
+    for process in processes:  # a node lost while the cache is being built
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    ports = free_ports(2)
+    envs = [{**tf_config_env(ports, i, tmp_path), "TMPDIR": str(make_dir(tmp_path / f"again-{i}"))} for i in range(2)]
+    codes, texts = run_workers(args, envs, tmp_path, "again")
+    assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
+    assert "feature cache: worker 0 of 2: train: reusing" in texts[0]  # committed before the kill
+    assert optimizer_steps(texts[0]) == {"head": epochs * dataset["steps"]}
+    assert fingerprints(texts[0]) == fingerprints(texts[1])
+
+
+def test_one_worker_and_two_workers_train_the_same_recipe_equally(dataset, tmp_path):
+    """Same dataset and flags, cache on: one machine with 2 replicas and two 1-replica workers make
+    the same number of optimizer steps and reach models of equal quality (noise aside)."""
+    from conftest import run_trainer
+
+    epochs = 8
+    flags = ["--data=" + dataset["url"], *TINY_JOB, f"--batch_size={BATCH}", "--learning_rate=1e-3",
+             f"--epochs={epochs}", "--feature_cache=on"]
+    one = run_trainer("train", f"--job_dir={tmp_path / 'one'}", "--cpu_replicas=2", *flags, check=True)
+    ports = free_ports(2)
+    codes, texts = run_workers(["train", f"--job_dir={tmp_path / 'two'}", "--strategy=multi_worker", *flags],
+                               [tf_config_env(ports, i, tmp_path) for i in range(2)], tmp_path, "two")
+    assert codes == [0, 0], texts[0][-3000:]
+    assert optimizer_steps(one.stderr) == optimizer_steps(texts[0]) == {"head": epochs * dataset["steps"]}
+    curves = [storage.read_json(str(tmp_path / name / "history.json"))["phases"][0]["epochs"]
+              for name in ("one", "two")]
+    for curve in curves:  # both learn: the validation loss falls well below where it started
+        assert curve[-1]["val_loss"] < 0.8 * curve[0]["val_loss"], curve
+    assert abs(curves[0][-1]["val_accuracy"] - curves[1][-1]["val_accuracy"]) <= 0.2, curves
+    assert abs(curves[0][-1]["loss"] - curves[1][-1]["loss"]) <= 0.25, curves

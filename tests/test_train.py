@@ -56,12 +56,12 @@ def test_bad_values_are_user_errors(overrides, message):
 
 
 def test_feature_cache_auto_only_when_eligible():
-    assert featurecache.use_feature_cache("auto", augment=False, epochs=10, multi_worker=False)
-    assert not featurecache.use_feature_cache("auto", augment=True, epochs=10, multi_worker=False)
-    assert not featurecache.use_feature_cache("off", augment=False, epochs=10, multi_worker=False)
-    assert not featurecache.use_feature_cache("auto", augment=False, epochs=10, multi_worker=True)
+    assert featurecache.use_feature_cache("auto", augment=False, epochs=10)
+    assert not featurecache.use_feature_cache("auto", augment=True, epochs=10)
+    assert not featurecache.use_feature_cache("off", augment=False, epochs=10)
+    assert not featurecache.use_feature_cache("auto", augment=False, epochs=0)
     with pytest.raises(UserError, match="augment"):
-        featurecache.use_feature_cache("on", augment=True, epochs=10, multi_worker=False)
+        featurecache.use_feature_cache("on", augment=True, epochs=10)
 
 
 @pytest.mark.parametrize("remote_kind", ["local", "gcs"])
@@ -96,7 +96,7 @@ def test_a_committed_phase_drops_its_backup_and_the_head_phase_the_feature_cache
     (weights / "checkpoint").write_text('model_checkpoint_path: "weights"\n')
     (weights / "weights.index").write_bytes(b"w")
     job.commit_backup("head", str(weights))
-    storage.write_text(storage.join(job.features_url("train"), "COMPLETE"), "x")
+    storage.write_text(storage.join(job.features_url("train", 1, 2), "COMPLETE"), "x")
     assert not job.is_phase_complete("head")
     job.commit_phase("head", str(weights))
     assert job.is_phase_complete("head")

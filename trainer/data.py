@@ -223,6 +223,29 @@ def _cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
 
 
+def pipeline_share(shards, input_context=None):
+    """What one input pipeline of several reads: `(shards, offset, stride)`.
+
+    By file when there are at least as many shards as pipelines (`shards[pipeline::pipelines]`,
+    every record); otherwise every shard, keeping every `stride`-th record from `offset`. Together
+    the pipelines read every record exactly once.
+    """
+    if input_context is None or input_context.num_input_pipelines == 1:
+        return shards, 0, 1
+    pipelines, pipeline = input_context.num_input_pipelines, input_context.input_pipeline_id
+    if len(shards) >= pipelines:
+        return shards[pipeline::pipelines], 0, 1
+    return shards, pipeline, pipelines
+
+
+def count_for_pipeline(manifest_url, split, input_context=None):
+    """How many examples one input pipeline reads from a split in evaluation mode (see `pipeline_share`)."""
+    location = manifest.manifest_location(manifest_url)
+    shards, offset, stride = pipeline_share(manifest.list_shards(manifest.load_manifest(location), split, location),
+                                            input_context)
+    return sum(max(records - offset + stride - 1, 0) // stride for _, records, _ in shards)
+
+
 def make_dataset(manifest_url, split, image_size, batch_size, training, augment=False,
                  shuffle_buffer=1000, seed=None, input_context=None, skip_corrupt_shards=False,
                  repeat=None, damage=None):
@@ -266,16 +289,9 @@ def make_dataset(manifest_url, split, image_size, batch_size, training, augment=
     _check_arguments(image_size, batch_size, shuffle_buffer, repeat)
     location = manifest.manifest_location(manifest_url)
     dataset_manifest = manifest.load_manifest(location)
-    shards = manifest.list_shards(dataset_manifest, split, location)
-    pipelines, pipeline = 1, 0
-    if input_context is not None:
-        pipelines, pipeline = input_context.num_input_pipelines, input_context.input_pipeline_id
-    total = len(shards)
-    offset, stride = 0, 1
-    if total >= pipelines:
-        shards = shards[pipeline::pipelines]
-    else:
-        offset, stride = pipeline, pipelines
+    all_shards = manifest.list_shards(dataset_manifest, split, location)
+    total = len(all_shards)
+    shards, offset, stride = pipeline_share(all_shards, input_context)
     manifest.check_shards(shards, location)
     native = storage.tensorflow_can_read(location)
     logging.info("reading split %s of %s: %d of %d shards, %d records%s, %s mode, via %s",

@@ -91,6 +91,18 @@ def is_chief(cluster):
     return task.get("type") == "worker" and int(task.get("index", 0)) == 0
 
 
+def worker_position(cluster):
+    """`(index, count)` of this task among all the training tasks: the chief first when there is
+    one (Vertex AI), then the workers in order. A single machine is `(0, 1)`."""
+    if not cluster:
+        return 0, 1
+    tasks = cluster.get("cluster", {})
+    chiefs, workers = len(tasks.get("chief", [])), len(tasks.get("worker", []))
+    task = cluster.get("task", {})
+    index = int(task.get("index", 0))
+    return (index if task.get("type") == "chief" else chiefs + index), chiefs + workers
+
+
 def task_id(cluster):
     """A short name for this task, used for its private temporary folders."""
     if not cluster:

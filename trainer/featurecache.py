@@ -1,10 +1,18 @@
-"""The frozen-feature cache: the frozen base's outputs computed once per split, for the head phase.
+"""The frozen-feature cache: the frozen base's outputs computed once per example, for the head phase.
 
 While the base is frozen and inputs are not augmented (the seed's first phase), the base maps each
 image to the same features in every epoch, so computing them once is exact and the head trains on
-them several times faster (docs/benchmarks.md). Features are written to local scratch as .npy
-files (memory-mapped: no size limit), committed to job_dir/features/<split>/ so a restarted job
-does not recompute them, and read back as (features, labels) batches.
+them several times faster (docs/benchmarks.md).
+
+With several workers, each computes its own part of every split: the evaluation-mode reader with
+the worker as one input pipeline of many yields every example to exactly one worker. Each worker
+writes its part to local scratch as .npy files (memory-mapped: no size limit) and commits it to
+job_dir/features/<split>/part-<worker>-of-<workers>/ (files, then COMPLETE), so a restarted worker
+reuses its committed part instead of recomputing it; these are the only files a non-chief worker
+writes. The head then trains under the same strategy, every worker reading its own part.
+
+The forward pass runs on this worker's own devices only (no collective ops): workers extract at
+their own pace and meet again in the head phase's first step.
 """
 
 import os
@@ -21,10 +29,8 @@ from trainer.errors import UserError
 FILES = ("features.npy", "labels.npy")
 
 
-def use_feature_cache(mode, augment, epochs, multi_worker):
+def use_feature_cache(mode, augment, epochs):
     """Whether the head phase trains on cached base outputs (`--feature_cache=mode`).
-
-    Multi-worker jobs stream images instead (each worker would cache only its shard).
 
     Raises:
       UserError: mode "on" for a run that is not eligible.
@@ -34,8 +40,6 @@ def use_feature_cache(mode, augment, epochs, multi_worker):
         reasons.append("--augment changes the images every epoch")
     if not epochs:
         reasons.append("there is no head phase (--epochs=0)")
-    if multi_worker:
-        reasons.append("multi-worker jobs stream images")
     if mode == "off":
         logging.info("feature cache: off (--feature_cache=off)")
         return False
@@ -44,88 +48,93 @@ def use_feature_cache(mode, augment, epochs, multi_worker):
     if reasons:
         logging.info("feature cache: off (%s)", "; ".join(reasons))
         return False
-    logging.info("feature cache: on: the frozen base runs once per split, the head trains on its outputs "
+    logging.info("feature cache: on: the frozen base runs once per example, the head trains on its outputs "
                  "(--feature_cache=off to stream images every epoch)")
     return True
 
 
-def extract_features(base, job, dataset_args, split, count, scratch, strategy=None, damage=None):
-    """Runs the frozen base once over a split; returns local .npy paths (features, labels).
+def make_forward(base, devices):
+    """A tf.function: a batch (its size a multiple of len(devices)) through the base, split over
+    this worker's devices and run in parallel; the outputs in the batch's order."""
+
+    @tf.function
+    def forward(images):
+        outputs = []
+        for device, chunk in zip(devices, tf.split(images, len(devices)), strict=True):
+            with tf.device(device):
+                outputs.append(base(chunk, training=False))
+        return tf.concat(outputs, axis=0)
+
+    return forward
+
+
+def extract_features(base, job, dataset_args, split, scratch, devices=None, worker=0, workers=1, damage=None):
+    """Runs the frozen base once over this worker's part of a split; returns local .npy paths.
 
     Args:
       base: the frozen base model.
-      job: the run's `JobDir`: committed features are reused from it, new ones committed to it.
+      job: the run's `JobDir`: a committed part is reused from it, a new one committed to it.
       dataset_args: keyword arguments of `data.make_dataset` (manifest_url, image_size, batch_size,
         skip_corrupt_shards).
       split: the split to extract.
-      count: its number of examples in the manifest.
       scratch: local folder for the .npy files.
-      strategy: each batch is split over its replicas (default: the current strategy).
+      devices: this worker's devices to split each batch over (default: the current device).
+      worker, workers: this worker's index and the number of workers (each extracts its part).
       damage: the run's `records.DamageReport`; records it skips are not expected.
 
+    Returns:
+      (features path, labels path): float32 [n, ...] and int32 [n], n this part's examples.
+
     Raises:
-      UserError: the split yielded a different number of examples than the manifest lists (and
+      UserError: the part yielded a different number of examples than the manifest implies (and
         not because damaged records were skipped on request).
     """
     local = os.path.join(scratch, "features", split)
     os.makedirs(local, exist_ok=True)
     paths = tuple(os.path.join(local, name) for name in FILES)
-    if job.restore_features(split, paths):
-        logging.info("feature cache: reusing %s", job.features_url(split))
+    remote = job.features_url(split, worker, workers)
+    if job.restore_features(remote, paths):
+        logging.info("feature cache: worker %d of %d: %s: reusing %d examples in %s", worker, workers, split,
+                     len(np.load(paths[1])), remote)
         return paths
-    strategy = strategy or tf.distribute.get_strategy()
+    devices = list(devices or [None])
     skipped_before = _skipped_records(damage)
-    replicas = strategy.num_replicas_in_sync
-
-    def pad_to_replicas(images, labels):
-        # A last batch smaller than the replicas would leave a replica an empty batch, which some
-        # kernels reject: pad it to a multiple (label -1 marks the padding, dropped below).
-        missing = (-tf.shape(labels)[0]) % replicas
-        return (tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]]),
-                tf.pad(labels, [[0, missing]], constant_values=-1))
-
-    dataset = data.make_dataset(split=split, training=False, damage=damage, **dataset_args).map(pad_to_replicas)
-
-    # Not base.predict_on_batch: for a model built under MirroredStrategy it ran 2.4x slower on
-    # CPU (0.80 against 0.33 s a batch, VGG16 at 64 px), on one core of two.
-    @tf.function
-    def forward(images, batch_labels):
-        outputs = strategy.run(lambda batch: base(batch, training=False), args=(images,))
-        return (tf.concat(strategy.experimental_local_results(outputs), axis=0),
-                tf.concat(strategy.experimental_local_results(batch_labels), axis=0))
-
-    shape = (count, *base.output_shape[1:])
-    features = np.lib.format.open_memmap(paths[0], mode="w+", dtype=np.float32, shape=shape)
+    context = tf.distribute.InputContext(num_input_pipelines=workers, input_pipeline_id=worker) if workers > 1 else None
+    dataset = data.make_dataset(split=split, training=False, input_context=context, damage=damage, **dataset_args)
+    count = data.count_for_pipeline(dataset_args["manifest_url"], split, context)
+    forward = make_forward(base, devices)
+    features = np.lib.format.open_memmap(paths[0], mode="w+", dtype=np.float32,
+                                         shape=(count, *base.output_shape[1:]))
     labels = np.zeros([count], np.int32)
     done = 0
     # In a pod's log (no terminal) a progress line every 30 s rather than a redrawn bar.
     progress = tqdm.tqdm(total=count, desc=f"features {split}", unit="img", file=sys.stderr,
                          mininterval=1 if sys.stderr.isatty() else 30)
-    for images, batch_labels in strategy.experimental_distribute_dataset(dataset):
-        batch, batch_labels = forward(images, batch_labels)
-        real = batch_labels.numpy() >= 0
-        batch, batch_labels = batch.numpy()[real], batch_labels.numpy()[real]
-        features[done:done + len(batch)] = batch
-        labels[done:done + len(batch)] = batch_labels
-        done += len(batch)
-        progress.update(len(batch))
+    for images, batch_labels in dataset:
+        size = len(batch_labels)
+        # A batch smaller than a multiple of the devices would leave a device an uneven or empty
+        # part (some kernels reject empty batches): pad it, and drop the padding's outputs.
+        missing = -size % len(devices)
+        padded = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]]) if missing else images
+        features[done:done + size] = forward(padded).numpy()[:size]
+        labels[done:done + size] = batch_labels.numpy()
+        done += size
+        progress.update(size)
     progress.close()
     skipped = _skipped_records(damage) - skipped_before
     if done + skipped != count:
         raise UserError(f"split {split}: read {done} examples, the manifest says {count}")
-    if skipped:  # only the rows that were filled: the cache holds every example that was read
-        features.flush()
-        del features
+    features.flush()
+    del features
+    if skipped:  # keep only the rows that were filled: the cache holds every example that was read
         trimmed = paths[0] + ".trimmed.npy"
         np.save(trimmed, np.load(paths[0], mmap_mode="r")[:done])
         os.replace(trimmed, paths[0])
         labels = labels[:done]
-        logging.warning("feature cache: %s: %d damaged records skipped, %d examples cached", split, skipped, done)
-    else:
-        features.flush()
+        logging.warning("feature cache: %s: %d damaged records skipped", split, skipped)
     np.save(paths[1], labels)
-    job.commit_features(split, paths)
-    logging.info("feature cache: %s: %d examples -> %s", split, done, job.features_url(split))
+    job.commit_features(remote, paths)
+    logging.info("feature cache: worker %d of %d: %s: %d examples -> %s", worker, workers, split, done, remote)
     return paths
 
 

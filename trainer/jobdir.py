@@ -5,7 +5,8 @@
   history.json         per-epoch metrics of each phase, and damaged data skipped (every epoch)
   tensorboard/         TensorBoard event files, synced after every epoch
   backup/<phase>/      preemption backups (BackupAndRestore); the `checkpoint` index file last
-  features/<split>/    the frozen base's outputs (the feature cache), COMPLETE last
+  features/<split>/part-<w>-of-<n>/  worker w's part of the frozen base's outputs (the feature
+                       cache), COMPLETE last; written by each worker, removed after the head phase
   checkpoints/<phase>/ the weights at the end of each phase, and COMPLETE once they are whole
   model/               the exported SavedModel (trainer.export)
   eval/                `trainer evaluate --output=JOB_DIR/eval`: metrics.json and pictures
@@ -143,26 +144,25 @@ class JobDir:
         """Downloads a complete phase's weights to `local_dir`."""
         _download_checkpoint_dir(self.path(CHECKPOINTS, phase), local_dir)
 
-    # --- the feature cache (one folder per split)
+    # --- the feature cache (one folder per split and worker)
 
-    def features_url(self, split):
-        return self.path(FEATURES, split)
+    def features_url(self, split, worker=0, workers=1):
+        """Where worker `worker` of `workers` keeps its part of a split's cached features."""
+        return self.path(FEATURES, split, f"part-{worker}-of-{workers}")
 
-    def restore_features(self, split, local_paths):
-        """Downloads a split's committed feature files to `local_paths`; False when not committed."""
-        remote = self.features_url(split)
-        if not storage.exists(storage.join(remote, COMPLETE)):
+    def restore_features(self, url, local_paths):
+        """Downloads a committed part of the feature cache to `local_paths`; False when not committed."""
+        if not storage.exists(storage.join(url, COMPLETE)):
             return False
         for path in local_paths:
-            storage.copy(storage.join(remote, os.path.basename(path)), path)
+            storage.copy(storage.join(url, os.path.basename(path)), path)
         return True
 
-    def commit_features(self, split, local_paths):
-        """Uploads a split's feature files, then its COMPLETE marker."""
-        remote = self.features_url(split)
+    def commit_features(self, url, local_paths):
+        """Uploads a part's feature files, then its COMPLETE marker."""
         for path in local_paths:
-            storage.copy(path, storage.join(remote, os.path.basename(path)))
-        storage.write_text(storage.join(remote, COMPLETE), now_iso())
+            storage.copy(path, storage.join(url, os.path.basename(path)))
+        storage.write_text(storage.join(url, COMPLETE), now_iso())
 
 
 def _upload_checkpoint_dir(local_dir, remote_dir):

@@ -9,6 +9,7 @@ which documents the layout; a rerun resumes whatever a previous attempt left.
 import dataclasses
 import datetime
 import hashlib
+import math
 import os
 import shutil
 import signal
@@ -51,6 +52,8 @@ class Run:
     history: dict  # history.json, rewritten by the chief after every epoch
     damage: records.DamageReport  # damaged data skipped with --skip_corrupt_shards
     tensorboard_copy: str | None = None  # also sync event files here (Vertex AI's AIP_TENSORBOARD_LOG_DIR)
+    worker: int = 0  # this task's index among the training tasks (distribute.worker_position)
+    workers: int = 1
     active_backups: list = dataclasses.field(default_factory=list)  # what SIGTERM asks to back up
 
 
@@ -169,7 +172,7 @@ def with_data_sharding(dataset):
     return dataset.with_options(options)
 
 
-def fit_phase(run, model, phase, epochs, train_data, val_data, steps):
+def fit_phase(run, model, phase, epochs, train_data, val_data, steps, val_steps=None):
     """Runs one phase under BackupAndRestore; returns when its epochs are done."""
     local_backup = os.path.join(run.scratch, "backup", phase)
     if run.job.restore_backup(phase, os.path.join(local_backup, "chief")):
@@ -183,7 +186,7 @@ def fit_phase(run, model, phase, epochs, train_data, val_data, steps):
         EpochRecorder(run, phase, tensorboard_dir),
     ]
     model.fit(train_data, epochs=epochs, steps_per_epoch=steps, validation_data=val_data,
-              callbacks=callbacks, verbose=2)
+              validation_steps=val_steps, callbacks=callbacks, verbose=2)
     run.active_backups.remove(backup)
     # The optimizer's step count and a weights fingerprint: a resumed run must end where an
     # uninterrupted one does, and every worker of a multi-worker job must hold the same weights.
@@ -196,28 +199,59 @@ def fit_phase(run, model, phase, epochs, train_data, val_data, steps):
 
 
 def fit_head_on_cached_features(run, model, dataset_manifest, steps):
-    """The head phase on cached base outputs; the full model shares the head's layers."""
+    """The head phase on cached base outputs; the full model shares the head's layers.
+
+    One machine: the cached features of each split, as global batches split over the replicas.
+    Several workers: each extracts and reads its own part of each split (featurecache), and
+    tf.distribute takes one per-replica batch from each worker's part per replica and step; the
+    steps per epoch are those of one machine, so both make the same number of optimizer steps.
+    """
     config, splits = run.config, dataset_manifest["splits"]
     dataset_args = {"manifest_url": config.data, "image_size": config.image_size,
                     "batch_size": config.batch_size, "skip_corrupt_shards": config.skip_corrupt_shards}
     base = model.get_layer("base")
+    worker, workers = run.worker, run.workers
 
     def extract(split):
-        return featurecache.extract_features(base, run.job, dataset_args, split, splits[split]["count"],
-                                             run.scratch, run.strategy, run.damage)
+        return featurecache.extract_features(base, run.job, dataset_args, split, run.scratch,
+                                             devices=run.strategy.extended.worker_devices, worker=worker,
+                                             workers=workers, damage=run.damage)
+
+    def per_worker(paths, training):
+        def dataset_fn(context):
+            return featurecache.cached_dataset(paths, context.get_per_replica_batch_size(config.batch_size),
+                                               training=training, seed=config.seed)
+
+        return run.strategy.distribute_datasets_from_function(dataset_fn)
 
     train_paths = extract("train")
-    val_data = None
-    if splits.get("val", {}).get("count"):
+    val_paths = extract("val") if splits.get("val", {}).get("count") else None
+    val_steps = None
+    if workers > 1:
+        train_data = per_worker(train_paths, training=True)
+        val_data = per_worker(val_paths, training=False) if val_paths else None
+        val_steps = validation_steps(run, workers) if val_paths else None
+    else:
+        train_data = run.strategy.experimental_distribute_dataset(
+            featurecache.cached_dataset(train_paths, config.batch_size, training=True, seed=config.seed))
         val_data = with_data_sharding(featurecache.cached_dataset(
-            extract("val"), config.batch_size, training=False, seed=config.seed))
-    train_data = run.strategy.experimental_distribute_dataset(
-        featurecache.cached_dataset(train_paths, config.batch_size, training=True, seed=config.seed))
+            val_paths, config.batch_size, training=False, seed=config.seed)) if val_paths else None
     head = model.get_layer("head")
     with run.strategy.scope():
         model_lib.compile_model(head, len(dataset_manifest["classes"]), config.learning_rate,
                                 jit_compile=config.jit_compile)
-    fit_phase(run, head, "head", config.epochs, train_data, val_data, steps)
+    fit_phase(run, head, "head", config.epochs, train_data, val_data, steps, val_steps)
+
+
+def validation_steps(run, workers):
+    """Steps that take every worker through its whole part of the val split (Keras needs the count
+    for a distributed dataset): the largest part's. Workers whose part ends sooner get empty
+    batches for the last steps (tf.distribute's partial-batch handling), so nothing counts twice."""
+    per_replica = run.config.batch_size // run.strategy.num_replicas_in_sync
+    local_replicas = run.strategy.num_replicas_in_sync // workers
+    counts = [data.count_for_pipeline(run.config.data, "val", tf.distribute.InputContext(workers, worker))
+              for worker in range(workers)]
+    return max(math.ceil(math.ceil(count / per_replica) / local_replicas) for count in counts)
 
 
 def save_phase_weights(run, model, phase):
@@ -380,8 +414,8 @@ def run(config):
     state = Run(config=config, job=job, strategy=strategy, is_chief=is_chief, scratch=scratch,
                 history=job.load_history(phases), damage=records.DamageReport(),
                 tensorboard_copy=os.environ.get(VERTEX_TENSORBOARD_DIR))
-    feature_cache = featurecache.use_feature_cache(config.feature_cache, config.augment, config.epochs,
-                                                   multi_worker=bool(cluster))
+    state.worker, state.workers = distribute.worker_position(cluster)
+    feature_cache = featurecache.use_feature_cache(config.feature_cache, config.augment, config.epochs)
     if is_chief:
         job.write_config({**config.to_dict(), "tool_version": __version__,
                           "replicas": strategy.num_replicas_in_sync, "per_replica_batch": per_replica,
