@@ -2,19 +2,24 @@
 
     python -m bench.feature_cache --output=bench_output            # VGG16 at 64 px, ~1,000 images
     python -m bench.feature_cache --smoke --output=/tmp/bench      # tests: tiny, 2 epochs
+    python -m bench.feature_cache --workers=2 --per_class=600 --batch_size=32 --output=bench_output
+                                     # two loopback workers under MultiWorkerMirroredStrategy (issue 13)
 
 Both runs are the real `trainer train` command on the same prepared data, same backbone, flags and
 seed; only --feature_cache differs. Each is then evaluated with the real `trainer evaluate` on the
-test split. Goal (issue 6): >= 5x less wall time with the cache, test accuracy within one point.
+test split. Goal (issues 6 and 13, one worker or two): >= 5x less wall time with the cache, test
+accuracy within one point. With --workers=2 each run is two `trainer train` processes on loopback
+(TF_CONFIG, --strategy=multi_worker) sharing the machine's cores, timed until both have exited.
 
 On CPU the seed's 150 px VGG16 would take hours uncached, so the images are smaller (64 px) and the
 weights random (no ImageNet download here); the learning rate is 1e-4 instead of 1e-5 so the head
 learns something on random features in 10 epochs. The ratio is what matters: without the cache
 every epoch pays the frozen VGG16 forward pass again; with it, one pass per split. Results:
-OUTPUT/feature_cache.json.
+OUTPUT/feature_cache.json (OUTPUT/feature_cache_2workers.json with --workers=2).
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +42,35 @@ def trainer(*args):
     return result
 
 
+def train_on_workers(args, workers, work):
+    """`trainer train` as `workers` loopback processes (TF_CONFIG); returns the chief's log text."""
+    if workers == 1:
+        return trainer("train", *args).stderr
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from jobs import free_ports
+
+    hosts = [f"127.0.0.1:{port}" for port in free_ports(workers)]
+    processes, logs = [], []
+    for index in range(workers):
+        scratch = os.path.join(work, f"tmp-{index}-{time.monotonic_ns()}")
+        os.makedirs(scratch)
+        env = {**os.environ, "TMPDIR": scratch,
+               "TF_CONFIG": json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})}
+        logs.append(open(os.path.join(scratch, "log.txt"), "w+"))  # noqa: SIM115 - closed below
+        processes.append(subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", *args,
+                                           "--strategy=multi_worker"], stdout=logs[-1], stderr=subprocess.STDOUT,
+                                          env=env))
+    codes = [process.wait() for process in processes]
+    texts = []
+    for handle in logs:
+        handle.seek(0)
+        texts.append(handle.read())
+        handle.close()
+    if codes != [0] * workers:
+        raise SystemExit(f"trainer train on {workers} workers failed ({codes}):\n{texts[0][-3000:]}")
+    return texts[0]
+
+
 def phase_seconds(log_text):
     """Seconds from the logged plan to the end of the head phase (absl log timestamps)."""
     import datetime
@@ -57,6 +91,9 @@ def main():
     parser.add_argument("--image_size", type=common.positive_int, default=64)
     parser.add_argument("--backbone", default="vgg16")
     parser.add_argument("--epochs", type=common.positive_int, default=10)
+    parser.add_argument("--batch_size", type=common.positive_int, default=64, help="global batch")
+    parser.add_argument("--workers", type=common.positive_int, default=1,
+                        help="loopback workers per run (MultiWorkerMirroredStrategy when > 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite")
     options = parser.parse_args()
     if options.smoke:
@@ -73,9 +110,11 @@ def main():
     trainer("prepare", f"--source={os.path.join(work, 'images')}", f"--output={data}", "--num_shards=4")
     manifest = storage.read_json(os.path.join(data, "dataset.json"))
     common_flags = [f"--data={data}/dataset.json", f"--backbone={options.backbone}", "--weights=none",
-                    f"--image_size={options.image_size}", "--batch_size=64", f"--epochs={options.epochs}",
+                    f"--image_size={options.image_size}", f"--batch_size={options.batch_size}",
+                    f"--epochs={options.epochs}",
                     "--learning_rate=1e-4", "--fine_tune_epochs=0", "--seed=0"]
-    results = {"machine": common.describe_machine(), "backbone": options.backbone,
+    results = {"machine": common.describe_machine(), "backbone": options.backbone, "workers": options.workers,
+               "batch_size": options.batch_size,
                "image_size": options.image_size, "epochs": options.epochs,
                "train_examples": manifest["splits"]["train"]["count"],
                "test_examples": manifest["splits"]["test"]["count"], "runs": {}}
@@ -83,7 +122,8 @@ def main():
         job = os.path.join(work, f"job-{cache}")
         log(f"training with --feature_cache={cache} ...")
         started = time.perf_counter()
-        log_text = trainer("train", *common_flags, f"--job_dir={job}", f"--feature_cache={cache}").stderr
+        log_text = train_on_workers([*common_flags, f"--job_dir={job}", f"--feature_cache={cache}"], options.workers,
+                                    work)
         seconds = time.perf_counter() - started
         phase = phase_seconds(log_text)
         trainer("evaluate", f"--model={job}/model", f"--data={data}/dataset.json", f"--output={job}/eval")
@@ -96,14 +136,16 @@ def main():
     results["speedup"] = round(off["seconds"] / on["seconds"], 2)
     results["phase_speedup"] = round(off["phase_seconds"] / on["phase_seconds"], 2)
     results["accuracy_difference_points"] = round(100 * (on["test_accuracy"] - off["test_accuracy"]), 2)
-    print(f"feature cache: {off['seconds']:.1f} s -> {on['seconds']:.1f} s = {results['speedup']:.2f}x less wall time "
+    print(f"feature cache ({options.workers} worker(s)): {off['seconds']:.1f} s -> {on['seconds']:.1f} s = "
+          f"{results['speedup']:.2f}x less wall time "
           f"(goal >= 5x: {'PASS' if results['speedup'] >= 5 else 'MISS'}); test accuracy "
           f"{off['test_accuracy']:.4f} -> {on['test_accuracy']:.4f} "
           f"({results['accuracy_difference_points']:+.2f} points, goal within 1: "
           f"{'PASS' if abs(results['accuracy_difference_points']) <= 1 else 'MISS'}); the head phase alone "
           f"(features included, start-up and export not): {results['phase_speedup']:.2f}x")
     os.makedirs(options.output, exist_ok=True)
-    common.write_json(os.path.join(options.output, "feature_cache.json"), results)
+    name = "feature_cache.json" if options.workers == 1 else f"feature_cache_{options.workers}workers.json"
+    common.write_json(os.path.join(options.output, name), results)
 
 
 if __name__ == "__main__":

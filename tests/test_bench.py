@@ -73,16 +73,17 @@ def test_prepare_memory_smoke(tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_feature_cache_smoke(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench.feature_cache", "--smoke", f"--output={tmp_path}"],
-                            cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("workers, name", [(1, "feature_cache.json"), (2, "feature_cache_2workers.json")])
+def test_feature_cache_smoke(tmp_path, workers, name):
+    result = subprocess.run([sys.executable, "-m", "bench.feature_cache", "--smoke", f"--output={tmp_path}",
+                             f"--workers={workers}"], cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
-    with open(tmp_path / "feature_cache.json") as file:
+    with open(tmp_path / name) as file:
         results = json.load(file)
-    assert set(results["runs"]) == {"off", "on"}
+    assert set(results["runs"]) == {"off", "on"} and results["workers"] == workers
     for run in results["runs"].values():
         assert run["seconds"] > 0 and run["phase_seconds"] > 0 and 0 <= run["test_accuracy"] <= 1
-    assert results["speedup"] > 0 and "feature cache:" in result.stdout
+    assert results["speedup"] > 0 and f"feature cache ({workers} worker(s)):" in result.stdout
 
 
 @pytest.mark.parametrize("module, flag", [("input_pipeline", "--epochs=0"), ("train_step", "--model_threads=-1"),
