@@ -41,7 +41,9 @@ def measure(args, job_dir, log_path, timeout=1800):
             time.sleep(0.05)
         if process.poll() is not None or not os.path.exists(committed):
             process.kill()
-            raise SystemExit(f"training ended or stalled before its first backup; see {log_path}")
+            process.wait()
+            tail = "".join(open(log_path).readlines()[-30:])
+            raise SystemExit(f"training ended (exit {process.returncode}) or stalled before its first backup:\n{tail}")
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=600)
     text = open(log_path).read()
