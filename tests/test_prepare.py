@@ -1,9 +1,12 @@
 """`trainer prepare`: the real command on generated image folders, local and on a GCS server."""
 
+import base64
 import collections
+import hashlib
 import json
 import multiprocessing.pool
 import os
+import random
 import threading
 
 import imagegen
@@ -11,7 +14,7 @@ import pytest
 from conftest import run_trainer
 from PIL import ImageFile
 
-from trainer import prepare, storage
+from trainer import plan, prepare, storage
 from trainer.errors import UserError
 
 EXAMPLE_KEYS = {"image/encoded", "image/format", "image/class/label", "image/class/text",
@@ -25,6 +28,10 @@ BAD_REASONS = {
     "bad_not_image.jpg": "not an image",
     "bad_empty.jpg": "empty file",
 }
+
+
+def md5_of(path):
+    return base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
 
 
 def read_records(output, tmp_path):
@@ -115,7 +122,10 @@ def test_class_dirs_local_every_format_and_bad_files(tmp_path):
     check_records(manifest, records)
     assert manifest["classes"] == ["cats", "dogs"]
     assert manifest["layout"] == "class_dirs" and manifest["source"] == str(source)
-    assert (manifest["schema_version"], manifest["kind"]) == (1, "trainer-dataset")
+    assert (manifest["schema_version"], manifest["kind"], manifest["split_rule"]) == (2, "trainer-dataset",
+                                                                                      "content-md5")
+    assert manifest["ignored"] == {"count": 0, "files": []}  # .DS_Store is hidden, not ignored
+    assert manifest["duplicates"]["groups"] == 0 and manifest["warnings"] == []
     assert (manifest["val_fraction"], manifest["test_fraction"], manifest["split_seed"]) == (0.15, 0.15, 0)
     assert sorted(split_of_files(records)) == sorted(written)
     totals = collections.Counter()
@@ -150,7 +160,7 @@ def test_split_dirs_local(tmp_path):
     check_records(manifest, records)
     assert {split: entry["count"] for split, entry in manifest["splits"].items()} == {
         "train": 6, "val": 6, "test": 6}
-    expected = {path: prepare.SPLIT_FOLDERS[path.split("/")[0]] for path in written}
+    expected = {path: plan.SPLIT_FOLDERS[path.split("/")[0]] for path in written}
     assert split_of_files(records) == expected  # validation/ -> val
     assert manifest["val_fraction"] is None and manifest["skipped"] == []
 
@@ -168,7 +178,9 @@ def test_filename_prefix_local_hash_split_and_mixed_shards(tmp_path):
     manifest, records = read_records(str(output), tmp_path)
     check_records(manifest, records)
     assert manifest["classes"] == ["cat", "dog"]
-    assert split_of_files(records) == {path: prepare.assign_split(path, 0.2, 0.1, 7) for path in written}
+    # Each image's split is a stable hash of its content (schema 2), the same on every run.
+    assert split_of_files(records) == {path: plan.assign_split(md5_of(source / path), 0.2, 0.1, 7)
+                                       for path in written}
     for record in (record for split in records.values() for record in split):
         assert record["text"] == record["filename"].split(".")[0]
     # Examples are spread so that no shard holds a single class.
@@ -228,12 +240,12 @@ def test_rerun_is_identical_and_added_files_keep_their_split(tmp_path):
 
 def test_assign_split_is_a_fixed_function_of_seed_and_path():
     # Fixed values: a change of the hash would silently reshuffle every user's splits.
-    assert prepare.assign_split("cat.1.jpg", 0.15, 0.15, 0) == "test"
-    assert prepare.assign_split("f", 0.15, 0.15, 0) == "val"
-    assert prepare.assign_split("a", 0.15, 0.15, 1) == "val"
-    assert prepare.assign_split("d", 0.15, 0.15, 1) == "test"
-    assert prepare.assign_split("d", 0.15, 0.15, 0) == "train"
-    counts = collections.Counter(prepare.assign_split(f"x/{i}.jpg", 0.2, 0.1) for i in range(4000))
+    assert plan.assign_split("cat.1.jpg", 0.15, 0.15, 0) == "test"
+    assert plan.assign_split("f", 0.15, 0.15, 0) == "val"
+    assert plan.assign_split("a", 0.15, 0.15, 1) == "val"
+    assert plan.assign_split("d", 0.15, 0.15, 1) == "test"
+    assert plan.assign_split("d", 0.15, 0.15, 0) == "train"
+    counts = collections.Counter(plan.assign_split(f"x/{i}.jpg", 0.2, 0.1) for i in range(4000))
     assert abs(counts["val"] / 4000 - 0.2) < 0.03 and abs(counts["test"] / 4000 - 0.1) < 0.03
 
 
@@ -292,12 +304,12 @@ def test_imap_bounded_keeps_a_bounded_window():
 
 
 def test_stratified_shuffle_mixes_every_run_of_four():
-    files = [prepare.SourceFile(f"{label}/{index}", 1, label, "train")
+    files = [plan.SourceFile(f"{label}/{index}", f"/{label}/{index}", 1, label, "train", None)
              for label in ("a", "b") for index in range(50)]
-    ordered = prepare.stratified_shuffle(files, prepare.random.Random(3))
+    ordered = plan.stratified_shuffle(files, random.Random(3))
     assert sorted(ordered) == sorted(files)
     assert all(len({file.label for file in ordered[start:start + 4]}) == 2 for start in range(97))
-    assert ordered == prepare.stratified_shuffle(list(reversed(files)), prepare.random.Random(3))
+    assert ordered == plan.stratified_shuffle(list(reversed(files)), random.Random(3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +323,7 @@ def test_stratified_shuffle_mixes_every_run_of_four():
     (["cat.1.jpg", "dog.2.jpg"], "filename_prefix"),
 ])
 def test_detect_layout(paths, layout):
-    assert prepare.detect_layout(paths) == layout
+    assert plan.detect_layout(paths) == layout
 
 
 @pytest.mark.parametrize("paths", [
@@ -321,7 +333,7 @@ def test_detect_layout(paths, layout):
 ])
 def test_detect_layout_refuses_ambiguous(paths):
     with pytest.raises(UserError, match="cannot tell the layout"):
-        prepare.detect_layout(paths)
+        plan.detect_layout(paths)
 
 
 def test_explicit_layout_skips_files_it_has_no_place_for(tmp_path):
@@ -331,7 +343,8 @@ def test_explicit_layout_skips_files_it_has_no_place_for(tmp_path):
 
     manifest = prepare.prepare_dataset(str(source), str(tmp_path / "data"), layout="class_dirs", workers=1)
 
-    assert manifest["skipped"] == [{"file": "LICENSE.txt", "reason": "not in a class folder"}]
+    assert manifest["skipped"] == []  # not an image by name: ignored, never a class nor a failure
+    assert manifest["ignored"] == {"count": 1, "files": ["LICENSE.txt"]}
 
 
 def _make_error_case(case, tmp_path):
@@ -343,13 +356,15 @@ def _make_error_case(case, tmp_path):
         imagegen.write_images(str(source), "class_dirs", classes=("cats",), per_class=2)
     elif case == "ambiguous layout":
         imagegen.write_images(str(source), "class_dirs", per_class=1)
-        imagegen.write_file(str(source), "notes.txt", b"hello")
-    elif case == "nothing usable":
+        imagegen.write_file(str(source), "stray.jpg", imagegen.image_bytes())
+    elif case == "nothing usable":  # (all in train: the plan has training files for both classes)
         imagegen.write_bad_files(str(source), "cats", kinds=("truncated_jpeg", "not_image"))
         imagegen.write_bad_files(str(source), "dogs", kinds=("empty",))
+        return ["--val_fraction=0", "--test_fraction=0"]
     elif case == "empty class":
         imagegen.write_images(str(source), "class_dirs", classes=("cats",), per_class=3)
         imagegen.write_bad_files(str(source), "dogs", kinds=("truncated_jpeg", "not_image"))
+        return ["--val_fraction=0", "--test_fraction=0"]
     elif case == "existing dataset":
         imagegen.write_images(str(source), "class_dirs", per_class=1)
         storage.write_json(str(tmp_path / "data" / "dataset.json"), {"kind": "trainer-dataset"})

@@ -23,6 +23,8 @@ FLAGS = flags.FLAGS
 
 def define_prepare_flags():
     flags.DEFINE_string("source", None, "Image folder: a local path or URL (gs://bucket/prefix).")
+    flags.DEFINE_string("labels", None, "Instead of --source: a Vertex AI image-classification import file, "
+                        "CSV ([ML_USE,]IMAGE_URI,LABEL) or JSONL, local or gs://.")
     flags.DEFINE_string("output", None, "Where the shards and dataset.json go: local path or URL.")
     flags.DEFINE_enum("layout", "auto", ["auto", *LAYOUTS],
                       "class_dirs: SRC/<class>/*; split_dirs: SRC/{train,val|validation,test}/<class>/*; "
@@ -35,7 +37,10 @@ def define_prepare_flags():
     flags.DEFINE_integer("max_side", None, "Re-encode images whose longer side exceeds this many pixels.")
     flags.DEFINE_bool("overwrite", False, "Replace a dataset already at --output.")
     flags.DEFINE_integer("workers", None, "Parallel decode/encode processes (default: all cores).")
-    flags.mark_flags_as_required(["source", "output"])
+    flags.DEFINE_bool("strict", False, "Suspicious classes (few images, names equal but for case, ...) fail the "
+                      "run instead of a warning.")
+    flags.DEFINE_bool("allow_missing_classes", False, "A class with no training image is a warning, not an error.")
+    flags.mark_flags_as_required(["output"])
 
 
 def run_prepare(argv):
@@ -47,7 +52,8 @@ def run_prepare(argv):
         val_fraction=FLAGS.val_fraction, test_fraction=FLAGS.test_fraction,
         split_seed=FLAGS.split_seed, shard_size_mb=FLAGS.shard_size_mb,
         num_shards=FLAGS.num_shards, max_side=FLAGS.max_side, overwrite=FLAGS.overwrite,
-        workers=FLAGS.workers)
+        workers=FLAGS.workers, labels=FLAGS.labels, strict=FLAGS.strict,
+        allow_missing_classes=FLAGS.allow_missing_classes)
 
 
 def define_train_flags():

@@ -3,11 +3,14 @@
 A dataset is a folder (local or URL) holding shards named `<split>-NNNNN-of-NNNNN.tfrecord` and a
 `dataset.json` manifest, written last (a folder without it is not a dataset):
 
-  {"schema_version": 1, "kind": "trainer-dataset", "tool_version", "created", "source", "layout",
-   "val_fraction", "test_fraction", "split_seed", "max_side", "classes": [names, index order],
+  {"schema_version": 2, "kind": "trainer-dataset", "tool_version", "created", "source", "layout",
+   "split_rule", "val_fraction", "test_fraction", "split_seed", "max_side",
+   "classes": [names, index order],
    "splits": {"train"|"val"|"test": {"count", "class_counts": {name: n},
                                       "shards": [{"file", "records", "bytes"}]}},
-   "image_stats", "skipped": [{"file", "reason"}], "seconds"}
+   "image_stats", "skipped": [{"file", "reason"}], "ignored": {"count", "files"},
+   "duplicates": {"groups", "files", "moved", "conflicts"}, "warnings": [{"kind", "message"}],
+   "seconds"}
 
 Each record is a `tf.train.Example` with the keys below (docs/data.md). This module imports no
 TensorFlow: the command line and `trainer prepare`'s planning use it without loading TensorFlow.
@@ -22,8 +25,9 @@ from trainer.errors import UserError
 
 MANIFEST_NAME = "dataset.json"
 MANIFEST_KIND = "trainer-dataset"
-SCHEMA_VERSION = 1  # what `trainer prepare` writes
-SCHEMA_VERSIONS = (1,)  # what the readers accept
+SCHEMA_VERSION = 2  # what `trainer prepare` writes (2: splits by content, duplicates, ignored, warnings)
+SCHEMA_VERSIONS = (1, 2)  # what the readers accept (they read only fields both have)
+SPLIT_RULE = "content-md5"  # schema 2: an image's split hashes its bytes' MD5 (schema 1: its path)
 
 SPLITS = ("train", "val", "test")
 # Source folder name -> split name (the seed's `validation/` is the `val` split).
@@ -49,7 +53,7 @@ def shard_name(split, index, count):
 
 
 def new_manifest(*, source, layout, val_fraction, test_fraction, split_seed, max_side, classes, splits,
-                 image_stats, skipped, seconds):
+                 image_stats, skipped, ignored, duplicates, warnings, seconds):
     """The manifest `trainer prepare` writes, with this schema's fields in their order."""
     hashed = layout != "split_dirs"
     return {
@@ -59,6 +63,7 @@ def new_manifest(*, source, layout, val_fraction, test_fraction, split_seed, max
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "source": source,
         "layout": layout,
+        "split_rule": SPLIT_RULE,
         # Split folders decide the splits themselves: the fractions played no part.
         "val_fraction": val_fraction if hashed else None,
         "test_fraction": test_fraction if hashed else None,
@@ -68,6 +73,9 @@ def new_manifest(*, source, layout, val_fraction, test_fraction, split_seed, max
         "splits": splits,
         "image_stats": image_stats,
         "skipped": skipped,
+        "ignored": ignored,
+        "duplicates": duplicates,
+        "warnings": warnings,
         "seconds": seconds,
     }
 

@@ -16,12 +16,10 @@ window of images is in flight between the workers and the writer.
 
 import collections
 import contextlib
-import hashlib
 import io
 import math
 import multiprocessing
 import os
-import random
 import sys
 import tempfile
 import time
@@ -32,9 +30,9 @@ import tqdm
 from absl import logging
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from trainer import storage
+from trainer import plan, storage
 from trainer.errors import UserError
-from trainer.manifest import LAYOUTS, MANIFEST_NAME, SPLIT_FOLDERS, SPLITS, new_manifest, shard_name
+from trainer.manifest import MANIFEST_NAME, SPLITS, new_manifest, shard_name
 
 # Pillow's names for files whose bytes TensorFlow's JPEG decoder reads as they are (MPO: the
 # multi-picture JPEG many cameras write; its first frame is a plain JPEG).
@@ -48,54 +46,70 @@ IN_FLIGHT_PER_WORKER = 4
 # Skipped files listed one by one in the closing log (all of them are in dataset.json).
 SKIPPED_LOGGED = 20
 
-SourceFile = collections.namedtuple("SourceFile", ["path", "size", "label", "split"])
-
-
-def prepare_dataset(source, output, layout="auto", val_fraction=0.15, test_fraction=0.15, split_seed=0,
-                    shard_size_mb=100.0, num_shards=None, max_side=None, overwrite=False, workers=None):
-    """Turns a folder of images into sharded TFRecords plus a `dataset.json` manifest.
+def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, test_fraction=0.15, split_seed=0,
+                    shard_size_mb=100.0, num_shards=None, max_side=None, overwrite=False, workers=None,
+                    labels=None, strict=False, allow_missing_classes=False):
+    """Turns a folder of images, or a label file's images, into sharded TFRecords plus `dataset.json`.
 
     Args:
       source: folder of images, a local path or URL (`gs://bucket/prefix`, any fsspec URL).
       output: where the shards and `dataset.json` go, a local path or URL.
       layout: "auto", "class_dirs", "split_dirs" or "filename_prefix".
-      val_fraction: share of images hashed into `val` (layouts without split folders).
-      test_fraction: share of images hashed into `test` (layouts without split folders).
+      val_fraction: share of images hashed into `val` (no split folders, no ML_USE).
+      test_fraction: share of images hashed into `test` (no split folders, no ML_USE).
       split_seed: seed of the split hash and of the shuffle across shards.
       shard_size_mb: target shard size, estimated from the source bytes of each split.
       num_shards: shards per split (overrides shard_size_mb; at most one per image).
       max_side: re-encode images whose longer side exceeds this many pixels (None: never).
       overwrite: replace a dataset already at `output` (only its own files are removed).
       workers: decode/encode processes (default: all cores; 1: in this process).
+      labels: instead of `source`, a Vertex AI CSV or JSONL label file (trainer.labelfile).
+      strict: suspicious classes (trainer.plan.check_classes) are errors, not warnings.
+      allow_missing_classes: a class with no training image is a warning, not an error.
 
     Returns:
       The manifest written to `output/dataset.json`, as a dict.
 
     Raises:
       UserError: bad options, missing source, unknown layout, too few classes, an empty class,
-        nothing usable, or an existing dataset at `output` without `overwrite`.
+        bad label-file rows, nothing usable, or an existing dataset at `output` without `overwrite`.
     """
     started = time.monotonic()
     check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers)
+    if (source is None) == (labels is None):
+        raise UserError("give either --source (a folder of images) or --labels (a Vertex AI CSV/JSONL file)")
     workers = workers or os.cpu_count() or 1
     check_output(output, overwrite)
-    paths = list_source(source, output)
-    layout = resolve_layout([path for path, _ in paths], layout, source)
-    files, skipped = label_files(paths, layout)
-    classes = find_classes(files, source)
-    if layout != "split_dirs":
-        files = [file._replace(split=assign_split(file.path, val_fraction, test_fraction, split_seed))
-                 for file in files]
-    plan = plan_shards(files, split_seed, shard_size_mb, num_shards)
-    _log_plan(source, output, layout, classes, plan, skipped, workers)
+    origin, skipped, ignored, lines = source or labels, [], [], None
+    if labels:
+        from trainer import labelfile
+
+        layout = "labels"
+        rows = labelfile.read_label_file(labels)
+        files, lines = plan.files_from_label_rows(rows), {location: line for line, location, _, _ in rows}
+        logging.info("labels: %d images in %s (%d with their own split)", len(rows), labels,
+                     sum(split is not None for *_, split in rows))
+    else:
+        images, ignored = plan.set_aside_non_images(plan.list_source(source, output))
+        if not images:
+            raise UserError(f"nothing to prepare: no image files in {source} ({len(ignored)} other files)")
+        layout = plan.resolve_layout([entry[0] for entry in images], layout, source)
+        files, skipped = plan.label_files(images, layout, source)
+    classes = plan.find_classes(files, origin)
+    files = plan.add_digests(files, lines=lines, origin=origin)
+    files, duplicates = plan.assign_splits(files, val_fraction, test_fraction, split_seed)
+    warnings = plan.check_classes(files, classes, strict=strict, allow_missing_classes=allow_missing_classes,
+                                  conflicts=duplicates["conflicts"])
+    shards = plan.plan_shards(files, split_seed, shard_size_mb, num_shards)
+    _log_plan(output, layout, classes, shards, skipped, workers)
     if overwrite:
         remove_dataset(output)
 
-    written = write_dataset(source, output, plan, classes, max_side, workers)
+    written = write_dataset(output, shards, classes, max_side, workers)
     undecodable = [{"file": entry["file"], "reason": entry["reason"]} for entry in written["skipped"]]
     skipped = sorted(skipped + undecodable, key=lambda entry: entry["file"])
     try:
-        check_usable(written["splits"], classes, written["skipped"], source)
+        check_usable(written["splits"], classes, written["skipped"], origin, allow_missing_classes)
     except UserError:
         # Leave DST as it was: shards of a dataset that cannot be made are only clutter.
         for split in written["splits"].values():
@@ -104,9 +118,10 @@ def prepare_dataset(source, output, layout="auto", val_fraction=0.15, test_fract
         raise
 
     manifest = new_manifest(
-        source=source, layout=layout, val_fraction=val_fraction, test_fraction=test_fraction,
+        source=origin, layout=layout, val_fraction=val_fraction, test_fraction=test_fraction,
         split_seed=split_seed, max_side=max_side, classes=classes, splits=written["splits"],
-        image_stats=written["image_stats"], skipped=skipped, seconds=round(time.monotonic() - started, 2))
+        image_stats=written["image_stats"], skipped=skipped, ignored=plan.ignored_summary(ignored),
+        duplicates=duplicates, warnings=warnings, seconds=round(time.monotonic() - started, 2))
     storage.write_json(storage.join(output, MANIFEST_NAME), manifest)
     _log_summary(manifest, output)
     return manifest
@@ -125,183 +140,6 @@ def check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_si
     for name, value in (("num_shards", num_shards), ("max_side", max_side), ("workers", workers)):
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
-
-
-def _comparable(location):
-    if storage.is_url(location):
-        return location.rstrip("/"), "/"
-    local = location[len("file://"):] if location.startswith("file://") else location
-    return os.path.abspath(local), os.sep
-
-
-def list_source(source, output):
-    """Lists SRC as sorted `(relative_path, size)`, without hidden files and without DST if inside.
-
-    Raises:
-      UserError: SRC does not exist or is not a folder, or DST is SRC itself.
-    """
-    try:
-        found = storage.list_files(source)
-    except FileNotFoundError:
-        raise UserError(f"source not found (or not a folder): {source}") from None
-    (source_key, separator), (output_key, _) = _comparable(source), _comparable(output)
-    if source_key == output_key:
-        raise UserError("--output must not be the --source folder itself (use a subfolder or elsewhere)")
-    # DST inside SRC (e.g. SRC/tfrecords): its shards from an earlier run are not images to prepare.
-    inside = None
-    if output_key.startswith(source_key + separator):
-        inside = output_key[len(source_key) + 1:].replace(os.sep, "/") + "/"
-    visible = [(path, size) for path, size in found
-               if not any(part.startswith(".") for part in path.split("/"))
-               and not (inside and path.startswith(inside))]
-    hidden = len(found) - len(visible)
-    logging.info("source %s: %d files%s", source, len(visible),
-                 f" (ignored {hidden} hidden or inside --output)" if hidden else "")
-    if not visible:
-        raise UserError(f"nothing to prepare: no files in {source}")
-    return visible
-
-
-def detect_layout(paths, source="the source"):
-    """Tells the layout from the relative paths alone; raises UserError when it is ambiguous.
-
-    filename_prefix: only files at the top. split_dirs: only folders named train/val/validation/test,
-    with files two levels down. class_dirs: only folders, none of them named like a split.
-    """
-    hint = "pass --layout=class_dirs, split_dirs or filename_prefix"
-    top_files = [path for path in paths if "/" not in path]
-    top_folders = sorted({path.split("/", 1)[0] for path in paths if "/" in path})
-    if top_files and top_folders:
-        raise UserError(f"cannot tell the layout of {source}: it has both files ({top_files[0]}) and "
-                        f"folders ({top_folders[0]}/) at the top; {hint}")
-    if top_files:
-        return "filename_prefix"
-    split_folders = [folder for folder in top_folders if folder in SPLIT_FOLDERS]
-    if not split_folders:
-        return "class_dirs"
-    if len(split_folders) < len(top_folders):
-        other = next(folder for folder in top_folders if folder not in SPLIT_FOLDERS)
-        raise UserError(f"cannot tell the layout of {source}: it has split folders ({split_folders[0]}/) "
-                        f"and other folders ({other}/) at the top; {hint}")
-    shallow = [path for path in paths if path.count("/") < 2]
-    if shallow:
-        raise UserError(f"cannot tell the layout of {source}: split folders without class folders "
-                        f"inside ({shallow[0]}); {hint}")
-    return "split_dirs"
-
-
-def resolve_layout(paths, layout, source):
-    """The layout to use: `layout` itself, or the detected one for "auto" (logged either way)."""
-    if layout == "auto":
-        layout = detect_layout(paths, source)
-        logging.info("layout: %s (detected)", layout)
-        return layout
-    if layout not in LAYOUTS:
-        raise UserError(f"unknown layout {layout!r}; choose auto, {', '.join(LAYOUTS)}")
-    logging.info("layout: %s", layout)
-    return layout
-
-
-def label_files(paths, layout):
-    """Gives each file its class (and split, for split_dirs).
-
-    Returns:
-      `(files, skipped)`: SourceFile tuples (split None unless the layout has split folders) and
-      `{"file", "reason"}` entries for files the layout has no place for.
-    """
-    files, skipped = [], []
-    for path, size in paths:
-        parts = path.split("/")
-        label, split, reason = None, None, None
-        if layout == "class_dirs":
-            if len(parts) < 2:
-                reason = "not in a class folder"
-            else:
-                label = parts[0]
-        elif layout == "split_dirs":
-            if parts[0] not in SPLIT_FOLDERS:
-                reason = "not under train/, val/, validation/ or test/"
-            elif len(parts) < 3:
-                reason = "not in a class folder"
-            else:
-                label, split = parts[1], SPLIT_FOLDERS[parts[0]]
-        else:  # filename_prefix: the class is the name before its first dot, at any depth
-            prefix, dot, _ = parts[-1].partition(".")
-            if dot and prefix:
-                label = prefix
-            else:
-                reason = "no class prefix in the name (expected <class>.<anything>)"
-        if reason:
-            skipped.append({"file": path, "reason": reason})
-        else:
-            files.append(SourceFile(path, size, label, split))
-    return files, skipped
-
-
-def find_classes(files, source):
-    """Sorted class names (index -> name); raises UserError for fewer than two."""
-    classes = sorted({file.label for file in files})
-    if not classes:
-        raise UserError(f"nothing to prepare: no file in {source} fits the layout")
-    if len(classes) == 1:
-        raise UserError(f"only one class ({classes[0]!r}) in {source}: a classifier needs at least two")
-    return classes
-
-
-def assign_split(path, val_fraction, test_fraction, seed=0):
-    """The split of one file, from a stable hash of `seed` and its relative path.
-
-    sha256 is the same on every machine and Python (unlike `hash()`), and each file's split
-    depends on its own path only: adding or removing files never moves another file.
-    """
-    digest = hashlib.sha256(f"{seed}:{path}".encode()).digest()
-    point = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
-    if point < test_fraction:
-        return "test"
-    if point < test_fraction + val_fraction:
-        return "val"
-    return "train"
-
-
-def stratified_shuffle(files, rng):
-    """A seeded shuffle that spreads every class evenly along the list.
-
-    Each class is shuffled, then its i-th file gets the position (i + jitter) / class size; sorting
-    by position interleaves the classes in proportion. Any run of consecutive files (a shard)
-    therefore holds each class in about its overall share: with two equal classes, every run of 4
-    holds both. A plain shuffle only makes that likely.
-    """
-    by_class = collections.defaultdict(list)
-    for file in sorted(files):
-        by_class[file.label].append(file)
-    positioned = []
-    for label in sorted(by_class):
-        members = by_class[label]
-        rng.shuffle(members)
-        positioned += [((index + rng.random()) / len(members), file.path, file)
-                       for index, file in enumerate(members)]
-    positioned.sort(key=lambda item: item[:2])
-    return [file for _, _, file in positioned]
-
-
-def count_shards(total_bytes, count, shard_size_mb, num_shards=None):
-    """Shards for a split: `num_shards`, or source bytes / shard size; at least 1, at most `count`."""
-    if count == 0:
-        return 0
-    wanted = num_shards or math.ceil(total_bytes / (shard_size_mb * 2**20))
-    return max(1, min(wanted, count))
-
-
-def plan_shards(files, seed, shard_size_mb, num_shards=None):
-    """Splits -> shards -> files: the shuffled files of each split cut into consecutive pieces."""
-    plan = {}
-    for split in SPLITS:
-        members = stratified_shuffle([file for file in files if file.split == split],
-                                     random.Random(f"{seed}:{split}"))
-        count = count_shards(sum(file.size for file in members), len(members), shard_size_mb, num_shards)
-        plan[split] = [members[index * len(members) // count:(index + 1) * len(members) // count]
-                       for index in range(count)]
-    return plan
 
 
 def check_output(output, overwrite):
@@ -538,7 +376,7 @@ class SizeStats:
         return result
 
 
-def write_dataset(source, output, plan, classes, max_side, workers):
+def write_dataset(output, shards, classes, max_side, workers):
     """Decodes every planned file in parallel and writes the shards one at a time, in order.
 
     Returns:
@@ -547,8 +385,8 @@ def write_dataset(source, output, plan, classes, max_side, workers):
     """
     label_of = {name: index for index, name in enumerate(classes)}
     order = [(split, index, file) for split in SPLITS
-             for index, shard in enumerate(plan[split]) for file in shard]
-    tasks = ((storage.join(source, *file.path.split("/")), max_side) for _, _, file in order)
+             for index, shard in enumerate(shards[split]) for file in shard]
+    tasks = ((file.location, max_side) for _, _, file in order)
     splits = {split: {"count": 0, "class_counts": dict.fromkeys(classes, 0), "shards": []}
               for split in SPLITS}
     stats, skipped = SizeStats(), []
@@ -562,7 +400,7 @@ def write_dataset(source, output, plan, classes, max_side, workers):
             if (split, index) != current:
                 if writer:
                     splits[current[0]]["shards"].append(writer.close())
-                writer = ShardWriter(output, shard_name(split, index, len(plan[split])), temp_dir)
+                writer = ShardWriter(output, shard_name(split, index, len(shards[split])), temp_dir)
                 current = (split, index)
             progress.update()
             if "skip" in result:
@@ -584,14 +422,16 @@ def _describe_reasons(skipped):
     return ", ".join(f"{count} {reason}" for reason, count in counts.most_common(3))
 
 
-def check_usable(splits, classes, skipped, source):
-    """Raises UserError when no image, or no image of some class, survived decoding.
+def check_usable(splits, classes, skipped, source, allow_missing_classes=False):
+    """Raises UserError when no image, or no image of some class, survived decoding, or (unless
+    `allow_missing_classes`) no training image of some class did.
 
     Args:
       splits: the manifest's per-split entries.
       classes: the class names.
       skipped: `{"file", "reason", "class"}` of every file that did not decode.
       source: SRC, for the message.
+      allow_missing_classes: a class may lack training images.
     """
     totals = {name: sum(split["class_counts"][name] for split in splits.values()) for name in classes}
     if not any(totals.values()):
@@ -602,6 +442,10 @@ def check_usable(splits, classes, skipped, source):
         lost = [entry for entry in skipped if entry["class"] == empty[0]]
         raise UserError(f"class {empty[0]!r} has no usable image: its {len(lost)} files were skipped "
                         f"({_describe_reasons(lost)})")
+    untrained = [name for name in classes if not splits["train"]["class_counts"][name]]
+    if untrained and not allow_missing_classes:
+        raise UserError(f"class {untrained[0]!r} has no training image left after skipping the files that do not "
+                        "decode; add training images, or pass --allow_missing_classes")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,13 +456,13 @@ def _megabytes(count):
     return f"{count / 2**20:.1f} MB"
 
 
-def _log_plan(source, output, layout, classes, plan, skipped, workers):
+def _log_plan(output, layout, classes, shards, skipped, workers):
     logging.info("classes (%d): %s", len(classes), ", ".join(classes))
     for split in SPLITS:
-        files = sum(len(shard) for shard in plan[split])
-        size = sum(file.size for shard in plan[split] for file in shard)
+        files = sum(len(shard) for shard in shards[split])
+        size = sum(file.size for shard in shards[split] for file in shard)
         logging.info("%s: %d files, %s of source, %d shards", split, files, _megabytes(size),
-                     len(plan[split]))
+                     len(shards[split]))
     if skipped:
         logging.info("%d files do not fit the %s layout and are skipped", len(skipped), layout)
     logging.info("decoding with %d worker process%s; writing to %s", workers,

@@ -14,6 +14,7 @@ only where it adds something:
     google-cloud-storage (one client per process), an exclusive lock on the folder locally.
 """
 
+import base64
 import contextlib
 import fcntl
 import functools
@@ -131,24 +132,46 @@ def makedirs(location):
             os.makedirs(_local(location), exist_ok=True)
 
 
-def list_files(location):
+def list_files(location, with_md5=False):
     """Every file under `location`, recursively, as sorted `(relative_path, size)` pairs.
 
-    Relative paths always use `/`. Raises FileNotFoundError when `location` does not exist.
+    With `with_md5`, triples `(relative_path, size, md5)`: the base64 MD5 the store's listing
+    reports (GCS's md5Hash), or None where it reports none (local files, composite objects; see
+    `md5_and_size`). Relative paths always use `/`. Raises FileNotFoundError when `location` does
+    not exist.
     """
     with _translate_errors(location):
         if not is_url(location):
-            return _list_local_files(_local(location))
+            files = _list_local_files(_local(location))
+            return [(name, size, None) for name, size in files] if with_md5 else files
         filesystem, path = _filesystem(location)
         path = path.rstrip("/")
         if not filesystem.isdir(path):
             raise FileNotFoundError(location)
         found = filesystem.find(path, detail=True)
-        return sorted(
-            (posixpath.relpath(name, path), int(info.get("size") or 0))
+        files = sorted(
+            (posixpath.relpath(name, path), int(info.get("size") or 0), info.get("md5Hash"))
             for name, info in found.items()
             if info.get("type") != "directory" and not name.endswith("/")
         )
+        return files if with_md5 else [(name, size) for name, size, _ in files]
+
+
+def md5_and_size(location):
+    """`(base64 MD5 of the content, size)` of one file: from GCS's metadata when it has one,
+    else by reading the file. Raises FileNotFoundError when it does not exist."""
+    with _translate_errors(location):
+        filesystem, path = _filesystem(location)
+        if is_gcs(location):
+            info = filesystem.info(path)
+            if info.get("md5Hash"):
+                return info["md5Hash"], int(info.get("size") or 0)
+        digest, size = hashlib.md5(), 0  # noqa: S324 - a content id for finding copies, not security
+        with open_file(location, "rb", block_size=COPY_BLOCK_BYTES) as handle:
+            while chunk := handle.read(2**20):
+                digest.update(chunk)
+                size += len(chunk)
+        return base64.b64encode(digest.digest()).decode(), size
 
 
 def _list_local_files(root):
