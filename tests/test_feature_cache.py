@@ -45,3 +45,16 @@ def test_cache_is_committed_to_job_dir_and_reused(manifest_url, tmp_path):
     other = model.build_model("tiny", 2, 32, weights=None, dense_units=16)
     second = extract(other, job, manifest_url, count, str(tmp_path / "node2"))
     np.testing.assert_array_equal(np.load(first[0]), np.load(second[0]))
+
+
+def test_in_memory_and_memory_mapped_parts_read_the_same_batches(manifest_url, tmp_path):
+    job, classifier, count = tiny_setup(manifest_url, tmp_path)
+    paths = extract(classifier, job, manifest_url, count, str(tmp_path / "scratch"))
+    for training in (False, True):
+        batches = []
+        for limit in (featurecache.IN_MEMORY_BYTES, 0):  # 0: every part is read memory-mapped
+            dataset = featurecache.cached_dataset(paths, batch_size=4, training=training, seed=3, in_memory_bytes=limit)
+            batches.append([(x.numpy(), y.numpy()) for x, y in dataset.take(6)])
+        for (x_memory, y_memory), (x_mapped, y_mapped) in zip(*batches, strict=True):
+            np.testing.assert_array_equal(x_memory, x_mapped)
+            np.testing.assert_array_equal(y_memory, y_mapped)

@@ -116,7 +116,11 @@ class EpochRecorder(keras.callbacks.Callback):
         super().__init__()
         self.run, self.phase, self.tensorboard_dir = run, phase, tensorboard_dir
 
+    def on_train_end(self, logs=None):
+        logging.info("phase %s: training loop ended", self.phase)
+
     def on_epoch_end(self, epoch, logs=None):
+        logging.info("phase %s: epoch %d done", self.phase, epoch + 1)
         if not self.run.is_chief:
             return
         history = self.run.history
