@@ -11,8 +11,8 @@ job_dir/features/<split>/part-<worker>-of-<workers>/ (files, then COMPLETE), so 
 reuses its committed part instead of recomputing it; these are the only files a non-chief worker
 writes. The head then trains under the same strategy, every worker reading its own part.
 
-The forward pass runs on this worker's own devices only (no collective ops): workers extract at
-their own pace and meet again in the head phase's first step.
+The forward pass runs on this worker's own replicas only, in replica context (no collective ops):
+workers extract at their own pace and meet again in the head phase's first step.
 """
 
 import os
@@ -56,22 +56,26 @@ def use_feature_cache(mode, augment, epochs):
     return True
 
 
-def make_forward(base, devices):
-    """A tf.function: a batch (its size a multiple of len(devices)) through the base, split over
-    this worker's devices and run in parallel; the outputs in the batch's order."""
+def make_forward(base, strategy):
+    """A tf.function: a batch (its size a multiple of this worker's replicas) through the base,
+    split over this worker's replicas and run in replica context, where every variable read is
+    local: in cross-replica context, reading a BatchNorm statistic (a sync-on-read variable) would
+    all-reduce it across workers, once per batch, and workers with different numbers of batches
+    would mismatch. Outputs come back in the batch's order; no collective op runs."""
+    local_replicas = len(strategy.extended.worker_devices)  # this worker's replicas
 
     @tf.function
     def forward(images):
-        outputs = []
-        for device, chunk in zip(devices, tf.split(images, len(devices)), strict=True):
-            with tf.device(device):
-                outputs.append(base(chunk, training=False))
-        return tf.concat(outputs, axis=0)
+        chunks = tf.split(images, local_replicas)
+        values = strategy.experimental_distribute_values_from_function(
+            lambda context: chunks[context.replica_id_in_sync_group % local_replicas])
+        outputs = strategy.run(lambda chunk: base(chunk, training=False), args=(values,))
+        return tf.concat(strategy.experimental_local_results(outputs), axis=0)
 
-    return forward
+    return forward, local_replicas
 
 
-def extract_features(base, job, dataset_args, split, scratch, devices=None, worker=0, workers=1, damage=None):
+def extract_features(base, job, dataset_args, split, scratch, strategy=None, worker=0, workers=1, damage=None):
     """Runs the frozen base once over this worker's part of a split; returns local .npy paths.
 
     Args:
@@ -81,7 +85,8 @@ def extract_features(base, job, dataset_args, split, scratch, devices=None, work
         skip_corrupt_shards).
       split: the split to extract.
       scratch: local folder for the .npy files.
-      devices: this worker's devices to split each batch over (default: the current device).
+      strategy: the strategy the base was built under (default: the current one); each batch is
+        split over this worker's replicas.
       worker, workers: this worker's index and the number of workers (each extracts its part).
       damage: the run's `records.DamageReport`; records it skips are not expected.
 
@@ -100,12 +105,11 @@ def extract_features(base, job, dataset_args, split, scratch, devices=None, work
         logging.info("feature cache: worker %d of %d: %s: reusing %d examples in %s", worker, workers, split,
                      len(np.load(paths[1])), remote)
         return paths
-    devices = list(devices or [None])
+    forward, local_replicas = make_forward(base, strategy or tf.distribute.get_strategy())
     skipped_before = _skipped_records(damage)
     context = tf.distribute.InputContext(num_input_pipelines=workers, input_pipeline_id=worker) if workers > 1 else None
     dataset = data.make_dataset(split=split, training=False, input_context=context, damage=damage, **dataset_args)
     count = data.count_for_pipeline(dataset_args["manifest_url"], split, context)
-    forward = make_forward(base, devices)
     features = np.lib.format.open_memmap(paths[0], mode="w+", dtype=np.float32,
                                          shape=(count, *base.output_shape[1:]))
     labels = np.zeros([count], np.int32)
@@ -115,9 +119,9 @@ def extract_features(base, job, dataset_args, split, scratch, devices=None, work
                          mininterval=1 if sys.stderr.isatty() else 30)
     for images, batch_labels in dataset:
         size = len(batch_labels)
-        # A batch smaller than a multiple of the devices would leave a device an uneven or empty
-        # part (some kernels reject empty batches): pad it, and drop the padding's outputs.
-        missing = -size % len(devices)
+        # A batch not a multiple of the replicas would leave a replica an uneven or empty part
+        # (some kernels reject empty batches): pad it, and drop the padding's outputs.
+        missing = -size % local_replicas
         padded = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]]) if missing else images
         features[done:done + size] = forward(padded).numpy()[:size]
         labels[done:done + size] = batch_labels.numpy()

@@ -184,10 +184,12 @@ def fit_phase(run, model, phase, epochs, train_data, val_data, steps, val_steps=
     backup = SyncedBackupAndRestore(local_backup, run.job, phase, run.config.backup_every_steps, run.is_chief)
     run.active_backups.append(backup)
     tensorboard_dir = os.path.join(run.scratch, "tensorboard")
+    # The epoch's history before its backup: a kill between the two then repeats the epoch (its
+    # record is rewritten), where the other order would lose the epoch's record for good.
     callbacks = [
-        backup,
-        keras.callbacks.TensorBoard(os.path.join(tensorboard_dir, phase), update_freq="epoch"),
         EpochRecorder(run, phase, tensorboard_dir),
+        keras.callbacks.TensorBoard(os.path.join(tensorboard_dir, phase), update_freq="epoch"),
+        backup,
     ]
     model.fit(train_data, epochs=epochs, steps_per_epoch=steps, validation_data=val_data,
               validation_steps=val_steps, callbacks=callbacks, verbose=2)
@@ -218,7 +220,7 @@ def fit_head_on_cached_features(run, model, dataset_manifest, steps):
 
     def extract(split):
         return featurecache.extract_features(base, run.job, dataset_args, split, run.scratch,
-                                             devices=run.strategy.extended.worker_devices, worker=worker,
+                                             strategy=run.strategy, worker=worker,
                                              workers=workers, damage=run.damage)
 
     def per_worker(paths, training):
