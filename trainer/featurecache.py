@@ -62,7 +62,10 @@ def make_forward(base, strategy):
     local: in cross-replica context, reading a BatchNorm statistic (a sync-on-read variable) would
     all-reduce it across workers, once per batch, and workers with different numbers of batches
     would mismatch. Outputs come back in the batch's order; no collective op runs."""
-    local_replicas = len(strategy.extended.worker_devices)  # this worker's replicas
+    try:
+        local_replicas = len(strategy.extended.worker_devices)  # this worker's replicas
+    except RuntimeError:  # the default (no) strategy: one replica, the current device
+        local_replicas = 1
 
     @tf.function
     def forward(images):
