@@ -87,13 +87,18 @@ def _parse_csv(text):
         else:
             problems.append(f"line {line}: {len(fields)} fields, expected [ML_USE,]IMAGE_URI,LABEL")
             continue
-        if not uri:
-            problems.append(f"line {line}: no image URI")
-        elif not label:
-            problems.append(f"line {line}: empty label for {uri}")
-        else:
-            rows.append((line, uri, label, split))
+        _add_row(rows, problems, line, uri, label, split, "image URI", "label")
     return rows, problems
+
+
+def _add_row(rows, problems, line, uri, label, split, uri_field, label_field):
+    """Appends the row, or the problem with it (no URI, an empty label)."""
+    if not uri:
+        problems.append(f"line {line}: no {uri_field}")
+    elif not label:
+        problems.append(f"line {line}: empty {label_field} for {uri}")
+    else:
+        rows.append((line, uri, label, split))
 
 
 def _parse_jsonl(text):
@@ -120,12 +125,8 @@ def _parse_jsonl(text):
         split, problem = (None, None) if ml_use is None else _split_of(str(ml_use), line)
         if problem:
             problems.append(problem)
-        elif not uri:
-            problems.append(f"line {line}: no imageGcsUri")
-        elif not label:
-            problems.append(f"line {line}: empty classificationAnnotation.displayName for {uri}")
         else:
-            rows.append((line, uri, label, split))
+            _add_row(rows, problems, line, uri, label, split, "imageGcsUri", "classificationAnnotation.displayName")
     return rows, problems
 
 
