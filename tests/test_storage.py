@@ -40,3 +40,12 @@ def test_write_if_absent_has_exactly_one_winner_and_leaves_no_lock_file(tmp_path
         thread.join()
     assert sorted(results) == [False] * 7 + [True]
     assert os.listdir(tmp_path / "v1") == ["CLAIM"]
+
+
+def test_a_tilde_means_home_in_every_local_path(tmp_path, monkeypatch):
+    """`--source=~/photos` reaches the trainer with its `~` (no shell expands it after `=`)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    storage.write_text("~/photos/cats/a.txt", "x")
+    assert (tmp_path / "photos" / "cats" / "a.txt").read_text() == "x"
+    assert storage.list_files("~/photos") == [("cats/a.txt", 1)]
+    assert storage.exists("~/photos/cats/a.txt") and storage.read_text("~/photos/cats/a.txt") == "x"

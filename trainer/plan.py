@@ -63,7 +63,7 @@ def _comparable(location):
     if storage.is_url(location):
         return location.rstrip("/"), "/"
     local = location[len("file://"):] if location.startswith("file://") else location
-    return os.path.abspath(local), os.sep
+    return os.path.abspath(os.path.expanduser(local)), os.sep
 
 
 def list_source(source, output):

@@ -62,7 +62,9 @@ def tensorflow_can_read(location):
 
 
 def _local(location):
-    return location[len("file://"):] if location.startswith("file://") else location
+    """A local path as the OS takes it: `file://` dropped, and `~` expanded (a shell leaves the `~`
+    of `--source=~/photos` as it is)."""
+    return os.path.expanduser(location[len("file://"):] if location.startswith("file://") else location)
 
 
 def join(base, *parts):
