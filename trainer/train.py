@@ -85,9 +85,10 @@ class SyncedBackupAndRestore(keras.callbacks.BackupAndRestore):
     bad-input code); a restart resumes at that exact step.
     """
 
-    def __init__(self, local_dir, job, phase, save_freq, is_chief):
+    def __init__(self, local_dir, job, phase, save_freq, is_chief, steps_per_epoch):
         super().__init__(backup_dir=local_dir, save_freq=save_freq, delete_checkpoint=False)
         self.local_dir, self.job, self.phase, self.is_chief = local_dir, job, phase, is_chief
+        self.steps_per_epoch = steps_per_epoch
         self.stop_requested = None  # (time.time() of the request, a key of STOPS)
 
     def _backup(self, epoch, batch=0):
@@ -97,6 +98,16 @@ class SyncedBackupAndRestore(keras.callbacks.BackupAndRestore):
             self.job.commit_backup(self.phase, os.path.join(self.local_dir, "chief"))
 
     def on_train_batch_end(self, batch, logs=None):
+        if batch + 1 == self.steps_per_epoch and self.stop_requested is None:
+            # Not after the epoch's last step but at its end, once its history is written
+            # (`on_epoch_end`): a backup of the last step resumes in the next epoch, so a kill
+            # before the history was written would lose the epoch's record.
+            save_freq, self.save_freq = self.save_freq, False
+            try:
+                super().on_train_batch_end(batch, logs)
+            finally:
+                self.save_freq = save_freq
+            return
         super().on_train_batch_end(batch, logs)
         if self.stop_requested is not None:
             self._backup(epoch=self._current_epoch, batch=batch)
@@ -107,6 +118,12 @@ class SyncedBackupAndRestore(keras.callbacks.BackupAndRestore):
             if reason == "SIGTERM":
                 print(f"preemption backup committed {elapsed:.1f} s after SIGTERM", flush=True)
             raise STOPS[reason]()
+
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        self._batches_count = 0
+        self._backup(epoch=epoch, batch=self.steps_per_epoch - 1)
 
 
 class EpochRecorder(keras.callbacks.Callback):
@@ -181,7 +198,8 @@ def fit_phase(run, model, phase, epochs, train_data, val_data, steps, val_steps=
     local_backup = os.path.join(run.scratch, "backup", phase)
     if run.job.restore_backup(phase, os.path.join(local_backup, "chief")):
         logging.info("phase %s: resuming from the backup in %s", phase, run.job.backup_url(phase))
-    backup = SyncedBackupAndRestore(local_backup, run.job, phase, run.config.backup_every_steps, run.is_chief)
+    backup = SyncedBackupAndRestore(local_backup, run.job, phase, run.config.backup_every_steps, run.is_chief,
+                                    steps)
     run.active_backups.append(backup)
     tensorboard_dir = os.path.join(run.scratch, "tensorboard")
     # The epoch's history before its backup: a kill between the two then repeats the epoch (its
