@@ -95,3 +95,12 @@ def test_help_and_flag_errors_answer_without_tensorflow(command):
         assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"trainer {command}: error:") or \
         result.stderr.strip().splitlines()[-1].startswith("error:"), result.stderr
+
+
+def test_changed_settings_names_run_defining_fields_only():
+    recorded = {**config.TrainConfig(data="d", job_dir="j").to_dict(), "plan": {}}
+    changed = config.TrainConfig(data="d", job_dir="elsewhere", learning_rate=0.5, backup_every_steps=7,
+                                 cpu_replicas=2)
+    assert changed.changed_settings(recorded) == ["--learning_rate=1e-05 (now: 0.5)"]
+    del recorded["dropout"]  # an older config.json without the field: not compared
+    assert config.TrainConfig(data="d", job_dir="j", dropout=0.1).changed_settings(recorded) == []

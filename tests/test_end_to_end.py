@@ -31,12 +31,13 @@ def trained_job(tmp_path_factory, gcs_server):
     data, job = f"{bucket}/data", f"{bucket}/job"
     run_trainer("prepare", f"--source={images}", f"--output={data}", "--num_shards=2", "--workers=2",
                 check=True)
-    train = run_trainer(
+    train_args = [
         "train", f"--data={data}/dataset.json", f"--job_dir={job}", "--backbone=tiny", "--weights=none",
         "--image_size=32", "--batch_size=16", "--epochs=2", "--learning_rate=3e-3", "--dense_units=32",
         "--dropout=0.1", "--fine_tune_epochs=2", "--fine_tune_from=block1_conv1",
-        "--fine_tune_learning_rate=1e-3", "--cpu_replicas=2", "--backup_every_steps=3", check=True)
-    return {"local": local, "images": images, "data": data, "job": job, "train": train}
+        "--fine_tune_learning_rate=1e-3", "--cpu_replicas=2", "--backup_every_steps=3"]
+    train = run_trainer(*train_args, check=True)
+    return {"local": local, "images": images, "data": data, "job": job, "train": train, "train_args": train_args}
 
 
 def test_train_logs_the_derived_plan(trained_job):
@@ -48,7 +49,8 @@ def test_train_logs_the_derived_plan(trained_job):
 def test_job_dir_holds_config_history_tensorboard_and_model(trained_job):
     job = trained_job["job"]
     config = storage.read_json(f"{job}/config.json")
-    assert config["replicas"] == 2 and config["per_replica_batch"] == 8
+    assert config["plan"]["replicas"] == 2 and config["plan"]["per_replica_batch"] == 8
+    assert config["dataset"]["url"] == f"{trained_job['data']}/dataset.json" and config["learning_rate"] == 3e-3
     history = storage.read_json(f"{job}/history.json")
     phases = {phase["name"]: phase["epochs"] for phase in history["phases"]}
     assert [e["epoch"] for e in phases["head"]] == [1, 2]
@@ -61,11 +63,15 @@ def test_job_dir_holds_config_history_tensorboard_and_model(trained_job):
 
 
 def test_rerun_of_a_finished_job_exits_zero_at_once(trained_job):
-    again = run_trainer("train", f"--data={trained_job['data']}/dataset.json", f"--job_dir={trained_job['job']}",
-                        "--backbone=tiny", "--weights=none", "--image_size=32", "--batch_size=16",
-                        "--cpu_replicas=2")
+    again = run_trainer(*trained_job["train_args"])
     assert again.returncode == 0, again.stderr[-2000:]
     assert "already complete" in again.stdout
+
+
+def test_rerun_of_a_finished_job_with_another_learning_rate_is_refused(trained_job):
+    again = run_trainer(*trained_job["train_args"], "--learning_rate=0.1")
+    assert again.returncode == 1
+    assert "--learning_rate=0.003 (now: 0.1)" in again.stderr.strip().splitlines()[-1]
 
 
 def test_evaluate_counts_every_test_example(trained_job):

@@ -4,7 +4,10 @@ import os
 import stat
 import threading
 
+import pytest
+
 from trainer import storage
+from trainer.errors import UserError
 
 
 def test_written_files_follow_the_umask(tmp_path):
@@ -49,3 +52,14 @@ def test_a_tilde_means_home_in_every_local_path(tmp_path, monkeypatch):
     assert (tmp_path / "photos" / "cats" / "a.txt").read_text() == "x"
     assert storage.list_files("~/photos") == [("cats/a.txt", 1)]
     assert storage.exists("~/photos/cats/a.txt") and storage.read_text("~/photos/cats/a.txt") == "x"
+
+
+def test_check_writable_refuses_a_path_under_a_file_and_a_missing_bucket(tmp_path, gcs_server):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        storage.check_writable(str(tmp_path / "a-file" / "out" / "dataset.json"))
+    storage.check_writable(str(tmp_path / "a-file"))  # an existing file is replaced: fine
+    storage.check_writable(str(tmp_path / "new" / "deeper"))  # folders are made as needed
+    with pytest.raises(UserError, match="bucket gs://no-such-bucket-here does not exist"):
+        storage.check_writable("gs://no-such-bucket-here/run")
+

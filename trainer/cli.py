@@ -8,6 +8,7 @@ one line on stderr and an exit code from `trainer.errors`; presets are absl flag
 
 import logging as std_logging
 import os
+import signal
 import sys
 
 # Before TensorFlow is imported anywhere: keep its C++ INFO lines out of the user's terminal.
@@ -178,22 +179,7 @@ def _run_safely(run):
     return main
 
 
-def _exit(code, message=None):
-    """Prints the one-line reason (if any) and ends the process at once.
-
-    With live tf.data iterators (the repeating training input, a failed pipeline), normal
-    interpreter shutdown can deadlock: destroying an iterator waits for its threads while one of
-    them waits for the GIL to run a py_function. Every output is written and closed by now, so
-    nothing is lost by skipping the shutdown.
-    """
-    if message:
-        sys.stderr.write(message + "\n")
-    if "tensorflow" not in sys.modules:
-        sys.exit(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    std_logging.shutdown()
-    os._exit(code)
+_exit = errors.exit_process
 
 
 def _from_data_pipeline(error):
@@ -225,7 +211,20 @@ def main(argv=None):
     logging.set_verbosity(logging.INFO)
     # Our INFO lines, not TensorFlow's (it logs every cross-device reduction at INFO).
     std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+    if name != "train":  # train backs up first (trainer.train.install_stop_handlers)
+        signal.signal(signal.SIGTERM, _interrupted)
+        errors.exit_after_signal(signal.SIGTERM, SIGTERM_EXIT_SECONDS, errors.EXIT_RETRYABLE,
+                                 "interrupted (SIGTERM); rerun to go on")
     app.run(_run_safely(run), argv=[program, *rest], flags_parser=_parse_flags)
+
+
+SIGTERM_EXIT_SECONDS = 25  # below the manifests' terminationGracePeriodSeconds (30)
+
+
+def _interrupted(signum, frame):
+    """SIGTERM: stop with exit 75 (files are written whole or not at all); within
+    SIGTERM_EXIT_SECONDS even when the main thread is stuck (`errors.exit_after_signal`)."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 
 
-def _field(default, help, choices=None):  # noqa: A002 - `help` as in absl and argparse
-    metadata = {"help": help, "choices": tuple(choices) if choices else None}
+def _field(default, help, choices=None, defines_run=True):  # noqa: A002 - `help` as in absl and argparse
+    """A config field. `defines_run=False` marks settings a resumed run may change (they change how
+    the run goes, not what it computes); the others must stay as the run's config.json records."""
+    metadata = {"help": help, "choices": tuple(choices) if choices else None, "defines_run": defines_run}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -41,7 +43,7 @@ class TrainConfig:
 
     data: str = _field(None, "URL of the dataset.json written by `trainer prepare`.")
     job_dir: str = _field(None, "Where everything of this run goes (local or URL); rerunning with the same "
-                          "job_dir resumes. On Vertex AI it defaults to AIP_CHECKPOINT_DIR.")
+                          "job_dir resumes. On Vertex AI it defaults to AIP_CHECKPOINT_DIR.", defines_run=False)
     backbone: str = _field("vgg16", "Pretrained base ('tiny': tests and demo only).", BACKBONES)
     weights: str = _field("imagenet", "imagenet | none | path or URL of a Keras weights file.")
     image_size: int = _field(150, "Images are resized to image_size x image_size.")
@@ -57,25 +59,32 @@ class TrainConfig:
                                  "(BatchNorm stays frozen).")
     fine_tune_learning_rate: float = _field(1e-5, "Adam learning rate of the second phase.")
     strategy: str = _field("auto", "auto: multi_worker when the cluster environment says so, else mirrored.",
-                           STRATEGIES)
-    cpu_replicas: int = _field(0, "With no GPU: split the CPU into this many replicas.")
-    num_workers: int | None = _field(None, "Workers of a multi-node job (default: from the environment).")
-    worker_port: int = _field(12345, "Port the workers talk on (multi-node jobs).")
-    backup_every_steps: int = _field(100, "Steps between preemption backups (and every epoch end).")
+                           STRATEGIES, defines_run=False)
+    cpu_replicas: int = _field(0, "With no GPU: split the CPU into this many replicas.", defines_run=False)
+    num_workers: int | None = _field(None, "Workers of a multi-node job (default: from the environment).",
+                                     defines_run=False)
+    worker_port: int = _field(12345, "Port the workers talk on (multi-node jobs).", defines_run=False)
+    backup_every_steps: int = _field(100, "Steps between preemption backups (and every epoch end).",
+                                     defines_run=False)
     peer_timeout_seconds: int = _field(300, "Multi-worker: give up (exit 75, retryable) when a peer worker "
-                                       "has not answered for this long.")
+                                       "has not answered for this long.", defines_run=False)
+    preempt_exit_seconds: int = _field(25, "After SIGTERM, exit 75 this many seconds later even when no step "
+                                       "could end to back up (a stalled store): keep it below the pod's "
+                                       "terminationGracePeriodSeconds.", defines_run=False)
     deadline_hours: float | None = _field(None, "Give up (exit 1, after committing a backup) once this many hours "
                                           "have passed since the run first started (job_dir/STARTED): one bound "
-                                          "for the whole run, however often it is preempted and restarted.")
+                                          "for the whole run, however often it is preempted and restarted.",
+                                          defines_run=False)
     steps_per_epoch: int | None = _field(None, "Cap on steps per epoch (default: one pass over train).")
     shuffle_buffer: int = _field(1000, "Examples in the training shuffle buffer.")
     seed: int = _field(0, "Seed for weights initialisation and shuffling.")
-    skip_corrupt_shards: bool = _field(False, "Skip (and count) damaged shards instead of failing.")
+    skip_corrupt_shards: bool = _field(False, "Skip (and count) damaged shards instead of failing.",
+                                       defines_run=False)
     feature_cache: str = _field("auto", "Compute the frozen base once per split and train the head on its "
                                 "outputs. auto: when the base is frozen and --augment is off.",
-                                FEATURE_CACHE_MODES)
+                                FEATURE_CACHE_MODES, defines_run=False)
     mixed_precision: bool = _field(False, "mixed_float16 on GPU (bfloat16 on CPU).")
-    jit_compile: bool = _field(False, "Compile the training step with XLA.")
+    jit_compile: bool = _field(False, "Compile the training step with XLA.", defines_run=False)
 
     @classmethod
     def field_names(cls):
@@ -88,6 +97,14 @@ class TrainConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    def changed_settings(self, recorded):
+        """The run-defining fields whose value differs from `recorded` (a config.json), as
+        `--name=recorded (now: new)` strings; fields `recorded` lacks (an older version) are skipped."""
+        return [f"--{field.name}={recorded[field.name]} (now: {getattr(self, field.name)})"
+                for field in dataclasses.fields(self)
+                if field.metadata["defines_run"] and field.name in recorded
+                and recorded[field.name] != getattr(self, field.name)]
 
 
 REQUIRED = ("data",)  # and job_dir, unless the launcher names one (`with_launcher_defaults`)
@@ -148,7 +165,8 @@ def check_config(config):
                         f"{VERTEX_CHECKPOINT_DIR})")
     positive = {"image_size": config.image_size, "batch_size": config.batch_size,
                 "backup_every_steps": config.backup_every_steps, "shuffle_buffer": config.shuffle_buffer,
-                "peer_timeout_seconds": config.peer_timeout_seconds}
+                "peer_timeout_seconds": config.peer_timeout_seconds,
+                "preempt_exit_seconds": config.preempt_exit_seconds}
     for name, value in positive.items():
         if value < 1:
             raise UserError(f"--{name} must be positive, got {value}")

@@ -14,7 +14,10 @@ recovers the original error from that text; nothing else parses TensorFlow's mes
 This module imports nothing heavy: the command line uses it before TensorFlow is loaded.
 """
 
+import os
 import re
+import sys
+import threading
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 1
@@ -69,3 +72,48 @@ def from_tensorflow(error):
         if marker in message:
             return kind(message.split(marker, 1)[1].split("\n", 1)[0].strip())
     return None
+
+
+def exit_process(code, message=None):
+    """Prints the one-line reason (if any) and ends the process at once, from any thread.
+
+    With live tf.data iterators (the repeating training input, a failed pipeline), normal
+    interpreter shutdown can deadlock: destroying an iterator waits for its threads while one of
+    them waits for the GIL to run a py_function. Every output is written and closed by now (files
+    are written whole or not at all), so nothing is lost by skipping the shutdown.
+    """
+    import logging
+
+    if message:
+        sys.stderr.write(message + "\n")
+    if "tensorflow" not in sys.modules and threading.current_thread() is threading.main_thread():
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def exit_after_signal(signum, seconds, code, message):
+    """Once `signum` arrives, ends the process with `code` `seconds` later unless it ended by then.
+
+    The bound on how long a SIGTERM may take when the main thread is stuck in a stalled storage
+    call or a TensorFlow op: Python runs a signal's handler in the main thread only when that
+    returns, but the interpreter's C-level handler writes the signal to the wakeup fd at once, and
+    a thread waiting on it starts the countdown. The caller installs the Python handler (without
+    one the signal is not routed here). Call from the main thread.
+    """
+    import signal
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def watch():
+        while signum not in os.read(read_end, 64):
+            pass
+        timer = threading.Timer(seconds, exit_process, args=(code, message))
+        timer.daemon = True
+        timer.start()
+
+    threading.Thread(target=watch, daemon=True, name=f"signal-{signum}").start()

@@ -356,6 +356,7 @@ def run(model_url, manifest_url, split, output_url, history_url=None, batch_size
     from trainer import data, export  # TensorFlow: imported only when a model is evaluated
 
     _check_arguments(batch_size, min_accuracy, tolerance)
+    storage.check_writable(output_url)
     # Read the baseline first: a typo in its URL should not cost a whole evaluation.
     baseline = read_baseline(baseline_url) if baseline_url else None
     dataset_manifest = manifest.load_manifest(manifest_url)

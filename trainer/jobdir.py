@@ -1,7 +1,9 @@
 """The job_dir layout: every path of a training run, and the few operations that change it.
 
   STARTED              when the run first started (the first task to start writes it, only if absent)
-  config.json          the resolved configuration (chief, at start)
+  LEASE                which run is working here now (the chief holds it, renews it, removes it)
+  config.json          the resolved configuration and dataset of the run's first start (chief);
+                       a restart must ask for the same run (`check_same_run` in trainer.train)
   history.json         per-epoch metrics of each phase, and damaged data skipped (every epoch)
   tensorboard/         TensorBoard event files, synced after every epoch
   backup/<phase>/      preemption backups (BackupAndRestore); the `checkpoint` index file last
@@ -19,11 +21,26 @@ and promote all name these paths through this module. Only the chief calls the w
 """
 
 import datetime
+import json
 import os
+import socket
+import threading
+import time
+import uuid
 
 from trainer import storage
+from trainer.errors import UserError
 
 STARTED = "STARTED"
+LEASE = "LEASE"
+# A lease not renewed for this long belongs to a run that died without releasing it (SIGKILL, a
+# lost node): the next run takes it over. The holder renews it every LEASE_RENEW_SECONDS.
+LEASE_SECONDS = 180
+LEASE_RENEW_SECONDS = 45
+# The launcher's name for the run, the same for every restart of it: the manifests set it from the
+# Job's (or JobSet's) name; Vertex AI sets CLOUD_ML_JOB_ID. A restart of the same run is never
+# blocked by the lease its dead predecessor left.
+RUN_ID_VARIABLES = ("TRAINER_RUN_ID", "CLOUD_ML_JOB_ID")
 CONFIG = "config.json"
 HISTORY = "history.json"
 TENSORBOARD = "tensorboard"
@@ -68,7 +85,18 @@ class JobDir:
     # --- the run as a whole
 
     def is_done(self):
-        return storage.exists(self.path(DONE))
+        """DONE is there, and so is the model it vouches for. DONE without model/ (deleted by hand)
+        is withdrawn, so that the run exports again from its phases' weights."""
+        if not storage.exists(self.path(DONE)):
+            return False
+        if storage.exists(self.path(MODEL, "saved_model.pb")):
+            return True
+        from absl import logging
+
+        logging.warning("%s says the run is complete, but %s is missing: exporting it again", self.path(DONE),
+                        self.path(MODEL, "saved_model.pb"))
+        storage.remove(self.path(DONE))
+        return False
 
     def mark_done(self):
         storage.write_text(self.path(DONE), now_iso())
@@ -89,13 +117,40 @@ class JobDir:
             raise UserError(f"{self.path(STARTED)} is damaged ({text[:40]!r}): delete it to restart the "
                             "run's deadline clock") from None
 
+    def read_config(self):
+        """The config.json of the run's first start, or None before it."""
+        try:
+            return storage.read_json(self.path(CONFIG))
+        except FileNotFoundError:
+            return None
+        except ValueError as error:
+            raise UserError(f"{self.path(CONFIG)} is damaged ({error}): restore it, or use a new --job_dir") \
+                from None
+
     def write_config(self, config):
-        storage.write_json(self.path(CONFIG), config)
+        """Records the run's config once: a restart keeps the first start's record."""
+        storage.write_if_absent(self.path(CONFIG), (json.dumps(config, indent=2) + "\n").encode())
+
+    def take_lease(self, environ=os.environ):
+        """Takes job_dir's LEASE for this run and keeps it renewed until `Lease.release()`.
+
+        Raises:
+          UserError: another run, alive, holds it (a second submission of the same job_dir).
+        """
+        run_id = next((environ[name] for name in RUN_ID_VARIABLES if environ.get(name)), None)
+        lease = Lease(self.path(LEASE), run_id or f"pid-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        lease.take()
+        return lease
 
     def load_history(self, phases):
         """history.json as {"phases": [{"name", "epochs": [...]}], ...}, with every phase listed."""
         url = self.path(HISTORY)
-        history = storage.read_json(url) if storage.exists(url) else {"phases": []}
+        try:
+            history = storage.read_json(url) if storage.exists(url) else {"phases": []}
+            history["phases"]  # noqa: B018 - the one key everything else relies on
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{url} is damaged ({type(error).__name__}: {error}): delete it to go on without "
+                            "the earlier epochs' records (the weights are in the backups)") from None
         for name in phases:
             if not any(phase["name"] == name for phase in history["phases"]):
                 history["phases"].append({"name": name, "epochs": []})
@@ -187,7 +242,92 @@ def _upload_checkpoint_dir(local_dir, remote_dir):
 def _download_checkpoint_dir(remote_dir, local_dir):
     """Copies a committed checkpoint folder down; returns False when there is none."""
     if not storage.exists(storage.join(remote_dir, CHECKPOINT_INDEX)):
+        if storage.isdir(remote_dir):
+            from absl import logging
+
+            logging.warning("%s holds files but no `%s` index (never committed, or damaged): not used",
+                            remote_dir, CHECKPOINT_INDEX)
         return False
     os.makedirs(local_dir, exist_ok=True)
     storage.copy_tree(remote_dir, local_dir)
+    return True
+
+
+class Lease:
+    """A job_dir's LEASE: `{"run", "host", "pid", "expires"}`, changed only by compare-and-swap.
+
+    Taken when absent, expired, already this run's (a restart), or left by a dead process on this
+    host; otherwise the run is refused. A daemon thread renews it; losing it to another run (only
+    possible after this one stopped renewing for LEASE_SECONDS) ends this process.
+    """
+
+    def __init__(self, url, run_id):
+        self.url, self.run_id = url, run_id
+        self.generation = None
+        self._stop = threading.Event()
+
+    def _record(self):
+        return json.dumps({"run": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                           "expires": time.time() + LEASE_SECONDS}).encode()
+
+    def _free(self, held):
+        if held is None or held.get("run") == self.run_id or held.get("expires", 0) < time.time():
+            return True
+        # On this host, a holder whose process is gone (or whose pid is now ours) has died.
+        return held.get("host") == socket.gethostname() and (
+            held.get("pid") == os.getpid() or not _process_alive(held.get("pid")))
+
+    def take(self):
+        for _ in range(3):  # another run may write between the read and the swap: look again
+            data, generation = storage.read_with_generation(self.url)
+            try:
+                held = json.loads(data) if data else None
+            except ValueError:
+                held = None  # a damaged lease protects nothing
+            if not self._free(held):
+                left = held["expires"] - time.time()
+                raise UserError(
+                    f"another run is using this job_dir: {held['run']} (pid {held['pid']} on {held['host']}) holds "
+                    f"{self.url}; two runs must not share a job_dir. Wait for it to end, or use another --job_dir "
+                    f"(a run that died without releasing it frees it within {left:.0f} s)")
+            if storage.write_if_generation(self.url, self._record(), generation):
+                self.generation = storage.read_with_generation(self.url)[1]
+                threading.Thread(target=self._renew_forever, daemon=True, name="lease").start()
+                return
+        raise UserError(f"{self.url}: other runs keep taking this job_dir's lease; use another --job_dir")
+
+    def _renew_forever(self):
+        from absl import logging
+
+        while not self._stop.wait(LEASE_RENEW_SECONDS):
+            try:
+                if not storage.write_if_generation(self.url, self._record(), self.generation):
+                    sys_exit_lost(self.url)
+                self.generation = storage.read_with_generation(self.url)[1]
+            except Exception as error:  # noqa: BLE001 - a stalled store: try again at the next renewal
+                logging.warning("could not renew %s: %s", self.url, error)
+
+    def release(self):
+        self._stop.set()
+        try:
+            if storage.read_with_generation(self.url)[1] == self.generation:
+                storage.remove(self.url)
+        except Exception:  # noqa: BLE001 - an unreleased lease only expires later
+            pass
+
+
+def sys_exit_lost(url):
+    from trainer import errors
+
+    errors.exit_process(errors.EXIT_BAD_INPUT, f"error: lost {url} to another run (this one could not renew it "
+                        f"for {LEASE_SECONDS} s); this run stops so that the two do not mix")
+
+
+def _process_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
     return True

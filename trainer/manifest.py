@@ -17,6 +17,8 @@ TensorFlow: the command line and `trainer prepare`'s planning use it without loa
 """
 
 import datetime
+import hashlib
+import json
 from concurrent import futures
 
 import trainer
@@ -78,6 +80,18 @@ def new_manifest(*, source, layout, val_fraction, test_fraction, split_seed, max
         "warnings": warnings,
         "seconds": seconds,
     }
+
+
+def dataset_identity(manifest_url, dataset_manifest):
+    """What a training run records of its dataset (config.json), to tell later whether it changed.
+
+    The digest covers the classes and every split's counts and shards, not when or where the
+    dataset was written: the same images prepared again with the same flags keep their digest.
+    """
+    content = json.dumps({key: dataset_manifest[key] for key in ("classes", "splits")}, sort_keys=True)
+    return {"url": manifest_location(manifest_url), "created": dataset_manifest.get("created"),
+            "digest": hashlib.sha256(content.encode()).hexdigest(),
+            "counts": {name: split["count"] for name, split in dataset_manifest["splits"].items()}}
 
 
 def manifest_location(manifest_url):

@@ -107,6 +107,7 @@ def predict(model_url, input_location, output_url, batch_size=64):
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    storage.check_writable(output_url)
     loaded, metadata = export.load_model(model_url)
     serve = loaded.signatures["serving_default"]
     class_names = list(metadata["classes"])

@@ -143,7 +143,9 @@ def check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_si
 
 
 def check_output(output, overwrite):
-    """Raises UserError when `output` already holds a dataset and `overwrite` is off."""
+    """Raises UserError when `output` cannot be written, or already holds a dataset and `overwrite`
+    is off."""
+    storage.check_writable(output)
     if storage.exists(storage.join(output, MANIFEST_NAME)) and not overwrite:
         raise UserError(f"{output} already holds a dataset ({MANIFEST_NAME}); pass --overwrite to replace it")
 

@@ -58,6 +58,7 @@ def promote(candidate, production, min_accuracy=None, tolerance=0.0):
     """
     candidate = candidate.rstrip("/")
     production = production.rstrip("/")
+    storage.check_writable(production)
     metrics = read_candidate(candidate)
     version = None
     for _ in range(MAX_ATTEMPTS):

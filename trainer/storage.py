@@ -16,11 +16,13 @@ only where it adds something:
 
 import base64
 import contextlib
+import errno
 import fcntl
 import functools
 import glob as globmodule
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -29,7 +31,7 @@ import uuid
 
 import fsspec
 
-from trainer.errors import RetryableError, UserError
+from trainer.errors import RetryableError, UserError, first_line
 
 # gcsfs otherwise probes for hierarchical-namespace buckets over gRPC, which an emulator never
 # answers: each bucket would cost a 60 s timeout. Real GCS keeps the library default.
@@ -39,6 +41,30 @@ if os.environ.get("STORAGE_EMULATOR_HOST"):
 # What a storage client raises when the service cannot be reached (after its own retries).
 _UNREACHABLE = (ConnectionError, TimeoutError)
 COPY_BLOCK_BYTES = 16 * 2**20
+
+# Deadlines (docs/faults.md): every request to an object store gives up when connecting, or waiting
+# for the next bytes of an answer, takes longer than this; the clients retry a failed request a
+# bounded number of times (gcsfs: 6 attempts with 1-16 s of backoff between them), so a stalled or
+# unreachable store ends an operation within about 6 x TIMEOUT + 40 s (2.7 min by default).
+REQUEST_TIMEOUT_SECONDS = float(os.environ.get("TRAINER_STORAGE_TIMEOUT_SECONDS", "20"))
+# google-cloud-storage (the compare-and-swap writes): one request's timeout, and the deadline of its
+# retries together.
+_GCS_CLIENT_DEADLINE_SECONDS = 6 * REQUEST_TIMEOUT_SECONDS + 40
+# TensorFlow's own gs:// client (training reads on real GCS) waits up to an hour per request by
+# default; these environment variables (read when TensorFlow first touches gs://) bring it in line.
+TENSORFLOW_GCS_ENVIRONMENT = {
+    "GCS_REQUEST_CONNECTION_TIMEOUT_SECS": REQUEST_TIMEOUT_SECONDS,
+    "GCS_REQUEST_IDLE_TIMEOUT_SECS": REQUEST_TIMEOUT_SECONDS,
+    "GCS_METADATA_REQUEST_TIMEOUT_SECS": REQUEST_TIMEOUT_SECONDS,
+    "GCS_READ_REQUEST_TIMEOUT_SECS": 6 * REQUEST_TIMEOUT_SECONDS,
+    "GCS_WRITE_REQUEST_TIMEOUT_SECS": 6 * REQUEST_TIMEOUT_SECONDS,
+    "GCS_RETRY_CONFIG_MAX_RETRIES": 6,
+}
+for _name, _value in TENSORFLOW_GCS_ENVIRONMENT.items():
+    os.environ.setdefault(_name, str(int(_value)))
+# gcsfs logs a full traceback for every request it gives up on (dozens when many reads fail at once);
+# the command's one-line message says what failed.
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 
 def is_url(location):
@@ -90,7 +116,13 @@ def _filesystem(location):
     if not is_url(location):
         return fsspec.filesystem("file"), os.path.abspath(_local(location))
     # No listings cache: another process (a peer worker, a rerun) may have written since.
-    return fsspec.core.url_to_fs(location, use_listings_cache=False)
+    options = {"use_listings_cache": False}
+    if is_gcs(location):
+        import aiohttp
+
+        options["requests_timeout"] = aiohttp.ClientTimeout(
+            total=None, sock_connect=REQUEST_TIMEOUT_SECONDS, sock_read=REQUEST_TIMEOUT_SECONDS)
+    return fsspec.core.url_to_fs(location, **options)
 
 
 @contextlib.contextmanager
@@ -100,11 +132,18 @@ def _translate_errors(location):
     except FileNotFoundError:
         raise
     except _UNREACHABLE as error:
-        raise RetryableError(f"storage unreachable at {location}: {error}") from error
+        reason = first_line(error) if str(error) else f"no answer within {REQUEST_TIMEOUT_SECONDS:g} s"
+        raise RetryableError(f"storage unreachable at {location}: {reason}") from error
     except OSError as error:
-        # aiohttp connection errors are OSErrors; a local permission problem is the user's.
+        # A full disk, or a permission problem, is the user's to fix; aiohttp's connection errors
+        # are OSErrors too, and transient.
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise UserError(f"no space left for {location} ({os.strerror(error.errno)}): free space, or give it a "
+                            "larger disk (scratch files go to TMPDIR)") from error
+        if str(error).startswith("Forbidden") or isinstance(error, PermissionError):
+            raise UserError(f"no permission for {location}: {first_line(error)}") from error
         if is_url(location):
-            raise RetryableError(f"storage error at {location}: {error}") from error
+            raise RetryableError(f"storage error at {location}: {first_line(error)}") from error
         raise UserError(f"cannot access {location}: {error}") from error
 
 
@@ -115,16 +154,47 @@ def exists(location):
 
 
 def isdir(location):
-    """True for a local folder, or a URL prefix that has objects under it."""
+    """True for a local folder, or a URL prefix that has objects under it.
+
+    Unlike fsspec's `isdir`, which answers False on any error, an unreachable store raises.
+    """
     with _translate_errors(location):
         filesystem, path = _filesystem(location)
-        return filesystem.isdir(path)
+        try:
+            return filesystem.info(path)["type"] == "directory"
+        except FileNotFoundError:
+            return False
 
 
 def size(location):
     with _translate_errors(location):
         filesystem, path = _filesystem(location)
         return filesystem.size(path)
+
+
+def check_writable(location):
+    """Raises UserError, at once and before any expensive work, when nothing can be written at
+    `location`: a gs:// bucket that does not exist (or this account cannot see), a local path under
+    a file, or a local folder without write permission."""
+    with _translate_errors(location):
+        if is_gcs(location):
+            bucket = location[len("gs://"):].split("/", 1)[0]
+            filesystem, _ = _filesystem(location)
+            if not filesystem.exists(bucket):
+                raise UserError(f"bucket gs://{bucket} does not exist (or this account cannot see it): create it, "
+                                f"or fix the location {location}")
+            return
+        if is_url(location):
+            return
+        path = os.path.abspath(_local(location))
+        if os.path.isfile(path):  # a file to replace: its folder must be writable
+            path = os.path.dirname(path)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise UserError(f"cannot write {location}: {path} is a file, not a folder")
+        if not os.access(path, os.W_OK):
+            raise UserError(f"cannot write {location}: no write permission in {path}")
 
 
 def makedirs(location):
@@ -146,10 +216,10 @@ def list_files(location, with_md5=False):
         if not is_url(location):
             files = _list_local_files(_local(location))
             return [(name, size, None) for name, size in files] if with_md5 else files
+        if not isdir(location):
+            raise FileNotFoundError(location)
         filesystem, path = _filesystem(location)
         path = path.rstrip("/")
-        if not filesystem.isdir(path):
-            raise FileNotFoundError(location)
         found = filesystem.find(path, detail=True)
         files = sorted(
             (posixpath.relpath(name, path), int(info.get("size") or 0), info.get("md5Hash"))
@@ -366,6 +436,14 @@ def _gcs_blob(location):
     return _gcs_client().bucket(bucket).blob(name)
 
 
+def _gcs_call_options():
+    """Per-request timeout and the deadline of the retries for google-cloud-storage calls."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return {"timeout": (REQUEST_TIMEOUT_SECONDS, REQUEST_TIMEOUT_SECONDS),
+            "retry": DEFAULT_RETRY.with_timeout(_GCS_CLIENT_DEADLINE_SECONDS)}
+
+
 @contextlib.contextmanager
 def _translate_gcs_errors(location):
     """google-cloud-storage's own errors: server-side failures (after its retries) are transient."""
@@ -375,9 +453,11 @@ def _translate_gcs_errors(location):
         try:
             yield
         except (exceptions.ServerError, exceptions.RetryError) as error:
-            raise RetryableError(f"storage error at {location}: {error}") from error
+            raise RetryableError(f"storage error at {location}: {first_line(error)}") from error
         except exceptions.Forbidden as error:
-            raise UserError(f"no permission for {location}: {error}") from error
+            raise UserError(f"no permission for {location}: {first_line(error)}") from error
+        except exceptions.NotFound as error:  # writing into a bucket that does not exist
+            raise UserError(f"cannot write {location}: {first_line(error)}") from error
 
 
 def read_with_generation(location):
@@ -400,8 +480,9 @@ def read_with_generation(location):
             while True:  # the object may change between the metadata and the content: reread
                 blob = _gcs_blob(location)
                 try:
-                    blob.reload()
-                    return blob.download_as_bytes(if_generation_match=blob.generation), blob.generation
+                    blob.reload(**_gcs_call_options())
+                    data = blob.download_as_bytes(if_generation_match=blob.generation, **_gcs_call_options())
+                    return data, blob.generation
                 except exceptions.NotFound:
                     return None, 0
                 except exceptions.PreconditionFailed:
@@ -429,7 +510,8 @@ def write_if_generation(location, data, generation):
 
         with _translate_gcs_errors(location):
             try:
-                _gcs_blob(location).upload_from_string(data, if_generation_match=generation)
+                _gcs_blob(location).upload_from_string(data, if_generation_match=generation,
+                                                       **_gcs_call_options())
                 return True
             except exceptions.PreconditionFailed:
                 return False

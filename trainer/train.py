@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import __version__, data, distribute, export, featurecache, jobdir, manifest, records, storage
+from trainer import __version__, data, distribute, errors, export, featurecache, jobdir, manifest, records, storage
 from trainer import model as model_lib
 from trainer.config import VERTEX_MODEL_DIR, VERTEX_TENSORBOARD_DIR, TrainConfig, check_config
 from trainer.errors import RetryableError, UserError, first_line
@@ -197,6 +197,7 @@ def fit_phase(run, model, phase, epochs, train_data, val_data, steps, val_steps=
     """Runs one phase under BackupAndRestore; returns when its epochs are done."""
     local_backup = os.path.join(run.scratch, "backup", phase)
     if run.job.restore_backup(phase, os.path.join(local_backup, "chief")):
+        check_checkpoint(os.path.join(local_backup, "chief"), run.job.backup_url(phase))
         logging.info("phase %s: resuming from the backup in %s", phase, run.job.backup_url(phase))
     backup = SyncedBackupAndRestore(local_backup, run.job, phase, run.config.backup_every_steps, run.is_chief,
                                     steps)
@@ -220,6 +221,22 @@ def fit_phase(run, model, phase, epochs, train_data, val_data, steps, val_steps=
     if skipped:
         logging.warning("phase %s: skipped %d damaged records in %d places (listed in %s)", phase,
                         sum(entry["records"] for entry in skipped), len(skipped), run.job.path(jobdir.HISTORY))
+
+
+def check_checkpoint(local_dir, url):
+    """Reads every tensor of the checkpoint in `local_dir` (a copy of `url`) once.
+
+    Raises:
+      UserError: a file is truncated or damaged (named, with the way out), instead of a
+        TensorFlow traceback from inside `fit`.
+    """
+    try:
+        reader = tf.train.load_checkpoint(local_dir)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except Exception as error:  # noqa: BLE001 - any failure to read it back: OpError, IndexError, ...
+        raise UserError(f"the backup in {url} is damaged ({first_line(error)}): delete that folder to restart "
+                        "this phase from its start (finished phases are kept)") from None
 
 
 def fit_head_on_cached_features(run, model, dataset_manifest, steps):
@@ -360,9 +377,50 @@ def install_stop_handlers(run, deadline_seconds=None):
             raise STOPS[reason]()
 
     signal.signal(signal.SIGTERM, handler)
+    # No step may end (the input or the backup stalled on storage): leave in time anyway, with the
+    # last committed backup, before Kubernetes' SIGKILL.
+    seconds = run.config.preempt_exit_seconds
+    errors.exit_after_signal(signal.SIGTERM, seconds, errors.EXIT_RETRYABLE,
+                             f"retryable error: preempted (SIGTERM), and no step ended within {seconds} s to back "
+                             "up (storage stalled?); rerun to resume from the last committed backup")
     if deadline_seconds is not None:
         signal.signal(signal.SIGALRM, handler)
         signal.setitimer(signal.ITIMER_REAL, deadline_seconds)
+
+
+def check_same_run(job, config, dataset):
+    """Refuses a restart that asks for another run than the one job_dir holds.
+
+    config.json records the first start's settings and dataset. A restart may change how the run
+    goes (backup frequency, replicas, deadline: fields with `defines_run=False`), not what it
+    computes: resuming a backup under another learning rate, batch size, backbone or dataset would
+    silently mix two runs.
+
+    Raises:
+      UserError: naming what differs, and what to do instead.
+    """
+    recorded = job.read_config()
+    if recorded is None:
+        return
+    before = recorded.get("dataset")
+    if before and before["digest"] != dataset["digest"]:
+        if job.is_done():
+            raise UserError(
+                f"{job.url} is complete: it was trained on {before['url']} as prepared at {before['created']} "
+                f"({_counts(before)}); that dataset has changed since (now {dataset['url']}, prepared at "
+                f"{dataset['created']}: {_counts(dataset)}). To train on the new data, use a new --job_dir")
+        raise UserError(f"{job.url} was started on another dataset: {before['url']} prepared at {before['created']} "
+                        f"({_counts(before)}), now {dataset['url']} prepared at {dataset['created']} "
+                        f"({_counts(dataset)}); resume with the original dataset, or use a new --job_dir")
+    changed = config.changed_settings(recorded)
+    if changed:
+        raise UserError(f"{job.url} holds a run started with other settings: {'; '.join(changed)}. Rerun with the "
+                        f"run's own flags (in {job.path(jobdir.CONFIG)}) to resume it, or use a new --job_dir "
+                        "for a new run")
+
+
+def _counts(dataset):
+    return ", ".join(f"{split} {count}" for split, count in dataset["counts"].items())
 
 
 def check_deadline(config, job):
@@ -417,7 +475,11 @@ def run(config):
       RetryableError: preempted (a backup was committed first) or storage unreachable.
     """
     check_config(config)
+    storage.check_writable(config.job_dir)
     job = jobdir.JobDir(config.job_dir)
+    dataset_manifest = manifest.load_manifest(config.data)
+    dataset = manifest.dataset_identity(config.data, dataset_manifest)
+    check_same_run(job, config, dataset)
     if job.is_done():
         logging.info("job %s is already complete (%s exists); nothing to do", config.job_dir, job.path(jobdir.DONE))
         print(f"already complete: {config.job_dir}")
@@ -426,7 +488,17 @@ def run(config):
     strategy, cluster = distribute.make_strategy(config.strategy, config.cpu_replicas, config.num_workers,
                                                  config.worker_port, config.peer_timeout_seconds)
     is_chief = distribute.is_chief(cluster)
-    dataset_manifest = manifest.load_manifest(config.data)
+    lease = job.take_lease() if is_chief else None  # one run at a time; the chief speaks for its workers
+    try:
+        train_and_export(config, job, dataset_manifest, dataset, deadline_seconds, strategy, cluster)
+    finally:
+        if lease:
+            lease.release()
+
+
+def train_and_export(config, job, dataset_manifest, dataset, deadline_seconds, strategy, cluster):
+    """The run once it holds job_dir: both phases, the export, DONE (see `run`)."""
+    is_chief = distribute.is_chief(cluster)
     classes = dataset_manifest["classes"]
     per_replica, steps = derive_batches(config.batch_size, strategy.num_replicas_in_sync,
                                         manifest.count_examples(dataset_manifest, "train"), config.steps_per_epoch)
@@ -441,9 +513,9 @@ def run(config):
     state.worker, state.workers = distribute.worker_position(cluster)
     feature_cache = featurecache.use_feature_cache(config.feature_cache, config.augment, config.epochs)
     if is_chief:
-        job.write_config({**config.to_dict(), "tool_version": __version__,
-                          "replicas": strategy.num_replicas_in_sync, "per_replica_batch": per_replica,
-                          "steps_per_epoch": steps, "classes": classes})
+        job.write_config({**config.to_dict(), "tool_version": __version__, "dataset": dataset, "classes": classes,
+                          "plan": {"replicas": strategy.num_replicas_in_sync, "per_replica_batch": per_replica,
+                                   "steps_per_epoch": steps}})
     install_stop_handlers(state, deadline_seconds)
     try:
         model = train_phases(state, dataset_manifest, steps, feature_cache)

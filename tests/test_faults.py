@@ -1,0 +1,151 @@
+"""Storage faults against real processes: the GCS server behind a proxy that stalls, cuts or refuses.
+
+Every case ends in its documented exit code (docs/faults.md) with one line naming what failed, no
+traceback, and a rerun after the fault completes. The storage deadlines are shortened for the
+tests (TRAINER_STORAGE_TIMEOUT_SECONDS=2); the subprocess timeouts only catch a hang.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import run_trainer
+from faultproxy import FaultProxy
+from jobs import TINY_JOB, write_stripes
+
+from trainer import storage
+
+HANG = 600  # seconds: a command still running after this is hung (the documented bound is far less)
+FAST_STORAGE = {"TRAINER_STORAGE_TIMEOUT_SECONDS": "2"}
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory, gcs_server):
+    """Images, a dataset and a trained job in a bucket on the GCS server (reached directly)."""
+    import fsspec
+
+    local = tmp_path_factory.mktemp("faults")
+    write_stripes(str(local / "images"), per_class=20)
+    bucket = "gs://faults"
+    fsspec.filesystem("gs", use_listings_cache=False).mkdir("faults")
+    storage.copy_tree(str(local / "images"), f"{bucket}/images")
+    run_trainer("prepare", f"--source={bucket}/images", f"--output={bucket}/data", "--num_shards=2",
+                "--workers=1", check=True)
+    run_trainer("train", f"--data={bucket}/data/dataset.json", f"--job_dir={bucket}/job", *TINY_JOB,
+                "--batch_size=8", "--epochs=1", "--fine_tune_epochs=0", check=True)
+    run_trainer("evaluate", f"--data={bucket}/data/dataset.json", f"--model={bucket}/job/model",
+                f"--output={bucket}/job/eval", check=True)
+    return {"local": local, "bucket": bucket}
+
+
+@pytest.fixture
+def proxy(gcs_server):
+    proxy = FaultProxy(gcs_server)
+    yield proxy
+    proxy.close()
+
+
+def start(proxy, *args, env=None):
+    """Starts a `trainer` command whose storage goes through `proxy`."""
+    environment = {**os.environ, **FAST_STORAGE, "STORAGE_EMULATOR_HOST": proxy.url, **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=environment)
+
+
+def finish(process, started=None):
+    """(exit code, stderr) once `process` ends; fails the test if it hangs. Prints how long it took
+    (`pytest -s`: the figures of docs/faults.md)."""
+    started = started or time.monotonic()
+    try:
+        stderr = process.communicate(timeout=HANG)[1] or ""
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"{process.args[3:]} still running after {HANG} s (hung)")
+    print(f"{process.args[3]}: exit {process.returncode} after {time.monotonic() - started:.0f} s: "
+          f"{stderr.strip().splitlines()[-1] if stderr.strip() else ''}")
+    return process.returncode, stderr
+
+
+def every_command(stored, tmp_path, name):
+    """One invocation of each command that touches storage, all of it on the bucket."""
+    bucket = stored["bucket"]
+    data = f"{bucket}/data/dataset.json"
+    return {
+        "prepare": ["prepare", f"--source={bucket}/images", f"--output={bucket}/{name}/data", "--workers=1"],
+        "train": ["train", f"--data={data}", f"--job_dir={bucket}/{name}/job", *TINY_JOB, "--batch_size=8",
+                  "--epochs=1", "--fine_tune_epochs=0"],
+        "evaluate": ["evaluate", f"--data={data}", f"--model={bucket}/job/model", f"--output={bucket}/{name}/eval"],
+        "predict": ["predict", f"--model={bucket}/job/model", f"--input={bucket}/images",
+                    f"--output={tmp_path / 'predictions.csv'}"],
+        "promote": ["promote", f"--candidate={bucket}/job", f"--production={bucket}/{name}/production"],
+    }
+
+
+def assert_one_line(stderr, expected):
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(expected), stderr[-3000:]
+    return last
+
+
+@pytest.mark.parametrize("fault", ["stall", "refuse"])
+def test_an_unreachable_store_ends_every_command_in_exit_75(stored, proxy, tmp_path, fault):
+    proxy.mode = fault
+    commands = every_command(stored, tmp_path, fault)
+    started = time.monotonic()
+    processes = {name: start(proxy, *args) for name, args in commands.items()}
+    for name, process in processes.items():
+        code, stderr = finish(process, started)
+        assert code == 75, (name, stderr[-3000:])
+        last = assert_one_line(stderr, "retryable error: storage")
+        assert "gs://faults" in last or "127.0.0.1" in last, (name, last)
+    proxy.mode = "pass"
+    # Nothing half-written stands in the way of a rerun once the store is back.
+    for name, args in commands.items():
+        if name != "predict":
+            run_trainer(*args, check=True, env={"STORAGE_EMULATOR_HOST": proxy.url})
+
+
+def test_a_missing_output_bucket_is_one_line_and_exit_1_before_any_work(stored, proxy, tmp_path):
+    commands = every_command(stored, tmp_path, "x")
+    outputs = {"prepare": "--output=gs://no-such-bucket/data", "train": "--job_dir=gs://no-such-bucket/job",
+               "evaluate": "--output=gs://no-such-bucket/eval", "predict": "--output=gs://no-such-bucket/p.csv",
+               "promote": "--production=gs://no-such-bucket/production"}
+    for name, args in commands.items():
+        flag = outputs[name].split("=", 1)[0]
+        args = [arg for arg in args if not arg.startswith(flag + "=")] + [outputs[name]]
+        code, stderr = finish(start(proxy, *args))
+        assert code == 1, (name, stderr[-3000:])
+        last = assert_one_line(stderr, "error: bucket gs://no-such-bucket does not exist")
+        assert "gs://no-such-bucket" in last
+        # Checked first: no image was read, no model was loaded, nothing was trained.
+        assert "decod" not in stderr and "plan:" not in stderr and "loaded" not in stderr.lower(), (name, stderr)
+
+
+def test_sigterm_during_a_stall_exits_75_within_the_grace_period_and_the_rerun_resumes(stored, proxy, tmp_path):
+    bucket = stored["bucket"]
+    args = ["train", f"--data={bucket}/data/dataset.json", f"--job_dir={bucket}/sigterm/job", *TINY_JOB,
+            "--batch_size=8", "--epochs=40", "--fine_tune_epochs=0", "--backup_every_steps=2",
+            "--feature_cache=off", "--preempt_exit_seconds=5"]
+    log = tmp_path / "train.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], stdout=handle, stderr=handle,
+                                   text=True, env={**os.environ, "STORAGE_EMULATOR_HOST": proxy.url})
+    deadline = time.monotonic() + HANG
+    while "epoch 2 done" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert process.poll() is None, log.read_text()[-3000:]
+    proxy.mode = "stall"  # backups, history and shard reads now hang (deadlines at their default)
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    code, _ = finish(process, time.monotonic())
+    text = log.read_text()
+    assert code == 75, text[-3000:]
+    assert text.strip().splitlines()[-1].startswith("retryable error: preempted (SIGTERM), and no step ended"), \
+        text[-2000:]
+    proxy.mode = "pass"
+    result = run_trainer(*args, env={"STORAGE_EMULATOR_HOST": proxy.url}, check=True)
+    assert "resuming from the backup" in result.stderr

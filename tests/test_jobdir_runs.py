@@ -1,0 +1,126 @@
+"""One job_dir, one run: restarts must ask for the same run, two runs at once are refused, and
+damaged job_dir state gives a clear message (or is recovered) instead of a traceback."""
+
+import json
+import os
+import signal
+
+import pytest
+from conftest import run_trainer
+from jobs import TINY_JOB, prepare_stripes, start_trainer, wait_until, write_stripes
+
+from trainer import storage
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runs-data")
+    return {"folder": folder, "url": prepare_stripes(folder, per_class=24, num_shards=2)}
+
+
+def train(dataset, job_dir, *extra, epochs=1):
+    return ["train", f"--data={dataset['url']}", f"--job_dir={job_dir}", *TINY_JOB, "--batch_size=8",
+            f"--epochs={epochs}", "--fine_tune_epochs=0", "--learning_rate=1e-3", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(dataset, tmp_path_factory):
+    job_dir = str(tmp_path_factory.mktemp("runs-job") / "job")
+    run_trainer(*train(dataset, job_dir), check=True)
+    return job_dir
+
+
+def test_a_restart_with_other_run_settings_is_refused_naming_them(dataset, finished):
+    result = run_trainer(*train(dataset, finished, "--learning_rate=0.01", "--dense_units=16"))
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "--learning_rate=0.001 (now: 0.01)" in last and "--dense_units=32 (now: 16)" in last, last
+    assert "new --job_dir" in last and "Traceback" not in result.stderr
+
+
+def test_settings_that_do_not_change_the_result_may_change(dataset, finished):
+    result = run_trainer(*train(dataset, finished, "--backup_every_steps=7", "--cpu_replicas=2",
+                                "--feature_cache=off"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already complete" in result.stdout
+    # config.json keeps the first start's record.
+    assert storage.read_json(os.path.join(finished, "config.json"))["backup_every_steps"] == 100
+
+
+def test_a_finished_run_says_when_its_dataset_has_changed(tmp_path):
+    own = {"folder": tmp_path, "url": prepare_stripes(tmp_path, per_class=24, num_shards=2)}
+    job_dir = str(tmp_path / "job")
+    run_trainer(*train(own, job_dir), check=True)
+    # The dataset is prepared again, in the same place, after more images arrived.
+    write_stripes(str(tmp_path / "images"), per_class=30)
+    run_trainer("prepare", f"--source={tmp_path / 'images'}", f"--output={tmp_path / 'data'}", "--workers=1",
+                "--num_shards=2", "--overwrite", check=True)
+    result = run_trainer(*train(own, job_dir))
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "is complete: it was trained on" in last and own["url"] in last, last
+    assert "has changed since" in last and "new --job_dir" in last, last
+
+
+def test_a_second_run_on_a_busy_job_dir_is_refused_and_the_first_finishes(dataset, tmp_path):
+    job_dir = str(tmp_path / "job")
+    first = start_trainer(train(dataset, job_dir, epochs=30), log_path=tmp_path / "first.log")
+    assert wait_until(lambda: os.path.exists(os.path.join(job_dir, "history.json")) or first.poll() is not None,
+                      timeout=600)
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+    second = run_trainer(*train(dataset, job_dir, epochs=30))
+    assert second.returncode == 1
+    assert "another run is using this job_dir" in second.stderr.strip().splitlines()[-1]
+    assert first.wait(timeout=900) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert not os.path.exists(os.path.join(job_dir, "LEASE"))  # released at the end
+
+
+def test_a_killed_run_does_not_block_its_restart(dataset, tmp_path):
+    job_dir = str(tmp_path / "job")
+    first = start_trainer(train(dataset, job_dir, epochs=30), log_path=tmp_path / "first.log")
+    assert wait_until(lambda: os.path.exists(os.path.join(job_dir, "LEASE")) or first.poll() is not None,
+                      timeout=600)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    held = json.loads(open(os.path.join(job_dir, "LEASE")).read())
+    assert held["pid"] == first.pid  # left behind by the dead run
+    result = run_trainer(*train(dataset, job_dir, epochs=30), check=True)
+    assert "already complete" not in result.stdout
+
+
+def test_damaged_history_is_named(dataset, tmp_path):
+    job_dir = tmp_path / "job"
+    run_trainer(*train(dataset, str(job_dir), "--steps_per_epoch=1", epochs=2), check=True)
+    (job_dir / "DONE").unlink()
+    (job_dir / "history.json").write_text("{not json")
+    result = run_trainer(*train(dataset, str(job_dir), "--steps_per_epoch=1", epochs=2))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "history.json is damaged" in last, last
+
+
+def test_a_truncated_backup_is_named_with_the_way_out(dataset, tmp_path):
+    job_dir = tmp_path / "job"
+    log = tmp_path / "first.log"
+    first = start_trainer(train(dataset, str(job_dir), "--backup_every_steps=1", epochs=30), log_path=log)
+    index = job_dir / "backup" / "head" / "checkpoint"
+    assert wait_until(lambda: index.exists() or first.poll() is not None, timeout=600)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    data = next((job_dir / "backup" / "head").glob("*.data-*"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    result = run_trainer(*train(dataset, str(job_dir), "--backup_every_steps=1", epochs=30))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "backup" in last and "is damaged" in last and "delete that folder" in last, last
+
+
+def test_a_deleted_model_of_a_finished_run_is_exported_again(dataset, finished, tmp_path):
+    import shutil
+
+    job_dir = tmp_path / "job"
+    shutil.copytree(finished, job_dir)
+    shutil.rmtree(job_dir / "model")
+    result = run_trainer(*train(dataset, str(job_dir)), check=True)
+    assert "exporting it again" in result.stderr
+    assert (job_dir / "model" / "saved_model.pb").exists() and (job_dir / "DONE").exists()
