@@ -124,3 +124,19 @@ def test_a_deleted_model_of_a_finished_run_is_exported_again(dataset, finished, 
     result = run_trainer(*train(dataset, str(job_dir)), check=True)
     assert "exporting it again" in result.stderr
     assert (job_dir / "model" / "saved_model.pb").exists() and (job_dir / "DONE").exists()
+
+
+def test_a_full_disk_is_one_line_and_exit_1(dataset, tmp_path):
+    """Files may not grow past 16 KB (RLIMIT_FSIZE: writes fail as on a full disk, EFBIG)."""
+    import resource
+    import subprocess
+    import sys
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    result = subprocess.run([sys.executable, "-m", "trainer.cli", *train(dataset, str(tmp_path / "job"))],
+                            capture_output=True, text=True, preexec_fn=small_disk, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no space left"), result.stderr[-2000:]

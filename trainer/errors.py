@@ -74,6 +74,25 @@ def from_tensorflow(error):
     return None
 
 
+_DISK_FULL = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def disk_full(error):
+    """A one-line message when `error` (an OSError, or TensorFlow's wrapping of one) means a full
+    disk, else None. A full disk is the environment's problem, not a bug: exit 1 with this."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        where = f" writing {error.filename}" if error.filename else ""
+        return f"no space left on device{where} ({os.strerror(error.errno)}): free space, or give the job a " \
+               "larger disk (scratch files go to TMPDIR)"
+    message = getattr(error, "message", None) or str(error)
+    if any(marker in message for marker in _DISK_FULL):
+        return f"no space left on device: {first_line(error)}: free space, or give the job a larger disk " \
+               "(scratch files go to TMPDIR)"
+    return None
+
+
 def exit_process(code, message=None):
     """Prints the one-line reason (if any) and ends the process at once, from any thread.
 

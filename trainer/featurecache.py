@@ -115,6 +115,13 @@ def extract_features(base, job, dataset_args, split, scratch, strategy=None, wor
     count = data.count_for_pipeline(dataset_args["manifest_url"], split, context)
     features = np.lib.format.open_memmap(paths[0], mode="w+", dtype=np.float32,
                                          shape=(count, *base.output_shape[1:]))
+    # Claim the disk space now: a sparse file on a full disk fails with SIGBUS at the first write
+    # into a page that cannot be backed, where this fails at once with ENOSPC (a one-line error).
+    with open(paths[0], "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.path.getsize(paths[0]))
+        except OSError as error:
+            raise OSError(error.errno, error.strerror, paths[0]) from None
     labels = np.zeros([count], np.int32)
     done = 0
     # In a pod's log (no terminal) a progress line every 30 s rather than a redrawn bar.
