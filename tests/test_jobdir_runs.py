@@ -140,3 +140,27 @@ def test_a_full_disk_is_one_line_and_exit_1(dataset, tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: no space left"), result.stderr[-2000:]
+
+
+def test_the_lease_admits_restarts_of_its_run_and_expired_holders_only(tmp_path):
+    import time
+
+    from trainer import jobdir
+    from trainer.errors import UserError
+
+    job = jobdir.JobDir(str(tmp_path))
+    lease_file = tmp_path / "LEASE"
+
+    def held_by(run, expires_in):
+        lease_file.write_text(json.dumps({"run": run, "host": "another-node", "pid": 1,
+                                          "expires": time.time() + expires_in}))
+
+    held_by("train-r1", 120)
+    with pytest.raises(UserError, match="another run is using this job_dir: train-r1"):
+        job.take_lease({"TRAINER_RUN_ID": "train-r2"})
+    job.take_lease({"TRAINER_RUN_ID": "train-r1"}).release()  # the same Job, restarted on another node
+    assert not lease_file.exists()
+    held_by("train-r1", -1)  # its holder stopped renewing it: dead
+    lease = job.take_lease({"JOBSET_NAME": "train-r3"})
+    assert json.loads(lease_file.read_text())["run"] == "train-r3"
+    lease.release()

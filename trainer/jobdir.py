@@ -38,9 +38,9 @@ LEASE = "LEASE"
 LEASE_SECONDS = 180
 LEASE_RENEW_SECONDS = 45
 # The launcher's name for the run, the same for every restart of it: the manifests set it from the
-# Job's (or JobSet's) name; Vertex AI sets CLOUD_ML_JOB_ID. A restart of the same run is never
-# blocked by the lease its dead predecessor left.
-RUN_ID_VARIABLES = ("TRAINER_RUN_ID", "CLOUD_ML_JOB_ID")
+# Job's name (TRAINER_RUN_ID; the Indexed Job's TRAINER_JOB_NAME) or the JobSet's; Vertex AI sets
+# CLOUD_ML_JOB_ID. A restart of the same run is never blocked by the lease its dead predecessor left.
+RUN_ID_VARIABLES = ("TRAINER_RUN_ID", "JOBSET_NAME", "TRAINER_JOB_NAME", "CLOUD_ML_JOB_ID")
 CONFIG = "config.json"
 HISTORY = "history.json"
 TENSORBOARD = "tensorboard"
