@@ -1,9 +1,15 @@
 """Batch prediction: image files -> an exported model's serving signature -> a CSV.
 
-Input is a folder or URL prefix (every image under it, recursively), a glob pattern (`*`, `?`,
-`[...]`), or a single image file. Images are the files ending in .jpg, .jpeg, .png, .bmp or .gif
-(any case); other files are ignored. Bytes go to the model exactly as stored: the serving
-signature decodes and resizes them as training did.
+Input is a folder or URL prefix (every image under it, recursively), a single image file, or a
+glob pattern (`*`, `?`, `[...]`; a path that exists is taken as it is, so a folder named
+`photos [2024]` is a folder). Images are the files `trainer prepare` takes (trainer.plan: JPEG,
+PNG, BMP, GIF, WebP, TIFF, PNM, ICO; any case); other files are ignored. Each image goes through
+the conversion `trainer prepare` applies (JPEGs as they are, other formats to PNG), and the
+serving signature decodes and resizes it as training did: the model sees the pixels it was
+trained on.
+
+CSV cells that a spreadsheet would run as a formula (starting with `=`, `+`, `-`, `@`, a tab or a
+carriage return: a class or file named `=HYPERLINK(...)`) are written with a leading `'`.
 
 The CSV has one row per image file, in sorted path order:
 
@@ -23,16 +29,13 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
-from trainer import export, storage
+from trainer import export, prepare, storage
 from trainer.errors import RetryableError, UserError, first_line
+from trainer.plan import IMAGE_EXTENSIONS, is_image_name
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _GLOB_CHARACTERS = "*?["
 _READ_THREADS = 8  # object-store reads are latency-bound: overlap them
-
-
-def is_image(location):
-    return location.lower().endswith(IMAGE_EXTENSIONS)
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def list_images(input_location):
@@ -41,29 +44,34 @@ def list_images(input_location):
     Raises:
       UserError: nothing there, or no image files in it.
     """
-    if any(character in input_location for character in _GLOB_CHARACTERS):
-        found = storage.glob(input_location)
-    elif storage.isdir(input_location):
+    if storage.isdir(input_location):
         found = [storage.join(input_location, *relative.split("/"))
                  for relative, _ in storage.list_files(input_location)]
     elif storage.exists(input_location):
         found = [input_location]
+    elif any(character in input_location for character in _GLOB_CHARACTERS):
+        found = storage.glob(input_location)
     else:
         raise UserError(f"input not found: {input_location}")
-    images = sorted(location for location in found if is_image(location))
+    images = sorted(location for location in found if is_image_name(location))
     if not images:
         raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {input_location}")
     return images
 
 
 def _read(location):
-    """(bytes, None) or (None, reason) for a file that cannot be read."""
+    """(the bytes training would have stored, None), or (None, reason) for a file that cannot be
+    read or is not a whole image."""
     try:
-        return storage.read_bytes(location), None
+        data = storage.read_bytes(location)
     except RetryableError:
         raise
     except (OSError, UserError) as error:
         return None, f"cannot read: {error}"
+    encoded = prepare.encode_or_skip(data)
+    if "skip" in encoded:
+        return None, f"cannot decode: {encoded['skip']}"
+    return encoded["encoded"], None
 
 
 def _score(serve, contents):
@@ -134,9 +142,15 @@ def predict(model_url, input_location, output_url, batch_size=64):
     return len(rows)
 
 
+def _cell(value):
+    """A CSV cell a spreadsheet shows as text, never runs as a formula (OWASP's CSV injection)."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
+
+
 def _write_csv(output_url, class_names, rows):
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "predicted_class", *(f"prob_{name}" for name in class_names), "error"])
-    writer.writerows(rows)
+    writer.writerow([_cell(name) for name in ["path", "predicted_class", *(f"prob_{name}" for name in class_names),
+                                              "error"]])
+    writer.writerows([_cell(value) for value in row] for row in rows)
     storage.write_text(output_url, text.getvalue())

@@ -265,6 +265,12 @@ def process_file(task):
         data = storage.read_bytes(location)
     except FileNotFoundError:
         return {"skip": "file disappeared while preparing"}
+    return encode_or_skip(data, max_side)
+
+
+def encode_or_skip(data, max_side=None):
+    """`encode_image(data, max_side)`, or `{"skip": reason}` for data that is not a whole image.
+    Batch prediction calls it too, so that a model is given the very bytes training stored."""
     if not data:
         return {"skip": "empty file"}
     try:
