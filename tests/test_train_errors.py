@@ -129,3 +129,9 @@ def test_feature_cache_on_replicas_with_a_last_batch_smaller_than_the_replicas(d
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"feature cache: worker 0 of 1: train: {counts['train']} examples" in result.stderr
     assert f"feature cache: worker 0 of 1: val: {counts['val']} examples" in result.stderr
+
+
+def test_a_misspelt_fine_tune_from_fails_before_the_head_phase(dataset, tmp_path):
+    result = train(dataset, tmp_path, "--epochs=5", "--fine_tune_epochs=1", "--fine_tune_from=blok2_conv1")
+    assert_one_line_error(result, "--fine_tune_from: no layer 'blok2_conv1'", "did you mean: block2_conv1")
+    assert "epoch 1 done" not in result.stderr and "Epoch 1/" not in result.stdout  # nothing was trained

@@ -14,6 +14,8 @@ The seed recipe (vgg16, 150 px, two classes) has 16,812,353 parameters: 2,097,66
 (shared weights), so training can compute the frozen base once and fit only the head.
 """
 
+import difflib
+
 import tensorflow as tf
 from absl import logging
 
@@ -218,6 +220,21 @@ def compile_model(model, num_classes, learning_rate, jit_compile=False):
                   metrics=[accuracy], jit_compile=jit_compile)
 
 
+def check_fine_tune_from(model, layer_name):
+    """Raises UserError when `layer_name` is not a layer of the model's base (checked before the
+    head phase, which may take hours, rather than after it), naming the closest names."""
+    base = model.get_layer("base")
+    names = [layer.name for layer in base.layers]
+    if layer_name in names:
+        return
+    close = difflib.get_close_matches(layer_name, names, n=3)
+    # Else the last few layers with weights (not BatchNorm): where fine-tuning usually starts.
+    examples = close or [layer.name for layer in base.layers if layer.weights
+                         and not isinstance(layer, keras.layers.BatchNormalization)][-6:]
+    raise UserError(f"--fine_tune_from: no layer {layer_name!r} in the {model.name} base; "
+                    f"{'did you mean' if close else 'for example'}: {', '.join(examples)}")
+
+
 def unfreeze_from(model, layer_name):
     """Makes the base trainable from `layer_name` to its end, for the fine-tuning phase.
 
@@ -228,15 +245,9 @@ def unfreeze_from(model, layer_name):
     Raises:
       UserError: `layer_name` is not a layer of the base.
     """
+    check_fine_tune_from(model, layer_name)
     base = model.get_layer("base")
-    names = [layer.name for layer in base.layers]
-    if layer_name not in names:
-        # The last few layers with weights (not BatchNorm): where fine-tuning usually starts.
-        examples = [layer.name for layer in base.layers if layer.weights
-                    and not isinstance(layer, keras.layers.BatchNormalization)][-6:]
-        raise UserError(f"fine_tune_from: no layer {layer_name!r} in the {model.name} base; "
-                        f"for example: {', '.join(examples)}")
-    start = names.index(layer_name)
+    start = [layer.name for layer in base.layers].index(layer_name)
     base.trainable = True
     for index, layer in enumerate(base.layers):
         layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)

@@ -333,6 +333,8 @@ def train_phases(run, dataset_manifest, steps, feature_cache):
                                       weights=config.weights, head=config.head,
                                       dense_units=config.dense_units, dropout=config.dropout)
         model_lib.compile_model(model, num_classes, config.learning_rate, jit_compile=config.jit_compile)
+    if config.fine_tune_epochs:
+        model_lib.check_fine_tune_from(model, config.fine_tune_from)
     validate = bool(dataset_manifest["splits"].get("val", {}).get("count"))
     if not validate:
         logging.warning("the dataset has no validation examples: training without validation")
