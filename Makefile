@@ -56,51 +56,64 @@ TIMEOUT ?= 6h
 REGION ?= us-central1
 GCLOUD ?= gcloud
 RUN_STAMP := $(shell date -u +%Y%m%d-%H%M%S)
-comma := ,
-SELECTOR = app.kubernetes.io/name=image-trainer$(if $(RUN),$(comma)app.kubernetes.io/instance=$(RUN))
-TRAIN_OVERLAY = k8s/overlays/$(if $(filter-out 1,$(WORKERS)),multiworker-$(MULTI),gpu-spot)
-RENDER_COMMON = --image=$(IMAGE) --gpus=$(GPUS) --accelerator=$(ACCELERATOR) \
-	$(if $(QUEUE),--queue=$(QUEUE)) $(if $(GSA),--service-account-email=$(GSA)) $(foreach arg,$(ARGS),--set=$(patsubst --%,%,$(arg)))
+# The values a user gives (DATA=..., ARGS=...) reach the shell only as environment variables, and
+# are only ever expanded inside double quotes ("$$DATA"): never pasted into the command text, so
+# `DATA='x; cmd'` is a (bad) location, not a command.
+# Make itself would expand `$(...)` in them (DATA='$(shell cmd)'): they are taken as literal text.
+USER_VARIABLES := IMAGE GPUS WORKERS MULTI ACCELERATOR SPLIT TAIL TIMEOUT REGION DATA JOB_DIR MODEL OUTPUT RUN \
+	OVERLAY ARGS GSA QUEUE DRY_RUN FOLLOW SPOT
+$(foreach v,$(USER_VARIABLES),$(if $(filter command line environment,$(origin $(v))),\
+	$(eval override $(v) := $$(value $(v)))))
+export $(USER_VARIABLES)
+# Shell: the render arguments every submission shares, as "$$@". ARGS splits at blanks, unglobbed.
+RENDER_COMMON = set -f; set -- --image="$$IMAGE" --gpus="$$GPUS" --accelerator="$$ACCELERATOR"; \
+	if [ -n "$$QUEUE" ]; then set -- "$$@" --queue="$$QUEUE"; fi; \
+	if [ -n "$$GSA" ]; then set -- "$$@" --service-account-email="$$GSA"; fi; \
+	for arg in $$ARGS; do set -- "$$@" "--set=$${arg\#--}"; done
+SELECTOR = "app.kubernetes.io/name=image-trainer$${RUN:+,app.kubernetes.io/instance=$$RUN}"
 # Prints the manifests (DRY_RUN=1) or applies them; a failed render applies nothing.
-APPLY = if [ -n "$(DRY_RUN)" ]; then printf '%s\n' "$$manifest"; \
+APPLY = if [ -n "$$DRY_RUN" ]; then printf '%s\n' "$$manifest"; \
 	else printf '%s\n' "$$manifest" | $(KUBECTL) apply -f - && \
 	echo "submitted $$run: make status RUN=$$run; make logs RUN=$$run FOLLOW=1; make wait RUN=$$run"; fi
 
 image:
-	$(BUILDER) build --tag $(IMAGE) .
+	$(BUILDER) build --tag "$$IMAGE" .
 
 push:
-	@case "$(IMAGE)" in *YOUR_PROJECT*) echo "usage: make push IMAGE=REGISTRY/REPO/NAME:TAG" >&2; exit 2;; esac
-	$(BUILDER) push $(IMAGE)
+	@case "$$IMAGE" in *YOUR_PROJECT*) echo "usage: make push IMAGE=REGISTRY/REPO/NAME:TAG" >&2; exit 2;; esac
+	$(BUILDER) push "$$IMAGE"
 
 render:
 	@for overlay in k8s/base k8s/overlays/*/; do \
 		printf -- '---\n# %s\n' "$${overlay%/}"; kubectl kustomize "$$overlay" || exit 1; done
 
 submit-train:
-	@if [ -z "$(DATA)" ] || [ -z "$(JOB_DIR)" ]; then echo "usage: make submit-train DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [GPUS=1] [WORKERS=1 [MULTI=jobset|indexed]] [ARGS='--epochs=2'] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
-	@run=$(or $(RUN),train-$(RUN_STAMP)); \
-	manifest="$$($(RENDER_PY) k8s/render.py $(or $(OVERLAY),$(TRAIN_OVERLAY)) --command=train --name=$$run \
-		$(if $(filter-out 1,$(WORKERS)),--workers=$(WORKERS)) $(RENDER_COMMON) \
-		--set=data=$(DATA) --set=job_dir=$(JOB_DIR))" && $(APPLY)
+	@if [ -z "$$DATA" ] || [ -z "$$JOB_DIR" ]; then echo "usage: make submit-train DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [GPUS=1] [WORKERS=1 [MULTI=jobset|indexed]] [ARGS='--epochs=2'] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
+	@run="$${RUN:-train-$(RUN_STAMP)}"; $(RENDER_COMMON); \
+	if [ "$$WORKERS" = 1 ]; then overlay=k8s/overlays/gpu-spot; \
+	else overlay="k8s/overlays/multiworker-$$MULTI"; set -- "$$@" --workers="$$WORKERS"; fi; \
+	manifest="$$($(RENDER_PY) k8s/render.py "$${OVERLAY:-$$overlay}" --command=train --name="$$run" "$$@" \
+		--set=data="$$DATA" --set=job_dir="$$JOB_DIR")" && $(APPLY)
 
 submit-eval:
-	@if [ -z "$(DATA)" ] || [ -z "$(JOB_DIR)$(MODEL)" ]; then echo "usage: make submit-eval DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [MODEL=JOB_DIR/model] [OUTPUT=JOB_DIR/eval] [SPLIT=test] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
-	@run=$(or $(RUN),eval-$(RUN_STAMP)); \
-	manifest="$$($(RENDER_PY) k8s/render.py $(or $(OVERLAY),k8s/overlays/gpu-spot) --command=evaluate --name=$$run \
-		$(RENDER_COMMON) --set=model=$(or $(MODEL),$(JOB_DIR)/model) --set=data=$(DATA) \
-		--set=output=$(or $(OUTPUT),$(JOB_DIR)/eval) --set=split=$(SPLIT))" && $(APPLY)
+	@if [ -z "$$DATA" ] || [ -z "$$JOB_DIR$$MODEL" ]; then echo "usage: make submit-eval DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [MODEL=JOB_DIR/model] [OUTPUT=JOB_DIR/eval] [SPLIT=test] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
+	@run="$${RUN:-eval-$(RUN_STAMP)}"; $(RENDER_COMMON); \
+	manifest="$$($(RENDER_PY) k8s/render.py "$${OVERLAY:-k8s/overlays/gpu-spot}" --command=evaluate --name="$$run" \
+		"$$@" --set=model="$${MODEL:-$$JOB_DIR/model}" --set=data="$$DATA" \
+		--set=output="$${OUTPUT:-$$JOB_DIR/eval}" --set=split="$$SPLIT")" && $(APPLY)
 
 # Vertex AI custom training (k8s/vertex.py): the same image and trainer flags, no cluster needed.
 submit-vertex:
-	@if [ -z "$(DATA)" ] || [ -z "$(JOB_DIR)" ]; then echo "usage: make submit-vertex DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [REGION=us-central1] [GPUS=1] [ACCELERATOR=nvidia-l4] [WORKERS=1] [SPOT=1] [GSA=...] [ARGS='--epochs=2'] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
-	@run=$(or $(RUN),train-$(RUN_STAMP)); \
-	spec="$$($(RENDER_PY) k8s/vertex.py --image=$(IMAGE) --gpus=$(GPUS) --accelerator=$(ACCELERATOR) \
-		--workers=$(WORKERS) $(if $(SPOT),--spot) $(if $(GSA),--service-account-email=$(GSA)) \
-		$(foreach arg,$(ARGS),--set=$(patsubst --%,%,$(arg))) --set=data=$(DATA) --set=job_dir=$(JOB_DIR))" && \
-	if [ -n "$(DRY_RUN)" ]; then printf '%s\n' "$$spec"; \
+	@if [ -z "$$DATA" ] || [ -z "$$JOB_DIR" ]; then echo "usage: make submit-vertex DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [REGION=us-central1] [GPUS=1] [ACCELERATOR=nvidia-l4] [WORKERS=1] [SPOT=1] [GSA=...] [ARGS='--epochs=2'] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
+	@run="$${RUN:-train-$(RUN_STAMP)}"; set -f; set -- --image="$$IMAGE" --gpus="$$GPUS" \
+		--accelerator="$$ACCELERATOR" --workers="$$WORKERS"; \
+	if [ -n "$$SPOT" ]; then set -- "$$@" --spot; fi; \
+	if [ -n "$$GSA" ]; then set -- "$$@" --service-account-email="$$GSA"; fi; \
+	for arg in $$ARGS; do set -- "$$@" "--set=$${arg#--}"; done; \
+	spec="$$($(RENDER_PY) k8s/vertex.py "$$@" --set=data="$$DATA" --set=job_dir="$$JOB_DIR")" && \
+	if [ -n "$$DRY_RUN" ]; then printf '%s\n' "$$spec"; \
 	else file=$$(mktemp); printf '%s\n' "$$spec" > "$$file" && \
-		$(GCLOUD) ai custom-jobs create --region=$(REGION) --display-name=$$run --config="$$file"; \
+		$(GCLOUD) ai custom-jobs create --region="$$REGION" --display-name="$$run" --config="$$file"; \
 		code=$$?; rm -f "$$file"; exit $$code; fi
 
 status:
@@ -108,13 +121,13 @@ status:
 	-@$(KUBECTL) get jobsets -l $(SELECTOR) 2>/dev/null
 
 logs:
-	@if [ -z "$(RUN)" ]; then echo "usage: make logs RUN=name [FOLLOW=1] [TAIL=200]" >&2; exit 2; fi
-	$(KUBECTL) logs -l app.kubernetes.io/instance=$(RUN) --all-containers --prefix --tail=$(TAIL) \
-		--max-log-requests=32 $(if $(FOLLOW),--follow)
+	@if [ -z "$$RUN" ]; then echo "usage: make logs RUN=name [FOLLOW=1] [TAIL=200]" >&2; exit 2; fi
+	$(KUBECTL) logs -l "app.kubernetes.io/instance=$$RUN" --all-containers --prefix --tail="$$TAIL" \
+		--max-log-requests=32 $${FOLLOW:+--follow}
 
 wait:
-	@if [ -z "$(RUN)" ]; then echo "usage: make wait RUN=name [TIMEOUT=6h]" >&2; exit 2; fi
-	KUBECTL="$(KUBECTL)" bash k8s/wait.sh $(RUN) $(TIMEOUT)
+	@if [ -z "$$RUN" ]; then echo "usage: make wait RUN=name [TIMEOUT=6h]" >&2; exit 2; fi
+	KUBECTL="$(KUBECTL)" bash k8s/wait.sh "$$RUN" "$$TIMEOUT"
 
 # Benchmarks of issue 6 (docs/benchmarks.md): input pipeline, training step, prepare's memory.
 # Results (JSON + PNG) in bench_output/. Run on a quiet machine: the numbers are rates.

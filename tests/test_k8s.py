@@ -738,3 +738,28 @@ def test_make_submit_vertex_dry_run_prints_the_spec():
     spec = yaml.safe_load(result.stdout)
     assert [pool["replicaCount"] for pool in spec["workerPoolSpecs"]] == [1, 1]
     assert "--data=gs://b/d.json" in spec["workerPoolSpecs"][0]["containerSpec"]["args"]
+
+
+@pytest.mark.parametrize("target", ["submit-train", "submit-eval", "submit-vertex"])
+def test_make_variables_reach_the_shell_as_data_not_commands(tmp_path, target):
+    marker = tmp_path / "ran"
+    hostile = f"gs://b/d.json; touch {marker}; $(touch {marker}) $(shell touch {marker}) `touch {marker}` \"'"
+    common = ["make", "-s", target, "DRY_RUN=1", "IMAGE=r.example/t:1"]
+    result = subprocess.run([*common, "DATA=gs://b/d.json", "JOB_DIR=gs://b/r", f"RUN=r-1; touch {marker}"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert not marker.exists(), result.stdout + result.stderr
+    result = subprocess.run([*common, f"DATA={hostile}", f"JOB_DIR=gs://b/r$(touch {marker})",
+                             f"ARGS=--epochs=2 --seed=$$(touch {marker})"], capture_output=True, text=True, cwd=ROOT)
+    assert not marker.exists(), result.stdout + result.stderr
+    # The value arrives whole, as data.
+    assert result.returncode == 0, result.stderr
+
+    def strings(node):
+        if isinstance(node, dict):
+            return [text for value in node.values() for text in strings(value)]
+        if isinstance(node, list):
+            return [text for value in node for text in strings(value)]
+        return [node] if isinstance(node, str) else []
+
+    texts = [text for document in yaml.safe_load_all(result.stdout) for text in strings(document)]
+    assert f"--data={hostile}" in texts, texts
