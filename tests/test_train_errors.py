@@ -135,3 +135,25 @@ def test_a_misspelt_fine_tune_from_fails_before_the_head_phase(dataset, tmp_path
     result = train(dataset, tmp_path, "--epochs=5", "--fine_tune_epochs=1", "--fine_tune_from=blok2_conv1")
     assert_one_line_error(result, "--fine_tune_from: no layer 'blok2_conv1'", "did you mean: block2_conv1")
     assert "epoch 1 done" not in result.stderr and "Epoch 1/" not in result.stdout  # nothing was trained
+
+
+def test_tensorflow_start_up_noise_is_silenced_and_verbosity_brings_it_back(tmp_path):
+    import re
+
+    from trainer import cli
+
+    args = ["train", f"--data={tmp_path / 'none' / 'dataset.json'}", f"--job_dir={tmp_path / 'job'}"]
+    quiet = run_trainer(*args)
+    assert quiet.returncode == 1
+    assert not cli._TENSORFLOW_START_NOISE.search(quiet.stderr), quiet.stderr
+    assert re.search(r"^error: no dataset manifest", quiet.stderr, re.M), quiet.stderr
+    loud = run_trainer(*args, "--verbosity=1")
+    assert loud.returncode == 1
+    assert len(loud.stderr.splitlines()) > len(quiet.stderr.splitlines())
+
+
+def test_a_missing_flagfile_is_named_plainly(tmp_path):
+    result = run_trainer("train", f"--flagfile={tmp_path / 'nope.flags'}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"trainer train: error: cannot read --flagfile: [Errno 2] No such file or " \
+                                    f"directory: '{tmp_path / 'nope.flags'}'"

@@ -8,8 +8,10 @@ one line on stderr and an exit code from `trainer.errors`; presets are absl flag
 
 import logging as std_logging
 import os
+import re
 import signal
 import sys
+import tempfile
 
 # Before TensorFlow is imported anywhere: keep its C++ INFO lines out of the user's terminal.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -152,13 +154,59 @@ def _parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as error:
-        sys.stderr.write(f"{argv[0]}: error: {error}\n")
+        message = str(error)
+        if "Unable to open flagfile" in message:  # absl: "ERROR:: Unable to open flagfile: [Errno 2] ..."
+            message = "cannot read --flagfile: " + message.split("Unable to open flagfile:", 1)[-1].strip()
+        sys.stderr.write(f"{argv[0]}: error: {message}\n")
         sys.exit(errors.EXIT_BAD_INPUT)
+
+
+# What TensorFlow prints on every start (its C++ logging, before absl's is set up): none of it is
+# news on a CPU machine or a working GPU one. `--verbosity=1` shows it all.
+_TENSORFLOW_START_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|oneDNN custom operations are on|Could not find cuda drivers|"
+    r"failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered|"
+    r"This TensorFlow binary is optimized to use available CPU instructions|TF-TRT Warning|"
+    r"To enable the following instructions")
+_LIBRARY_FILES = re.compile(r"[/\\]site-packages[/\\](tensorflow|tf_keras|keras)[/\\]")
+
+
+def _import_tensorflow_quietly():
+    """Imports TensorFlow with its start-up lines filtered out of stderr (any other line it
+    prints is kept), and keeps the libraries' own INFO lines (checkpoint sharding, fingerprints,
+    Keras's slow-callback warning) out of the log; `--verbosity=1` or more keeps everything."""
+    if FLAGS.verbosity >= 1:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            from trainer import kerasapi  # noqa: F401 - tf_keras: the same start-up lines once more
+
+            tf.config.list_physical_devices("GPU")  # CUDA is initialised (or fails to be) here
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True):
+                if not _TENSORFLOW_START_NOISE.search(line):
+                    sys.stderr.write(line)
+    logging.get_absl_handler().addFilter(_drop_library_chatter)
+
+
+def _drop_library_chatter(record):
+    if not _LIBRARY_FILES.search(record.pathname or ""):
+        return True
+    return record.levelno >= std_logging.WARNING and "is slow compared to the batch time" not in record.getMessage()
 
 
 def _run_safely(run):
     def main(argv):
         try:
+            _import_tensorflow_quietly()
             run(argv)
         except (errors.UserError, app.UsageError) as error:
             _exit(errors.EXIT_BAD_INPUT, f"error: {error}")
