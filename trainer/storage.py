@@ -179,8 +179,9 @@ def check_writable(location):
     with _translate_errors(location):
         if is_gcs(location):
             bucket = location[len("gs://"):].split("/", 1)[0]
-            filesystem, _ = _filesystem(location)
-            if not filesystem.exists(bucket):
+            with _translate_gcs_errors(location):  # one request (gcsfs's exists may make several)
+                found = _gcs_client().lookup_bucket(bucket, **_gcs_call_options())
+            if found is None:
                 raise UserError(f"bucket gs://{bucket} does not exist (or this account cannot see it): create it, "
                                 f"or fix the location {location}")
             return
@@ -452,7 +453,11 @@ def _translate_gcs_errors(location):
     with _translate_errors(location):
         try:
             yield
-        except (exceptions.ServerError, exceptions.RetryError) as error:
+        except exceptions.RetryError as error:
+            cause = f" (last: {first_line(error.cause)})" if error.cause else ""
+            raise RetryableError(f"storage unreachable at {location}: no answer within "
+                                 f"{_GCS_CLIENT_DEADLINE_SECONDS:g} s of retries{cause}") from error
+        except exceptions.ServerError as error:
             raise RetryableError(f"storage error at {location}: {first_line(error)}") from error
         except exceptions.Forbidden as error:
             raise UserError(f"no permission for {location}: {first_line(error)}") from error
