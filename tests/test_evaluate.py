@@ -306,8 +306,9 @@ def write_dataset(folder, examples, num_shards=2):
     return os.path.join(folder, "dataset.json")
 
 
-def export_brightness_model(model_url, classes=CLASSES):
-    """Exports, with the real export code, a model whose P(dogs) = sigmoid(10 (mean/255 - 0.5))."""
+def export_brightness_model(model_url, classes=CLASSES, bias=-5.0):
+    """Exports, with the real export code, a model whose P(dogs) = sigmoid(10 mean/255 + bias)
+    (the default: sigmoid(10 (mean/255 - 0.5)))."""
     from trainer import export
     from trainer.kerasapi import keras
 
@@ -315,7 +316,7 @@ def export_brightness_model(model_url, classes=CLASSES):
                               keras.layers.GlobalAveragePooling2D(),
                               keras.layers.Dense(1, activation="sigmoid")])
     model.layers[-1].set_weights([np.full((3, 1), 10 / (3 * 255), np.float32),
-                                  np.array([-5.0], np.float32)])
+                                  np.array([bias], np.float32)])
     export.export_model(model, list(classes), IMAGE_SIZE, model_url, backbone="brightness")
     return model_url
 
@@ -387,3 +388,61 @@ def test_bad_input_is_one_line(job, tmp_path):
     assert mismatch.returncode == 1 and "differ from the dataset's" in last_line(mismatch)
     assert missing.returncode == 1 and "--baseline" in last_line(missing)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---- The paired gate: candidate and production on the same examples ------------------------------
+
+def test_mcnemar_exact_p_is_the_two_sided_binomial_test():
+    from scipy.stats import binomtest
+
+    for only_candidate, only_production in [(0, 0), (1, 0), (3, 10), (10, 3), (50, 70), (200, 250)]:
+        n = only_candidate + only_production
+        expected = binomtest(min(only_candidate, only_production), n, 0.5).pvalue if n else 1.0
+        assert gate.mcnemar_exact_p(only_candidate, only_production) == pytest.approx(expected, rel=1e-9)
+
+
+def test_compare_promotes_unless_significantly_worse_and_guards_each_class():
+    labels = [0] * 100 + [1] * 100
+    production = [True] * 200
+    # 20 more mistakes spread over both classes: significantly worse.
+    worse = [i % 10 != 0 for i in range(200)]
+    result = gate.compare(labels, worse, production, ["cats", "dogs"], recall_tolerance=0.2)
+    assert not result["passed"] and result["reason"].startswith("significantly worse")
+    assert (result["only_candidate_correct"], result["only_production_correct"]) == (0, 20)
+    assert result["p_value"] < 0.05
+    # Three mistakes more: noise, not a real difference.
+    close = [i not in (1, 102, 150) for i in range(200)]
+    assert gate.compare(labels, close, production, ["cats", "dogs"])["passed"]
+    # ... unless --require_improvement.
+    assert not gate.compare(labels, close, production, ["cats", "dogs"], require_improvement=True)["passed"]
+    # A class that loses 8 points of recall fails, even though overall the difference is noise.
+    one_class = [not (100 <= i < 108) for i in range(200)]
+    result = gate.compare(labels, one_class, [True] * 200, ["cats", "dogs"], recall_tolerance=0.05)
+    assert not result["passed"] and "recall of class 'dogs' falls from 1.0000 to 0.9200" in result["reason"]
+
+
+def test_evaluate_with_production_scores_both_models_on_the_same_examples(job, tmp_path):
+    from trainer import promote
+
+    production = str(tmp_path / "production")
+    champion = tmp_path / "champion"
+    export_brightness_model(str(champion / "model"), bias=-4.0)
+    assert evaluate_command({**job, "model": str(champion / "model")}, str(champion / "eval")).returncode == 0
+    version = promote.promote(str(champion), production)
+
+    candidate_eval = tmp_path / "candidate-eval"
+    result = evaluate_command(job, str(candidate_eval), f"--production={production}", "--recall_tolerance=0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    comparison = storage.read_json(str(candidate_eval / "metrics.json"))["comparison"]
+    assert comparison["production"]["version"] == version
+    assert comparison["production"]["model_id"] == storage.tree_digest(str(champion / "model"))
+    assert comparison["examples"] == len(TEST_EXAMPLES)
+    assert comparison["candidate_accuracy"] == pytest.approx(ACCURACY)
+    assert 0 <= comparison["p_value"] <= 1 and comparison["passed"]
+    assert "candidate vs production" in result.stderr
+
+    # The decision reaches promote through metrics.json, tied to the model it evaluated.
+    candidate = tmp_path / "candidate"
+    storage.copy_tree(job["model"], str(candidate / "model"))
+    storage.copy_tree(str(candidate_eval), str(candidate / "eval"))
+    assert promote.promote(str(candidate), production) != version

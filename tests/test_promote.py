@@ -15,8 +15,13 @@ from trainer import gate, promote, storage
 from trainer.errors import RetryableError, UserError
 
 
-def make_candidate(root, name, accuracy):
-    """Writes a candidate job_dir under `root`; returns its URL."""
+def make_candidate(root, name, accuracy, versus=None, passed=True, classes=("cats", "dogs"), split="test"):
+    """Writes a candidate job_dir under `root`; returns its URL.
+
+    Its metrics.json is what `trainer evaluate` writes: the model's id, and with `versus`
+    (a production location) the paired comparison with the version production serves now, whose
+    decision is `passed`.
+    """
     job_dir = storage.join(root, "runs", name)
     model = storage.join(job_dir, "model")
     storage.write_bytes(storage.join(model, "saved_model.pb"), b"saved model of " + name.encode())
@@ -24,17 +29,24 @@ def make_candidate(root, name, accuracy):
     storage.write_bytes(storage.join(model, "variables", "variables.data-00000-of-00001"),
                         os.urandom(64 * 1024))
     storage.write_json(storage.join(model, "metadata.json"), {
-        "classes": ["cats", "dogs"], "image_size": 32, "backbone": "tiny", "num_classes": 2})
+        "classes": list(classes), "image_size": 32, "backbone": "tiny", "num_classes": len(classes)})
     correct = round(accuracy * 100)
-    storage.write_json(storage.join(job_dir, "eval", "metrics.json"), {
-        "split": "test", "examples": 100, "loss": 0.3, "accuracy": accuracy,
-        "classes": ["cats", "dogs"],
+    metrics = {
+        "split": split, "examples": 100, "loss": 0.3, "accuracy": accuracy, "classes": list(classes),
         "per_class": {name: {"precision": accuracy, "recall": accuracy, "f1": accuracy, "support": 50}
-                      for name in ("cats", "dogs")},
+                      for name in classes},
         "confusion_matrix": [[correct // 2, 50 - correct // 2], [50 - (correct - correct // 2),
                                                                  correct - correct // 2]],
-        "roc_auc": accuracy, "pr_auc": accuracy, "model": storage.join(job_dir, "model"),
-        "data": storage.join(root, "data", "dataset.json")})
+        "model": model, "data": storage.join(root, "data", "dataset.json"), "model_id": storage.tree_digest(model)}
+    if versus:
+        pointer = latest(versus)
+        served = storage.join(versus, *pointer["model"].split("/"))
+        metrics["comparison"] = {
+            "production": {"url": versus, "version": pointer["version"], "model_id": storage.tree_digest(served),
+                           "classes": storage.read_json(storage.join(served, "metadata.json"))["classes"]},
+            "passed": passed, "reason": f"{'not ' if passed else ''}significantly worse: accuracy {accuracy:.4f} "
+                                        "vs production's ... (McNemar p=0.01)"}
+    storage.write_json(storage.join(job_dir, "eval", "metrics.json"), metrics)
     return job_dir
 
 
@@ -72,7 +84,7 @@ def test_first_and_better_candidates_are_promoted_previous_stays(gcs_bucket, cap
     assert storage.read_json(storage.join(folder, "metrics.json"))["accuracy"] == 0.90
     assert json.loads(storage.read_bytes(storage.join(folder, "COMPLETE"))) == pointer
 
-    better = make_candidate(gcs_bucket, "better", 0.93)
+    better = make_candidate(gcs_bucket, "better", 0.93, versus=production)
     with caplog.at_level("INFO", logger="absl"):
         better_version = promote.promote(better, production)
     assert better_version != first_version
@@ -91,6 +103,10 @@ def test_promoting_the_production_candidate_again_changes_nothing(gcs_bucket):
     version = promote.promote(candidate, production)
     before = storage.read_bytes(storage.join(production, "LATEST"))
     assert promote.promote(candidate + "/", production) == version  # e.g. a retried CronJob pod
+    # The same model in another folder (`./jp` for `jp`, a copy) is the same candidate: its content decides.
+    copy = storage.join(gcs_bucket, "copies", "once")
+    storage.copy_tree(candidate, copy)
+    assert promote.promote(copy, production) == version
     assert storage.read_bytes(storage.join(production, "LATEST")) == before
     assert versions(production) == [version]
 
@@ -101,20 +117,18 @@ def test_failing_candidate_is_not_promoted_through_the_cli(gcs_bucket):
     version = promote.promote(good, production)
     pointer_before = storage.read_bytes(storage.join(production, "LATEST"))
 
-    worse = make_candidate(gcs_bucket, "worse", 0.85)
-    result = run_trainer("promote", f"--candidate={worse}", f"--production={production}",
-                         "--tolerance=0.01", timeout=300)
+    worse = make_candidate(gcs_bucket, "worse", 0.85, versus=production, passed=False)
+    result = run_trainer("promote", f"--candidate={worse}", f"--production={production}", timeout=300)
     assert result.returncode == 1, result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "not promoted" in error_lines[0]
+    assert len(error_lines) == 1 and "not promoted: significantly worse" in error_lines[0]
     assert "0.8500" in error_lines[0] and "Traceback" not in result.stderr
     assert storage.read_bytes(storage.join(production, "LATEST")) == pointer_before
     assert versions(production) == [version]  # nothing copied
 
-    # Within the tolerance it passes, through the same command line.
-    close = make_candidate(gcs_bucket, "close", 0.895)
-    result = run_trainer("promote", f"--candidate={close}", f"--production={production}",
-                         "--tolerance=0.01", timeout=300)
+    # A candidate the paired test does not find worse passes, through the same command line.
+    close = make_candidate(gcs_bucket, "close", 0.895, versus=production, passed=True)
+    result = run_trainer("promote", f"--candidate={close}", f"--production={production}", timeout=300)
     assert result.returncode == 0, result.stderr
     assert latest(production)["candidate"] == close
 
@@ -139,7 +153,7 @@ def test_crash_after_copying_leaves_production_unchanged(gcs_bucket, monkeypatch
     production = f"{gcs_bucket}/production"
     old_version = promote.promote(make_candidate(gcs_bucket, "old", 0.90), production)
     pointer_before = storage.read_bytes(storage.join(production, "LATEST"))
-    new = make_candidate(gcs_bucket, "new", 0.95)
+    new = make_candidate(gcs_bucket, "new", 0.95, versus=production)
 
     class Crash(BaseException):  # like the process dying: nothing catches it
         pass
@@ -160,7 +174,7 @@ def test_crash_after_copying_leaves_production_unchanged(gcs_bucket, monkeypatch
 
     # The rerun (a later second, hence a new version name) completes the promotion.
     monkeypatch.setattr(promote, "copy_model", real_copy_model)
-    monkeypatch.setattr(promote, "version_name", lambda candidate: "29990101T000000Z-rerun")
+    monkeypatch.setattr(promote, "version_name", lambda model_id: "29990101T000000Z-rerun")
     assert promote.promote(new, production) == "29990101T000000Z-rerun"
     assert latest(production)["version"] == "29990101T000000Z-rerun"
     assert_model_copied_whole(new, production, "29990101T000000Z-rerun")
@@ -169,8 +183,8 @@ def test_crash_after_copying_leaves_production_unchanged(gcs_bucket, monkeypatch
 def test_two_concurrent_promotions_cannot_both_win(gcs_bucket, monkeypatch):
     production = f"{gcs_bucket}/production"
     base = promote.promote(make_candidate(gcs_bucket, "base", 0.80), production)
-    better = make_candidate(gcs_bucket, "better", 0.95)
-    good = make_candidate(gcs_bucket, "good", 0.90)
+    better = make_candidate(gcs_bucket, "better", 0.95, versus=production)
+    good = make_candidate(gcs_bucket, "good", 0.90, versus=production)
 
     # Both promotions have read the same production and passed the gate against it before either
     # moves the pointer: exactly the race the compare-and-swap must settle.
@@ -205,18 +219,52 @@ def test_two_concurrent_promotions_cannot_both_win(gcs_bucket, monkeypatch):
         thread.join(timeout=300)
     assert sorted(first_attempts) == [False, True]  # one winner among the racers
 
-    # Whichever won the race, the loser re-checked its gate against the winner: the better model
-    # ends up in production, and the worse one never replaced it.
-    assert isinstance(outcomes["better"], str)
-    assert latest(production)["candidate"] == better
-    assert latest(production)["version"] == outcomes["better"]
-    if isinstance(outcomes["good"], str):  # "good" won the race, then "better" promoted over it
-        assert versions(production) == sorted([base, outcomes["good"], outcomes["better"]])
-    else:  # "better" won; "good" failed the re-check and its unused copy was removed
-        assert isinstance(outcomes["good"], gate.GateFailed), outcomes["good"]
-        assert versions(production) == sorted([base, outcomes["better"]])
+    # The loser was compared with a version production no longer serves: it fails, saying so,
+    # and its unused copy is removed.
+    winner = next(name for name, outcome in outcomes.items() if isinstance(outcome, str))
+    loser = "good" if winner == "better" else "better"
+    assert isinstance(outcomes[loser], gate.GateFailed), outcomes[loser]
+    assert "production moved to version" in str(outcomes[loser])
+    assert latest(production)["version"] == outcomes[winner]
+    assert versions(production) == sorted([base, outcomes[winner]])
     for version in versions(production):
         assert storage.exists(storage.join(production, "versions", version, "COMPLETE"))
+
+
+def test_an_evaluation_of_another_model_or_split_is_refused(gcs_bucket):
+    production = f"{gcs_bucket}/production"
+    candidate = make_candidate(gcs_bucket, "edited", 0.9)
+    # The model changed after its evaluation (or metrics.json was copied from another run).
+    storage.write_bytes(storage.join(candidate, "model", "saved_model.pb"), b"another model")
+    with pytest.raises(UserError, match="is not an evaluation of"):
+        promote.promote(candidate, production)
+    trained_on = make_candidate(gcs_bucket, "train-split", 0.99, split="train")
+    with pytest.raises(UserError, match="evaluates the 'train' split"):
+        promote.promote(trained_on, production)
+    assert not storage.exists(storage.join(production, "LATEST"))
+
+
+def test_production_must_have_been_scored_on_the_same_examples(gcs_bucket):
+    production = f"{gcs_bucket}/production"
+    first = promote.promote(make_candidate(gcs_bucket, "first", 0.9), production)
+    alone = make_candidate(gcs_bucket, "alone", 0.99)  # evaluated without --production
+    with pytest.raises(gate.GateFailed, match=f"did not score production's model \\(version {first}\\).*--production="):
+        promote.promote(alone, production)
+    stale = make_candidate(gcs_bucket, "stale", 0.95, versus=production)
+    second = promote.promote(make_candidate(gcs_bucket, "second", 0.92, versus=production), production)
+    with pytest.raises(gate.GateFailed, match=f"compared with production version {first}, but production now "
+                                              f"serves {second}"):
+        promote.promote(stale, production)
+
+
+def test_other_classes_replace_production_only_when_allowed(gcs_bucket):
+    production = f"{gcs_bucket}/production"
+    promote.promote(make_candidate(gcs_bucket, "two", 0.9), production)
+    three = make_candidate(gcs_bucket, "three", 0.95, versus=production, classes=("cats", "dogs", "birds"))
+    with pytest.raises(gate.GateFailed, match="differ from the candidate's.*--allow_class_change"):
+        promote.promote(three, production)
+    assert promote.promote(three, production, allow_class_change=True) == latest(production)["version"]
+    assert latest(production)["candidate"] == three
 
 
 # ---- The compare-and-swap promote relies on (trainer/storage.py) -------------------------------
@@ -253,26 +301,25 @@ def test_promote_works_on_local_folders(tmp_path):
     production = str(tmp_path / "production")
     first = promote.promote(make_candidate(str(tmp_path), "first", 0.9), production)
     with pytest.raises(gate.GateFailed):
-        promote.promote(make_candidate(str(tmp_path), "second", 0.5), production)
+        promote.promote(make_candidate(str(tmp_path), "second", 0.5, versus=production, passed=False), production)
     assert latest(production)["version"] == first
     assert os.path.isfile(os.path.join(production, "versions", first, "model", "saved_model.pb"))
 
 
-def test_version_names_sort_by_time_and_differ_by_candidate():
+def test_version_names_sort_by_time_and_differ_by_model():
     import datetime
 
     morning = datetime.datetime(2026, 11, 28, 7, 0, 0, tzinfo=datetime.timezone.utc)
     evening = morning.replace(hour=19)
-    assert promote.version_name("gs://b/runs/a", morning) == "20261128T070000Z-" + (
-        __import__("hashlib").sha256(b"gs://b/runs/a").hexdigest()[:8])
-    assert promote.version_name("gs://b/runs/a", morning) != promote.version_name("gs://b/runs/b", morning)
-    assert promote.version_name("gs://b/runs/z", morning) < promote.version_name("gs://b/runs/a", evening)
+    assert promote.version_name("0123456789abcdef", morning) == "20261128T070000Z-01234567"
+    assert promote.version_name("aaaaaaaa11", morning) != promote.version_name("bbbbbbbb11", morning)
+    assert promote.version_name("ffffffff", morning) < promote.version_name("00000000", evening)
 
 
 def test_version_already_claimed_is_retryable(gcs_bucket, monkeypatch):
     production = f"{gcs_bucket}/production"
     candidate = make_candidate(gcs_bucket, "claimed", 0.9)
-    monkeypatch.setattr(promote, "version_name", lambda candidate: "20260101T000000Z-taken")
+    monkeypatch.setattr(promote, "version_name", lambda model_id: "20260101T000000Z-taken")
     storage.write_bytes(f"{production}/versions/20260101T000000Z-taken/CLAIM", b"{}")
     with pytest.raises(RetryableError, match="already being written"):
         promote.promote(candidate, production)

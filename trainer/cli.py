@@ -84,6 +84,11 @@ def define_evaluate_flags():
     flags.DEFINE_float("min_accuracy", None, "Gate: fail (exit 1) when accuracy is below this.")
     flags.DEFINE_string("baseline", None, "Gate: a metrics.json this evaluation must not fall behind.")
     flags.DEFINE_float("tolerance", 0.0, "Gate: how far below --baseline accuracy is still a pass.")
+    flags.DEFINE_string("production", None, "The production location of `trainer promote`: its current model is "
+                        "scored on the same examples, and metrics.json gets the paired comparison promote decides on.")
+    flags.DEFINE_float("recall_tolerance", 0.05, "With --production: no class's recall may fall by more than this.")
+    flags.DEFINE_bool("require_improvement", False, "With --production: pass only when the candidate is "
+                      "significantly better (McNemar's exact test), instead of 'not significantly worse'.")
     flags.mark_flags_as_required(["model", "data", "output"])
 
 
@@ -94,7 +99,8 @@ def run_evaluate(argv):
     evaluate.run(model_url=FLAGS.model, manifest_url=FLAGS.data, split=FLAGS.split,
                  output_url=FLAGS.output, history_url=FLAGS.history, batch_size=FLAGS.batch_size,
                  min_accuracy=FLAGS.min_accuracy, baseline_url=FLAGS.baseline,
-                 tolerance=FLAGS.tolerance)
+                 tolerance=FLAGS.tolerance, production_url=FLAGS.production,
+                 recall_tolerance=FLAGS.recall_tolerance, require_improvement=FLAGS.require_improvement)
 
 
 def define_predict_flags():
@@ -116,8 +122,8 @@ def run_predict(argv):
 def define_promote_flags():
     flags.DEFINE_string("candidate", None, "The candidate's job_dir (its model/ and eval/metrics.json).")
     flags.DEFINE_string("production", None, "The production location that serving reads.")
-    flags.DEFINE_float("min_accuracy", None, "Also require at least this accuracy.")
-    flags.DEFINE_float("tolerance", 0.0, "How far below production's accuracy still promotes.")
+    flags.DEFINE_float("min_accuracy", None, "Also require at least this test accuracy.")
+    flags.DEFINE_bool("allow_class_change", False, "Let a model with other classes replace production's.")
     flags.mark_flags_as_required(["candidate", "production"])
 
 
@@ -126,7 +132,7 @@ def run_promote(argv):
 
     _no_extra_args(argv)
     promote.promote(candidate=FLAGS.candidate, production=FLAGS.production,
-                    min_accuracy=FLAGS.min_accuracy, tolerance=FLAGS.tolerance)
+                    min_accuracy=FLAGS.min_accuracy, allow_class_change=FLAGS.allow_class_change)
 
 
 COMMANDS = {

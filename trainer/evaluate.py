@@ -243,8 +243,9 @@ def _draw_training_curves(history):
     return figure
 
 
-def score(predict_images, dataset, expected_examples, batch_size=None):
-    """Runs a model's `predict_images` over every batch of a dataset.
+def score(predict_images, dataset, expected_examples, batch_size=None, others=()):
+    """Runs a model's `predict_images` over every batch of a dataset (and the same batches through
+    the `others`: the production model the candidate is compared with sees the very same pixels).
 
     Args:
       predict_images: callable taking `images=` float32 [B, S, S, 3] and returning a dict with
@@ -252,25 +253,32 @@ def score(predict_images, dataset, expected_examples, batch_size=None):
       dataset: yields (images, labels) batches.
       expected_examples: how many examples the dataset must yield (the manifest's count).
       batch_size: for the progress bar's total only.
+      others: more signatures like `predict_images`.
 
     Returns:
-      (labels [N] int64, probabilities [N, C] float32) as numpy arrays.
+      (labels [N] int64, probabilities [N, C] float32) as numpy arrays; with `others`, a third
+      item: the list of their probabilities.
 
     Raises:
       UserError: the dataset yielded a different number of examples than expected (shards that do
         not match their manifest); an evaluation never silently scores a part of a split.
     """
     total = math.ceil(expected_examples / batch_size) if batch_size else None
-    labels, probabilities = [], []
+    labels, probabilities, other_probabilities = [], [], [[] for _ in others]
     for images, batch_labels in tqdm(dataset, total=total, unit="batch", desc="evaluating",
                                      file=sys.stderr, mininterval=2.0):
         probabilities.append(np.asarray(predict_images(images=images)["probabilities"]))
+        for function, collected in zip(others, other_probabilities, strict=True):
+            collected.append(np.asarray(function(images=images)["probabilities"]))
         labels.append(np.asarray(batch_labels))
     scored = sum(len(batch) for batch in labels)
     if scored != expected_examples:
         raise UserError(f"scored {scored} examples but the manifest lists {expected_examples} for this "
                         "split: the shards do not match dataset.json (re-run `trainer prepare`)")
-    return np.concatenate(labels).astype(np.int64), np.concatenate(probabilities)
+    result = np.concatenate(labels).astype(np.int64), np.concatenate(probabilities)
+    if others:
+        return (*result, [np.concatenate(collected) for collected in other_probabilities])
+    return result
 
 
 def read_history(model_url, history_url=None):
@@ -329,8 +337,21 @@ def _preview(names, limit=6):
     return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)})"
 
 
+def production_model(production_url):
+    """(version, model URL, content id) of what production serves now, or None before the first
+    promotion (its LATEST pointer, trainer.promote)."""
+    from trainer import promote
+
+    pointer, _ = promote.read_pointer(production_url)
+    if not pointer:
+        return None
+    model_url = storage.join(production_url, *pointer["model"].split("/"))
+    return pointer["version"], model_url, storage.tree_digest(model_url)
+
+
 def run(model_url, manifest_url, split, output_url, history_url=None, batch_size=64,
-        min_accuracy=None, baseline_url=None, tolerance=0.0):
+        min_accuracy=None, baseline_url=None, tolerance=0.0, production_url=None, recall_tolerance=0.05,
+        require_improvement=False):
     """Evaluates an exported model on one split: metrics.json and pictures, then the CI gate.
 
     Args:
@@ -344,6 +365,10 @@ def run(model_url, manifest_url, split, output_url, history_url=None, batch_size
       baseline_url: gate: a metrics.json whose accuracy this one may not fall below by more than
         `tolerance`.
       tolerance: allowed shortfall against the baseline.
+      production_url: the production location of `trainer promote`: its current model is scored
+        on the same examples in this run, and `metrics["comparison"]` holds the paired gate's
+        figures and decision (`gate.compare`), which promote acts on.
+      recall_tolerance, require_improvement: the paired gate's settings (`gate.compare`).
 
     Returns:
       The metrics.json dict.
@@ -370,12 +395,38 @@ def run(model_url, manifest_url, split, output_url, history_url=None, batch_size
     logging.info("evaluating %s on the %s split of %s: %d examples, image size %d, batch %d",
                  model_url, split, manifest_url, expected, metadata["image_size"], batch_size)
 
+    production = production_model(production_url) if production_url else None
+    others = ()
+    if production:
+        version, production_url_model, _ = production
+        production_loaded, production_metadata = export.load_model(production_url_model)
+        if list(production_metadata["classes"]) == list(metadata["classes"]):
+            others = (production_loaded.signatures["predict_images"],)
+            logging.info("scoring production version %s (%s) on the same examples", version, production_url_model)
+
     examples = data.make_dataset(manifest_url, split, metadata["image_size"], batch_size, training=False)
     with data.translate_errors():  # a damaged record: its one-line UserError, not an OpError
-        labels, probabilities = score(loaded.signatures["predict_images"], examples, expected, batch_size)
+        scored = score(loaded.signatures["predict_images"], examples, expected, batch_size, others=others)
+    labels, probabilities = scored[:2]
     metrics = {"split": split, **compute_metrics(labels, probabilities, dataset_manifest["classes"]),
-               "model": model_url, "data": manifest_url}
+               "model": model_url, "data": manifest_url, "model_id": storage.tree_digest(model_url),
+               "dataset": manifest.dataset_identity(manifest_url, dataset_manifest)}
     curves = metrics.pop("curves", None)  # plotted, not stored: up to one point per example
+    if production:
+        version, production_url_model, production_id = production
+        comparison = {"production": {"url": production_url, "version": version, "model_id": production_id,
+                                     "classes": production_metadata["classes"]}}
+        if others:
+            comparison.update(gate.compare(labels, probabilities.argmax(1) == labels,
+                                           scored[2][0].argmax(1) == labels, dataset_manifest["classes"],
+                                           recall_tolerance=recall_tolerance,
+                                           require_improvement=require_improvement))
+            logging.info("candidate vs production %s: %s", version, comparison["reason"])
+        else:
+            comparison.update(passed=False, reason=f"production's classes {_preview(production_metadata['classes'])} "
+                              f"differ from the candidate's {_preview(metadata['classes'])}: no paired comparison")
+            logging.warning("%s", comparison["reason"])
+        metrics["comparison"] = comparison
 
     storage.write_json(storage.join(output_url, jobdir.METRICS), metrics)
     pictures = write_pictures(metrics, output_url, roc_data=curves,
@@ -383,6 +434,10 @@ def run(model_url, manifest_url, split, output_url, history_url=None, batch_size
     logging.info("%s", format_summary(metrics))
     logging.info("wrote %s and %s", storage.join(output_url, jobdir.METRICS), ", ".join(pictures))
 
+    if baseline is not None and (baseline.get("dataset", {}).get("digest") not in (None, metrics["dataset"]["digest"])
+                                 or baseline.get("split") not in (None, split)):
+        raise UserError(f"--baseline {baseline_url} was computed on other examples (split {baseline.get('split')} of "
+                        f"{baseline.get('data')}): compare models on the same examples with --production")
     reason = gate.check_gate(metrics, min_accuracy=min_accuracy, baseline=baseline, tolerance=tolerance)
     if reason is not None:
         raise gate.GateFailed(f"gate failed: {reason}")

@@ -1,10 +1,17 @@
 """`trainer promote`: copy a candidate model to production only when it passes the gate.
 
 The candidate is a job_dir: `model/` (the exported SavedModel with its metadata.json) and
-`eval/metrics.json` (from `trainer evaluate --output=JOB_DIR/eval`). Production looks like:
+`eval/metrics.json` from `trainer evaluate --output=JOB_DIR/eval --production=PRODUCTION`, which
+scored the candidate and production's current model on the same examples (the candidate's test
+split) and recorded the paired gate's decision (`gate.compare`: no class's recall drops by more
+than a tolerance, and McNemar's exact test says the candidate is not significantly worse, or with
+`--require_improvement` significantly better). Promote checks that this evaluation belongs to
+this model (`model_id`, a digest of the model's files, not its path), was made on the test split,
+and compared against the version production serves now; then it acts on the decision.
+Production's stored metrics are never compared with numbers from other examples.
 
   PRODUCTION/LATEST                            the pointer consumers read: {"version", "model",
-                                               "promoted", "candidate", "accuracy"}
+                                               "model_id", "promoted", "candidate", "accuracy"}
   PRODUCTION/versions/<version>/CLAIM          created only-if-absent: one writer per version
   PRODUCTION/versions/<version>/model/...      the SavedModel, copied whole
   PRODUCTION/versions/<version>/metrics.json   the candidate's evaluation: the next gate's baseline
@@ -14,15 +21,15 @@ The candidate is a job_dir: `model/` (the exported SavedModel with its metadata.
 Writes happen in that order and LATEST moves last, so a consumer that follows LATEST never sees a
 half-copied model, and a crash at any point leaves production as it was. Versions are immutable
 and never deleted: the previous one stays addressable for rollback. Version names sort by time:
-`20261128T070000Z-<hash of the candidate>`.
+`20261128T070000Z-<start of the model's id>`.
 
 Two promotions at once cannot both win: LATEST is replaced with a compare-and-swap on the
-generation that was read before gating (a generation precondition on gs://). The loser re-reads
-production and re-checks its gate against the winner: it then promotes on top of it, or fails.
+generation that was read before gating (a generation precondition on gs://). The loser's
+evaluation compared it with a version that production no longer serves: it fails, saying so, and
+its unused copy is removed.
 """
 
 import datetime
-import hashlib
 import json
 import os
 import socket
@@ -34,68 +41,84 @@ from trainer.errors import RetryableError, UserError
 
 POINTER = "LATEST"
 VERSIONS = "versions"
-# Each lost race means another promotion succeeded meanwhile; more than this many in a row is
-# not contention but something looping.
-MAX_ATTEMPTS = 5
+PROMOTED_SPLIT = "test"
 
 
-def promote(candidate, production, min_accuracy=None, tolerance=0.0):
+def promote(candidate, production, min_accuracy=None, allow_class_change=False):
     """Promotes the candidate's model to production if its evaluation passes the gate.
 
     Args:
       candidate: the candidate's job_dir (local path or URL), with `model/` and `eval/metrics.json`.
       production: the production location (local path or URL) that consumers read.
-      min_accuracy: also require at least this accuracy (None: no floor).
-      tolerance: how far below production's accuracy still promotes (accuracy units).
+      min_accuracy: also require at least this test accuracy (None: no floor).
+      allow_class_change: let a model with other classes replace production's.
 
     Returns:
       The name of the production version that now holds the candidate's model.
 
     Raises:
       gate.GateFailed: the candidate does not pass the gate (nothing is promoted).
-      UserError: the candidate or production is malformed.
-      RetryableError: storage unreachable, or production kept changing under us.
+      UserError: the candidate, its evaluation or production is malformed or does not match.
+      RetryableError: storage unreachable.
     """
     candidate = candidate.rstrip("/")
     production = production.rstrip("/")
     storage.check_writable(production)
     metrics = read_candidate(candidate)
-    version = None
-    for _ in range(MAX_ATTEMPTS):
-        pointer, generation = read_pointer(production)
-        if pointer and pointer.get("candidate") == candidate:
-            # A rerun (a retried CronJob pod), or a concurrent promotion of the same candidate.
-            logging.info("%s is already production version %s", candidate, pointer["version"])
-            if version and version != pointer["version"]:
-                discard_version(production, version)
-            return pointer["version"]
-        baseline = read_baseline(production, pointer)
-        reason = gate.check_gate(metrics, min_accuracy=min_accuracy, baseline=baseline,
-                                     tolerance=tolerance)
-        if reason:
-            if version:  # lost a race, and the winner is better: this copy will never be served
-                discard_version(production, version)
-            raise gate.GateFailed(f"not promoted: {reason}")
-        logging.info("gate passed: accuracy %.4f (production: %s)", metrics["accuracy"],
-                     f"{baseline['accuracy']:.4f}" if baseline else "none yet")
-        if version is None:
-            version = version_name(candidate)
-            record = publish_version(candidate, production, version, metrics)
-        if storage.write_if_generation(storage.join(production, POINTER),
-                                       _to_json(record), generation):
-            log_promotion(production, version, pointer)
-            return version
-        logging.warning("production changed while %s was being copied: checking the gate again",
-                        version)
-    raise RetryableError(f"production at {production} kept changing: {MAX_ATTEMPTS} promotions "
-                         "in a row were overtaken")
+    pointer, generation = read_pointer(production)
+    if pointer and pointer.get("model_id") == metrics["model_id"]:
+        # A rerun (a retried CronJob pod), or the same model promoted from another folder.
+        logging.info("%s is already production version %s (the same model)", candidate, pointer["version"])
+        return pointer["version"]
+    reason = refusal(metrics, pointer, production, min_accuracy, allow_class_change)
+    if reason:
+        raise gate.GateFailed(f"not promoted: {reason}")
+    comparison = metrics.get("comparison", {})
+    logging.info("gate passed: %s", comparison.get("reason") or
+                 f"test accuracy {metrics['accuracy']:.4f}, no production model yet")
+    version = version_name(metrics["model_id"])
+    record = publish_version(candidate, production, version, metrics)
+    if not storage.write_if_generation(storage.join(production, POINTER), _to_json(record), generation):
+        discard_version(production, version)
+        now, _ = read_pointer(production)
+        raise gate.GateFailed(f"not promoted: production moved to version {now and now['version']} while this "
+                              "promotion ran; evaluate the candidate against it (--production) and promote again")
+    log_promotion(production, version, pointer)
+    return version
+
+
+def refusal(metrics, pointer, production, min_accuracy=None, allow_class_change=False):
+    """Why the candidate's evaluation does not let it replace `pointer` (None: it does)."""
+    if min_accuracy is not None and metrics["accuracy"] < min_accuracy:
+        return f"test accuracy {metrics['accuracy']:.4f} is below --min_accuracy {min_accuracy:.4f}"
+    if not pointer:
+        return None
+    comparison = metrics.get("comparison")
+    how = f"run `trainer evaluate ... --split={PROMOTED_SPLIT} --production={production}` first"
+    if not comparison:
+        return (f"the candidate's evaluation did not score production's model (version {pointer['version']}) on the "
+                f"same examples; {how}")
+    compared = comparison["production"]
+    served_id = pointer.get("model_id", compared["model_id"])  # (pointers before model ids named none)
+    if compared["version"] != pointer["version"] or compared["model_id"] != served_id:
+        return (f"the candidate was compared with production version {compared['version']}, but production now "
+                f"serves {pointer['version']}; {how}")
+    if compared["classes"] != metrics["classes"]:
+        if not allow_class_change:
+            return (f"production's classes {compared['classes']} differ from the candidate's {metrics['classes']}: "
+                    "pass --allow_class_change to replace it with a model of other classes")
+        logging.warning("replacing production's classes %s with %s (--allow_class_change)", compared["classes"],
+                        metrics["classes"])
+        return None
+    return None if comparison["passed"] else comparison["reason"]
 
 
 def read_candidate(candidate):
-    """Checks the candidate's layout and returns its metrics.json.
+    """Checks the candidate's layout and that its metrics.json is this model's test evaluation.
 
     Raises:
-      UserError: the model or its evaluation is missing or unreadable.
+      UserError: the model or its evaluation is missing or unreadable, belongs to another model, or
+        was made on another split.
     """
     job = jobdir.JobDir(candidate)
     required = [storage.join(job.model_url, export_file) for export_file in ("saved_model.pb", "metadata.json")]
@@ -103,7 +126,15 @@ def read_candidate(candidate):
         if not storage.exists(url):
             raise UserError(f"{candidate} is not a candidate: {url} is missing "
                             f"(train exports {jobdir.MODEL}/; `trainer evaluate --output=JOB_DIR/{jobdir.EVAL}`)")
-    return gate.read_metrics(job.metrics_url, "candidate")
+    metrics = gate.read_metrics(job.metrics_url, "candidate")
+    model_id = storage.tree_digest(job.model_url)
+    if metrics.get("model_id") != model_id:
+        raise UserError(f"{job.metrics_url} is not an evaluation of {job.model_url} (it evaluated model "
+                        f"{metrics.get('model_id')}, this model is {model_id}): evaluate this model again")
+    if metrics.get("split") != PROMOTED_SPLIT:
+        raise UserError(f"{job.metrics_url} evaluates the {metrics.get('split')!r} split; promotion needs the "
+                        f"{PROMOTED_SPLIT} split (`trainer evaluate --split={PROMOTED_SPLIT}`)")
+    return metrics
 
 
 def read_pointer(production):
@@ -121,21 +152,10 @@ def read_pointer(production):
     return pointer, generation
 
 
-def read_baseline(production, pointer):
-    """The metrics.json of the version in production (the gate's baseline), or None."""
-    if not pointer:
-        return None
-    url = storage.join(production, VERSIONS, pointer["version"], jobdir.METRICS)
-    if not storage.exists(url):
-        raise UserError(f"{url} is missing: production's version has no metrics to compare with")
-    return gate.read_metrics(url, "production")
-
-
-def version_name(candidate, now=None):
-    """A sortable, unique version name: UTC time, then a short hash of the candidate's URL."""
+def version_name(model_id, now=None):
+    """A sortable, unique version name: UTC time, then the start of the model's content id."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    digest = hashlib.sha256(candidate.encode()).hexdigest()[:8]
-    return f"{now:%Y%m%dT%H%M%SZ}-{digest}"
+    return f"{now:%Y%m%dT%H%M%SZ}-{model_id[:8]}"
 
 
 def publish_version(candidate, production, version, metrics):
@@ -145,7 +165,7 @@ def publish_version(candidate, production, version, metrics):
       The pointer record for this version (also written as its COMPLETE marker).
 
     Raises:
-      RetryableError: the version name is taken (another promotion of the same candidate in the
+      RetryableError: the version name is taken (another promotion of the same model in the
         same second), or a copy came out incomplete.
     """
     folder = storage.join(production, VERSIONS, version)
@@ -153,11 +173,11 @@ def publish_version(candidate, production, version, metrics):
              "claimed": _now()}
     if not storage.write_if_absent(storage.join(folder, "CLAIM"), _to_json(claim)):
         raise RetryableError(f"production version {version} is already being written by "
-                             "another promotion of the same candidate")
+                             "another promotion of the same model")
     copy_model(jobdir.JobDir(candidate).model_url, storage.join(folder, jobdir.MODEL))
     storage.write_json(storage.join(folder, jobdir.METRICS), metrics)
-    record = {"version": version, "model": f"{VERSIONS}/{version}/{jobdir.MODEL}", "promoted": _now(),
-              "candidate": candidate, "accuracy": metrics["accuracy"]}
+    record = {"version": version, "model": f"{VERSIONS}/{version}/{jobdir.MODEL}", "model_id": metrics["model_id"],
+              "promoted": _now(), "candidate": candidate, "accuracy": metrics["accuracy"]}
     storage.write_bytes(storage.join(folder, "COMPLETE"), _to_json(record))
     return record
 

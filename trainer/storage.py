@@ -247,6 +247,17 @@ def md5_and_size(location):
         return base64.b64encode(digest.digest()).decode(), size
 
 
+def tree_digest(location):
+    """A short content id of everything under a folder: SHA-256 over each file's relative path and
+    MD5 (GCS's listing gives the MD5s; local files are read). Equal for byte-identical copies in
+    any store, different as soon as one file differs."""
+    digest = hashlib.sha256()
+    for relative, _, md5 in list_files(location, with_md5=True):
+        md5 = md5 or md5_and_size(join(location, *relative.split("/")))[0]
+        digest.update(f"{relative}\0{md5}\n".encode())
+    return digest.hexdigest()[:32]
+
+
 def _list_local_files(root):
     """`list_files` of a local folder: symbolic links are followed, each real folder listed once
     (a link loop ends there), and dangling links are left out and logged."""
