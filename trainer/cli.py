@@ -6,6 +6,8 @@ one line on stderr and an exit code from `trainer.errors`; presets are absl flag
 (`--flagfile=configs/seed_vgg16.flags`), and later flags override a flagfile's values.
 """
 
+import importlib.abc
+import importlib.machinery
 import logging as std_logging
 import os
 import re
@@ -177,30 +179,53 @@ _TENSORFLOW_START_NOISE = re.compile(
 _LIBRARY_FILES = re.compile(r"[/\\]site-packages[/\\](tensorflow|tf_keras|keras)[/\\]")
 
 
-def _import_tensorflow_quietly():
-    """Imports TensorFlow with its start-up lines filtered out of stderr (any other line it
-    prints is kept), and keeps the libraries' own INFO lines (checkpoint sharding, fingerprints,
-    Keras's slow-callback warning) out of the log; `--verbosity=1` or more keeps everything."""
+def _quiet_tensorflow_start():
+    """When TensorFlow is first imported (only by commands that need it, and only once the flags
+    are checked), its start-up lines are filtered out of stderr (any other line it prints is kept);
+    the libraries' own INFO lines (checkpoint sharding, fingerprints, Keras's slow-callback warning)
+    stay out of the log. `--verbosity=1` or more keeps everything."""
     if FLAGS.verbosity >= 1:
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow as tf
-
-            from trainer import kerasapi  # noqa: F401 - tf_keras: the same start-up lines once more
-
-            tf.config.list_physical_devices("GPU")  # CUDA is initialised (or fails to be) here
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True):
-                if not _TENSORFLOW_START_NOISE.search(line):
-                    sys.stderr.write(line)
     logging.get_absl_handler().addFilter(_drop_library_chatter)
+    sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` as usual, with a loader that runs its import (and CUDA's initialisation,
+    which prints the last such line) with stderr captured and filtered."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None:
+            spec.loader = _FilteredLoader(spec.loader)
+        return spec
+
+
+class _FilteredLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                self.loader.exec_module(module)
+                module.config.list_physical_devices("GPU")  # CUDA is initialised (or fails to be) here
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                captured.seek(0)
+                for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True):
+                    if not _TENSORFLOW_START_NOISE.search(line):
+                        sys.stderr.write(line)
 
 
 def _drop_library_chatter(record):
@@ -212,7 +237,7 @@ def _drop_library_chatter(record):
 def _run_safely(run):
     def main(argv):
         try:
-            _import_tensorflow_quietly()
+            _quiet_tensorflow_start()
             run(argv)
         except (errors.UserError, app.UsageError) as error:
             _exit(errors.EXIT_BAD_INPUT, f"error: {error}")
