@@ -19,6 +19,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check trainer tests demo bench k8s
+	$(VENV)/bin/zizmor --offline --min-severity=low .github/workflows
 
 clean:
 	rm -rf $(VENV) *.egg-info demo_output bench_output

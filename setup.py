@@ -39,6 +39,7 @@ setup(
             "pyyaml>=6",
             "psutil>=5.9",
             "ruff>=0.6",
+            "zizmor>=1.32",  # GitHub workflow security audit (make lint; tests/test_workflows.py)
         ],
     },
     entry_points={"console_scripts": ["trainer=trainer.cli:main"]},
