@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import evaluate, gate, storage
+from trainer import evaluate, gate, report, storage
 from trainer.errors import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -141,7 +141,7 @@ def test_binary_pictures_are_real_pngs(tmp_path):
     metrics = {"split": "test", **evaluate.compute_metrics(labels, binary_probabilities(positive),
                                                            ["cats", "dogs"])}
 
-    urls = evaluate.write_pictures(metrics, str(tmp_path / "eval"), history=HISTORY)
+    urls = report.write_pictures(metrics, str(tmp_path / "eval"), history=HISTORY)
 
     names = [os.path.basename(url) for url in urls]
     assert names == ["confusion_matrix.png", "roc_curve.png", "pr_curve.png", "training_curves.png"]
@@ -156,10 +156,10 @@ def test_many_classes_get_a_larger_confusion_matrix(tmp_path):
     labels = np.arange(200) % 20
     metrics = evaluate.compute_metrics(labels, one_hot_probabilities(labels[::-1], 20), names)
 
-    small = evaluate.write_pictures(
+    small = report.write_pictures(
         evaluate.compute_metrics([0, 1, 2], one_hot_probabilities([0, 1, 2], 3), ["a", "b", "c"]),
         str(tmp_path / "three"))
-    large = evaluate.write_pictures(metrics, str(tmp_path / "twenty"))
+    large = report.write_pictures(metrics, str(tmp_path / "twenty"))
 
     assert [os.path.basename(url) for url in small] == ["confusion_matrix.png"]  # no ROC for 3
     assert assert_png(large[0])[0] > 1.5 * assert_png(small[0])[0]
@@ -169,7 +169,7 @@ def test_history_without_epochs_draws_no_training_curves(tmp_path):
     metrics = evaluate.compute_metrics([0, 1], binary_probabilities([0.2, 0.9]), ["a", "b"])
     history = {"phases": [{"name": "head", "epochs": []}]}
 
-    urls = evaluate.write_pictures(metrics, str(tmp_path), history=history)
+    urls = report.write_pictures(metrics, str(tmp_path), history=history)
 
     assert "training_curves.png" not in [os.path.basename(url) for url in urls]
 
@@ -446,3 +446,75 @@ def test_evaluate_with_production_scores_both_models_on_the_same_examples(job, t
     storage.copy_tree(job["model"], str(candidate / "model"))
     storage.copy_tree(str(candidate_eval), str(candidate / "eval"))
     assert promote.promote(str(candidate), production) != version
+
+
+# ---- The report: calibration, mistakes, readable names, report.html --------------------------------
+
+def test_calibration_error_of_known_predictions():
+    # Two bins used: confidence 0.9 with 80% right (gap 0.1), and 0.6 with 60% right (gap 0).
+    probabilities = [[0.9, 0.1]] * 10 + [[0.4, 0.6]] * 10
+    labels = [0] * 8 + [1] * 2 + [1] * 6 + [0] * 4
+    result = report.calibration(labels, probabilities, bins=10)
+    assert result["ece"] == pytest.approx(0.5 * 0.1 + 0.5 * 0.0)
+    filled = [row for row in result["bins"] if row["count"]]
+    assert [(row["count"], row["accuracy"]) for row in filled] == [(10, pytest.approx(0.6)), (10, pytest.approx(0.8))]
+
+
+def test_long_names_sharing_a_prefix_stay_apart_and_cjk_names_render():
+    import warnings
+
+    names = ["golden_retriever_puppy_indoor", "golden_retriever_puppy_outdoor", "猫", "犬"]
+    shown = report.readable_names(names)
+    assert len(set(shown)) == 4 and all(len(name) <= 18 for name in shown)
+    metrics = evaluate.compute_metrics([0, 1, 2, 3], np.eye(4), names)
+    metrics["calibration"] = report.calibration([0, 1, 2, 3], np.eye(4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report.write_pictures(metrics, "/tmp/unused-cjk-report", mistakes=[])
+    assert not [w for w in caught if "missing from font" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_report_html_renders_in_headless_chromium_with_every_picture(job, tmp_path):
+    import shutil
+    import subprocess
+
+    output = tmp_path / "eval"
+    result = evaluate_command(job, str(output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = storage.read_json(str(output / "metrics.json"))
+    assert 0 <= metrics["calibration"]["ece"] <= 1
+    for name in ("reliability.png", "mistakes.png"):
+        assert_png(str(output / name))
+    page = (output / "report.html").read_text()
+    assert f"{metrics['accuracy']:.4f}" in page
+    pictures = page.count("data:image/png;base64,")
+    assert pictures == 6  # confusion matrix, ROC, PR, training curves, reliability, mistakes
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "chromium is needed (make test installs Debian's package)"
+    # A copy of the page that reports, in its title, how many pictures decoded.
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", "<script>onload = () => { document.title = 'decoded ' + "
+                                  "[...document.images].filter(i => i.complete && i.naturalWidth > 0).length; };"
+                                  "</script></body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert f"<title>decoded {pictures}</title>" in dom.stdout, dom.stderr[-2000:]
+    screenshot = tmp_path / "page.png"
+    subprocess.run([browser, *flags, f"--screenshot={screenshot}", "--window-size=1200,2000",
+                    (output / "report.html").as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(screenshot).convert("L"))
+    assert (pixels < 200).mean() > 0.02  # text, tables and pictures: not a blank page
+
+
+def test_confident_mistakes_keeps_the_most_confident_wrong_predictions_with_their_pixels():
+    mistakes = report.ConfidentMistakes(limit=2)
+    images = np.stack([np.full((4, 4, 3), value, np.float32) for value in (10, 20, 30)])
+    mistakes.add(images, [0, 0, 1], [[0.2, 0.8], [0.4, 0.6], [0.1, 0.9]])  # two wrong: p 0.8, 0.6
+    mistakes.add(images[:1] + 90, [1], [[0.95, 0.05]])  # wrong with p 0.95, the 4th example
+    assert [(m["index"], m["confidence"], m["predicted"]) for m in mistakes.kept] == [(3, 0.95, 0), (0, 0.8, 1)]
+    assert mistakes.kept[0]["image"].dtype == np.uint8 and mistakes.kept[0]["image"][0, 0, 0] == 100

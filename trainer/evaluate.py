@@ -6,7 +6,6 @@ the output folder, logs a summary, and only then applies the gate, so a failed C
 its report behind.
 """
 
-import io
 import math
 import sys
 
@@ -15,7 +14,7 @@ from absl import logging
 from sklearn import metrics as skmetrics
 from tqdm import tqdm
 
-from trainer import gate, jobdir, manifest, storage
+from trainer import gate, jobdir, manifest, report, storage
 from trainer.errors import UserError
 
 # Probabilities are clipped to [EPSILON, 1 - EPSILON] before the log, as Keras does, so the loss
@@ -92,158 +91,7 @@ def _binary_metrics(labels, positive_probability):
     }
 
 
-def write_pictures(metrics, output_url, roc_data=None, history=None):
-    """Writes the PNG pictures of an evaluation to `output_url`.
-
-    Args:
-      metrics: a dict from `compute_metrics` (optionally with "split").
-      output_url: folder (local or URL) for the pictures.
-      roc_data: the "curves" of `compute_metrics` (default: `metrics["curves"]`); with it, two
-        classes also get roc_curve.png and pr_curve.png.
-      history: a job's history.json dict; with it, training_curves.png.
-
-    Returns:
-      The URLs written: confusion_matrix.png, then roc_curve.png, pr_curve.png,
-      training_curves.png when their data is there.
-    """
-    roc_data = roc_data if roc_data is not None else metrics.get("curves")
-    pictures = {"confusion_matrix.png": _draw_confusion_matrix(metrics)}
-    if roc_data is not None and metrics.get("roc_auc") is not None:
-        pictures["roc_curve.png"] = _draw_roc_curve(metrics, roc_data["roc"])
-        pictures["pr_curve.png"] = _draw_pr_curve(metrics, roc_data["pr"])
-    if history is not None:
-        figure = _draw_training_curves(history)
-        if figure is None:
-            logging.warning("history has no epochs: no training_curves.png")
-        else:
-            pictures["training_curves.png"] = figure
-    urls = []
-    for name, figure in pictures.items():
-        url = storage.join(output_url, name)
-        storage.write_bytes(url, _to_png(figure))
-        urls.append(url)
-    return urls
-
-
-def _new_figure(width, height, columns=1):
-    # A Figure on its own Agg canvas: no pyplot, so no global state and no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, columns)
-    return figure, axes
-
-
-def _to_png(figure):
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def _short(name, limit=18):
-    return name if len(name) <= limit else name[:limit - 1] + "…"
-
-
-def _draw_confusion_matrix(metrics):
-    """Counts in the cells; colour is the share of the true class, so small classes still show."""
-    counts = np.asarray(metrics["confusion_matrix"])
-    names = [_short(name) for name in metrics["classes"]]
-    num_classes = len(names)
-    size = max(4.5, 1.5 + 0.5 * num_classes)
-    figure, axes = _new_figure(size + 1.2, size)
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
-    colorbar = figure.colorbar(image, ax=axes, shrink=0.8)
-    colorbar.set_label("share of the true class")
-    font_size = max(8, 12 - 0.2 * num_classes)
-    for row in range(num_classes):
-        for column in range(num_classes):
-            # Zeros fade so that the mistakes stand out in a large matrix.
-            color = "white" if shares[row, column] > 0.5 else "black" if counts[row, column] else "silver"
-            axes.text(column, row, str(counts[row, column]), ha="center", va="center",
-                      color=color, fontsize=font_size)
-    axes.set_xticks(range(num_classes), names, rotation=45 if num_classes > 3 else 0,
-                    ha="right" if num_classes > 3 else "center", fontsize=font_size)
-    axes.set_yticks(range(num_classes), names, fontsize=font_size)
-    axes.set_xlabel("predicted class")
-    axes.set_ylabel("true class")
-    axes.set_title(f"{_title_prefix(metrics)}accuracy {metrics['accuracy']:.2%} "
-                   f"on {metrics['examples']} images")
-    return figure
-
-
-def _title_prefix(metrics):
-    return f"{metrics['split']} split: " if metrics.get("split") else ""
-
-
-def _draw_roc_curve(metrics, roc):
-    figure, axes = _new_figure(5, 5)
-    axes.plot(roc["false_positive_rate"], roc["true_positive_rate"], linewidth=2,
-              label=f"ROC AUC = {metrics['roc_auc']:.4f}")
-    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-    _finish_unit_square(axes, "false positive rate", "true positive rate", "lower right")
-    axes.set_title(f"{_title_prefix(metrics)}ROC curve (positive: {_short(metrics['classes'][1])})")
-    return figure
-
-
-def _draw_pr_curve(metrics, pr):
-    figure, axes = _new_figure(5, 5)
-    axes.step(pr["recall"], pr["precision"], where="post", linewidth=2,
-              label=f"PR AUC (average precision) = {metrics['pr_auc']:.4f}")
-    # A classifier that guesses scores the positive class's share at every recall.
-    positives = metrics["per_class"][metrics["classes"][1]]["support"] / metrics["examples"]
-    axes.axhline(positives, linestyle="--", color="grey", label=f"chance ({positives:.2f})")
-    _finish_unit_square(axes, "recall", "precision", "lower left")
-    axes.set_title(f"{_title_prefix(metrics)}precision-recall "
-                   f"(positive: {_short(metrics['classes'][1])})")
-    return figure
-
-
-def _finish_unit_square(axes, xlabel, ylabel, legend_location):
-    axes.set_xlim(-0.01, 1.01)
-    axes.set_ylim(-0.01, 1.01)
-    axes.set_aspect("equal")
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    axes.grid(alpha=0.3)
-    axes.legend(loc=legend_location)
-
-
-def _draw_training_curves(history):
-    """Loss and accuracy per epoch over all phases on one epoch axis; fine-tuning is shaded."""
-    epochs, phase_starts = [], []
-    for phase in history.get("phases", []):
-        if phase.get("epochs"):
-            phase_starts.append((phase.get("name", "?"), len(epochs) + 1))
-            epochs.extend(phase["epochs"])
-    if not epochs:
-        return None
-    x = np.arange(1, len(epochs) + 1)
-    figure, (loss_axes, accuracy_axes) = _new_figure(11, 4.2, columns=2)
-    for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
-        for key, style, label in ((metric, "-o", "train"), (f"val_{metric}", "--s", "validation")):
-            values = np.array([epoch.get(key, np.nan) for epoch in epochs], dtype=np.float64)
-            if np.isfinite(values).any():
-                axes.plot(x, values, style, markersize=4, label=label)
-        for index, (name, start) in enumerate(phase_starts):
-            if index > 0:  # every phase after the first (the fine-tuning) gets a band and a label
-                end = phase_starts[index + 1][1] if index + 1 < len(phase_starts) else len(epochs) + 1
-                axes.axvspan(start - 0.5, end - 0.5, color="orange", alpha=0.12)
-                axes.axvline(start - 0.5, color="orange", linestyle=":")
-                axes.text(start - 0.4, 0.98, name.replace("_", "-"), transform=axes.get_xaxis_transform(),
-                          va="top", color="darkorange")
-        axes.set_xlabel("epoch (all phases)")
-        axes.set_ylabel(metric)
-        axes.set_title(metric)
-        axes.xaxis.get_major_locator().set_params(integer=True)
-        axes.grid(alpha=0.3)
-        axes.legend()
-    return figure
-
-
-def score(predict_images, dataset, expected_examples, batch_size=None, others=()):
+def score(predict_images, dataset, expected_examples, batch_size=None, others=(), mistakes=None):
     """Runs a model's `predict_images` over every batch of a dataset (and the same batches through
     the `others`: the production model the candidate is compared with sees the very same pixels).
 
@@ -254,6 +102,7 @@ def score(predict_images, dataset, expected_examples, batch_size=None, others=()
       expected_examples: how many examples the dataset must yield (the manifest's count).
       batch_size: for the progress bar's total only.
       others: more signatures like `predict_images`.
+      mistakes: a `report.ConfidentMistakes` to feed with every batch.
 
     Returns:
       (labels [N] int64, probabilities [N, C] float32) as numpy arrays; with `others`, a third
@@ -268,6 +117,8 @@ def score(predict_images, dataset, expected_examples, batch_size=None, others=()
     for images, batch_labels in tqdm(dataset, total=total, unit="batch", desc="evaluating",
                                      file=sys.stderr, mininterval=2.0):
         probabilities.append(np.asarray(predict_images(images=images)["probabilities"]))
+        if mistakes is not None:
+            mistakes.add(images, batch_labels, probabilities[-1])
         for function, collected in zip(others, other_probabilities, strict=True):
             collected.append(np.asarray(function(images=images)["probabilities"]))
         labels.append(np.asarray(batch_labels))
@@ -309,6 +160,8 @@ def format_summary(metrics):
              f"accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}"]
     if metrics.get("roc_auc") is not None:
         lines[0] += f", ROC AUC {metrics['roc_auc']:.4f}, PR AUC {metrics['pr_auc']:.4f}"
+    if metrics.get("calibration"):
+        lines[0] += f", expected calibration error {metrics['calibration']['ece']:.4f}"
     width = max(5, *(len(name) for name in metrics["classes"]))
     lines.append(f"{'class':<{width}}  precision  recall      f1  support")
     for name, row in metrics["per_class"].items():
@@ -405,12 +258,15 @@ def run(model_url, manifest_url, split, output_url, history_url=None, batch_size
             logging.info("scoring production version %s (%s) on the same examples", version, production_url_model)
 
     examples = data.make_dataset(manifest_url, split, metadata["image_size"], batch_size, training=False)
+    mistakes = report.ConfidentMistakes()
     with data.translate_errors():  # a damaged record: its one-line UserError, not an OpError
-        scored = score(loaded.signatures["predict_images"], examples, expected, batch_size, others=others)
+        scored = score(loaded.signatures["predict_images"], examples, expected, batch_size, others=others,
+                       mistakes=mistakes)
     labels, probabilities = scored[:2]
     metrics = {"split": split, **compute_metrics(labels, probabilities, dataset_manifest["classes"]),
                "model": model_url, "data": manifest_url, "model_id": storage.tree_digest(model_url),
-               "dataset": manifest.dataset_identity(manifest_url, dataset_manifest)}
+               "dataset": manifest.dataset_identity(manifest_url, dataset_manifest),
+               "calibration": report.calibration(labels, probabilities)}
     curves = metrics.pop("curves", None)  # plotted, not stored: up to one point per example
     if production:
         version, production_url_model, production_id = production
@@ -429,8 +285,8 @@ def run(model_url, manifest_url, split, output_url, history_url=None, batch_size
         metrics["comparison"] = comparison
 
     storage.write_json(storage.join(output_url, jobdir.METRICS), metrics)
-    pictures = write_pictures(metrics, output_url, roc_data=curves,
-                              history=read_history(model_url, history_url))
+    pictures = report.write_pictures(metrics, output_url, roc_data=curves,
+                                     history=read_history(model_url, history_url), mistakes=mistakes.kept)
     logging.info("%s", format_summary(metrics))
     logging.info("wrote %s and %s", storage.join(output_url, jobdir.METRICS), ", ".join(pictures))
 
