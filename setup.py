@@ -25,7 +25,9 @@ setup(
         "matplotlib>=3.8",
         "scikit-learn>=1.4",  # metrics, and the offline demo dataset (handwritten digits)
         "tqdm>=4.66",
-        "matplotlib-fontja>=1.1",  # a font with CJK glyphs for class names in the report's pictures
+        # Fonts with CJK glyphs for class names in the report's pictures (trainer/report.py).
+        "matplotlib-fontja>=1.1",
+        "koreanize-matplotlib>=0.1.1",
     ],
     extras_require={
         "dev": [

@@ -463,11 +463,11 @@ def test_calibration_error_of_known_predictions():
 def test_long_names_sharing_a_prefix_stay_apart_and_cjk_names_render():
     import warnings
 
-    names = ["golden_retriever_puppy_indoor", "golden_retriever_puppy_outdoor", "猫", "犬"]
+    names = ["golden_retriever_puppy_indoor", "golden_retriever_puppy_outdoor", "猫", "小狗", "강아지"]
     shown = report.readable_names(names)
-    assert len(set(shown)) == 4 and all(len(name) <= 18 for name in shown)
-    metrics = evaluate.compute_metrics([0, 1, 2, 3], np.eye(4), names)
-    metrics["calibration"] = report.calibration([0, 1, 2, 3], np.eye(4))
+    assert len(set(shown)) == 5 and all(len(name) <= 18 for name in shown)
+    metrics = evaluate.compute_metrics([0, 1, 2, 3, 4], np.eye(5), names)
+    metrics["calibration"] = report.calibration([0, 1, 2, 3, 4], np.eye(5))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report.write_pictures(metrics, "/tmp/unused-cjk-report", mistakes=[])

@@ -4,8 +4,8 @@ most confident mistakes, and report.html, one self-contained page with every num
 (and candidate vs production side by side when both were scored).
 
 Class names stay readable: long names are shortened in the middle, so names that share a prefix
-stay apart, and text falls back to IPAex Gothic (the matplotlib-fontja package) for Japanese and
-most Chinese characters, which DejaVu Sans lacks. Hangul has no glyphs in either font.
+stay apart, and text falls back to IPAex Gothic (the matplotlib-fontja package: Japanese and most
+Chinese characters) and Nanum Gothic (koreanize-matplotlib: Hangul), which DejaVu Sans lacks.
 """
 
 import base64
@@ -22,19 +22,26 @@ CALIBRATION_BINS = 15
 MISTAKES_SHOWN = 16
 
 
+# Fallback fonts for class names DejaVu Sans cannot draw: (package, font file, family). They are
+# found without importing the packages (importing them makes their font the only one).
+FALLBACK_FONTS = (("matplotlib_fontja", "ipaexg.ttf", "IPAexGothic"),  # Japanese, most Chinese
+                  ("koreanize_matplotlib", "NanumGothic.ttf", "NanumGothic"))  # Hangul
+
+
 def _use_fonts():
-    """DejaVu Sans, falling back to IPAex Gothic for CJK characters (the font file of the
-    matplotlib-fontja package, found without importing it: importing it makes IPAex the only font)."""
+    """DejaVu Sans, falling back to the CJK fonts of FALLBACK_FONTS for characters it lacks."""
     import importlib.util
 
     import matplotlib
     from matplotlib import font_manager
 
-    spec = importlib.util.find_spec("matplotlib_fontja")
-    if spec is None:  # the report still renders; CJK names show as boxes
-        return
-    font_manager.fontManager.addfont(os.path.join(spec.submodule_search_locations[0], "fonts", "ipaexg.ttf"))
-    matplotlib.rcParams["font.family"] = ["DejaVu Sans", "IPAexGothic"]
+    families = ["DejaVu Sans"]
+    for package, file_name, family in FALLBACK_FONTS:
+        spec = importlib.util.find_spec(package)
+        if spec is not None:  # without it the report still renders; those names show as boxes
+            font_manager.fontManager.addfont(os.path.join(spec.submodule_search_locations[0], "fonts", file_name))
+            families.append(family)
+    matplotlib.rcParams["font.family"] = families
 
 
 def write_pictures(metrics, output_url, roc_data=None, history=None, mistakes=None):
