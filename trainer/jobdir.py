@@ -302,7 +302,7 @@ class Lease:
         while not self._stop.wait(LEASE_RENEW_SECONDS):
             try:
                 if not storage.write_if_generation(self.url, self._record(), self.generation):
-                    sys_exit_lost(self.url)
+                    _exit_lost(self.url)
                 self.generation = storage.read_with_generation(self.url)[1]
             except Exception as error:  # noqa: BLE001 - a stalled store: try again at the next renewal
                 logging.warning("could not renew %s: %s", self.url, error)
@@ -316,7 +316,7 @@ class Lease:
             pass
 
 
-def sys_exit_lost(url):
+def _exit_lost(url):
     from trainer import errors
 
     errors.exit_process(errors.EXIT_BAD_INPUT, f"error: lost {url} to another run (this one could not renew it "
