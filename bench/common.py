@@ -64,7 +64,7 @@ def make_jpeg(photos, rng, size=(500, 375)):
     return buffer.getvalue()
 
 
-def write_split_folders(folder, count, seed=0, size=(500, 375)):
+def write_split_folders(folder, count, seed=0, size=(500, 375), learnable=False):
     """Writes `count` photo-like JPEGs as folder/{train,val,test}/{cats,dogs}/NNNNN.jpg (70/15/15).
 
     Args:
@@ -72,6 +72,8 @@ def write_split_folders(folder, count, seed=0, size=(500, 375)):
       count: total number of images over the three splits.
       seed: seed of the crops, qualities and assignment to splits and classes.
       size: (width, height) of landscape images; a fifth are portrait.
+      learnable: crops of each class come from their own half of the sample photos (a model can
+        tell the classes apart); otherwise from any photo (the labels carry no signal).
 
     Returns:
       {split: number of images}.
@@ -85,8 +87,9 @@ def write_split_folders(folder, count, seed=0, size=(500, 375)):
         class_name = CLASSES[index % len(CLASSES)]
         class_dir = os.path.join(folder, split, class_name)
         os.makedirs(class_dir, exist_ok=True)
+        sources = photos[index % len(CLASSES)::len(CLASSES)] if learnable else photos
         with open(os.path.join(class_dir, f"{index:05d}.jpg"), "wb") as file:
-            file.write(make_jpeg(photos, rng, size))
+            file.write(make_jpeg(sources, rng, size))
         counts[split] += 1
     return counts
 

@@ -5,8 +5,11 @@
     python -m bench.feature_cache --workers=2 --per_class=600 --batch_size=32 --output=bench_output
                                      # two loopback workers under MultiWorkerMirroredStrategy (issue 13)
 
-Both runs are the real `trainer train` command on the same prepared data, same backbone, flags and
-seed; only --feature_cache differs. Each is then evaluated with the real `trainer evaluate` on the
+The images are photo-like 500x375 JPEGs (random crops of scikit-image's sample photos, each class
+from its own half of them: learnable, and as costly to decode as real photos), as in issue 13's
+measurement; `--images=stripes` uses the tests' small striped JPEGs instead. Both runs are the real
+`trainer train` command on the same prepared data, same backbone, flags and seed; only
+--feature_cache differs. Each is then evaluated with the real `trainer evaluate` on the
 test split. Goal (issues 6 and 13, one worker or two): >= 5x less wall time with the cache, test
 accuracy within one point. With --workers=2 each run is two `trainer train` processes on loopback
 (TF_CONFIG, --strategy=multi_worker) sharing the machine's cores, timed until both have exited.
@@ -94,6 +97,9 @@ def main():
     parser.add_argument("--batch_size", type=common.positive_int, default=64, help="global batch")
     parser.add_argument("--workers", type=common.positive_int, default=1,
                         help="loopback workers per run (MultiWorkerMirroredStrategy when > 1)")
+    parser.add_argument("--images", choices=("photos", "stripes"), default="photos",
+                        help="photos: photo-like 500x375 JPEGs, each class cropped from its own sample photos "
+                             "(the issue's setup); stripes: the tests' small striped JPEGs (cheap to decode)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite")
     options = parser.parse_args()
     if options.smoke:
@@ -105,7 +111,10 @@ def main():
     from trainer import storage
 
     work = tempfile.mkdtemp(prefix="bench-cache-")
-    write_stripes(os.path.join(work, "images"), per_class=options.per_class)
+    if options.images == "photos" and not options.smoke:
+        common.write_split_folders(os.path.join(work, "images"), 2 * options.per_class, learnable=True)
+    else:
+        write_stripes(os.path.join(work, "images"), per_class=options.per_class)
     data = os.path.join(work, "data")
     trainer("prepare", f"--source={os.path.join(work, 'images')}", f"--output={data}", "--num_shards=4")
     manifest = storage.read_json(os.path.join(data, "dataset.json"))
@@ -114,6 +123,7 @@ def main():
                     f"--epochs={options.epochs}",
                     "--learning_rate=1e-4", "--fine_tune_epochs=0", "--seed=0"]
     results = {"machine": common.describe_machine(), "backbone": options.backbone, "workers": options.workers,
+               "images": "stripes" if options.smoke else options.images,
                "batch_size": options.batch_size,
                "image_size": options.image_size, "epochs": options.epochs,
                "train_examples": manifest["splits"]["train"]["count"],
