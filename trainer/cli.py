@@ -246,8 +246,8 @@ def _run_safely(run):
         except KeyboardInterrupt:
             _exit(errors.EXIT_RETRYABLE, "interrupted")
         except Exception as error:
-            if errors.disk_full(error):
-                _exit(errors.EXIT_BAD_INPUT, f"error: {errors.disk_full(error)}")
+            if full := errors.disk_full(error):
+                _exit(errors.EXIT_BAD_INPUT, f"error: {full}")
             translated = _from_data_pipeline(error)
             if isinstance(translated, errors.RetryableError):
                 _exit(errors.EXIT_RETRYABLE, f"retryable error: {translated}")

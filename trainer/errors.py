@@ -77,13 +77,15 @@ def from_tensorflow(error):
 _DISK_FULL = ("No space left on device", "Disk quota exceeded", "File too large")
 
 
-def disk_full(error):
+def disk_full(error, location=None):
     """A one-line message when `error` (an OSError, or TensorFlow's wrapping of one) means a full
-    disk, else None. A full disk is the environment's problem, not a bug: exit 1 with this."""
+    disk, else None. A full disk is the environment's problem, not a bug: exit 1 with this.
+    `location` names what was being written when the error does not."""
     import errno
 
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        where = f" writing {error.filename}" if error.filename else ""
+        target = error.filename or location
+        where = f" writing {target}" if target else ""
         return f"no space left on device{where} ({os.strerror(error.errno)}): free space, or give the job a " \
                "larger disk (scratch files go to TMPDIR)"
     message = getattr(error, "message", None) or str(error)

@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 
-from trainer import storage
+from trainer import errors, storage
 from trainer.errors import UserError
 
 STARTED = "STARTED"
@@ -317,8 +317,6 @@ class Lease:
 
 
 def _exit_lost(url):
-    from trainer import errors
-
     errors.exit_process(errors.EXIT_BAD_INPUT, f"error: lost {url} to another run (this one could not renew it "
                         f"for {LEASE_SECONDS} s); this run stops so that the two do not mix")
 

@@ -9,6 +9,7 @@ Chinese characters) and Nanum Gothic (koreanize-matplotlib: Hangul), which DejaV
 """
 
 import base64
+import functools
 import html
 import io
 import os
@@ -28,6 +29,7 @@ FALLBACK_FONTS = (("matplotlib_fontja", "ipaexg.ttf", "IPAexGothic"),  # Japanes
                   ("koreanize_matplotlib", "NanumGothic.ttf", "NanumGothic"))  # Hangul
 
 
+@functools.cache
 def _use_fonts():
     """DejaVu Sans, falling back to the CJK fonts of FALLBACK_FONTS for characters it lacks."""
     import importlib.util

@@ -16,7 +16,6 @@ only where it adds something:
 
 import base64
 import contextlib
-import errno
 import fcntl
 import functools
 import glob as globmodule
@@ -31,7 +30,7 @@ import uuid
 
 import fsspec
 
-from trainer.errors import RetryableError, UserError, first_line
+from trainer.errors import RetryableError, UserError, disk_full, first_line
 
 # gcsfs otherwise probes for hierarchical-namespace buckets over gRPC, which an emulator never
 # answers: each bucket would cost a 60 s timeout. Real GCS keeps the library default.
@@ -44,21 +43,23 @@ COPY_BLOCK_BYTES = 16 * 2**20
 
 # Deadlines (docs/faults.md): every request to an object store gives up when connecting, or waiting
 # for the next bytes of an answer, takes longer than this; the clients retry a failed request a
-# bounded number of times (gcsfs: 6 attempts with 1-16 s of backoff between them), so a stalled or
-# unreachable store ends an operation within about 6 x TIMEOUT + 40 s (2.7 min by default).
+# bounded number of times (gcsfs: ATTEMPTS in all, with 1-16 s of backoff between them), so a
+# stalled or unreachable store ends an operation within about ATTEMPTS x TIMEOUT + 40 s (2.7 min by
+# default).
 REQUEST_TIMEOUT_SECONDS = float(os.environ.get("TRAINER_STORAGE_TIMEOUT_SECONDS", "20"))
+ATTEMPTS = 6  # gcsfs's own (GCSFileSystem.retries); the other clients are given the same
 # google-cloud-storage (the compare-and-swap writes): one request's timeout, and the deadline of its
 # retries together.
-_GCS_CLIENT_DEADLINE_SECONDS = 6 * REQUEST_TIMEOUT_SECONDS + 40
+_GCS_CLIENT_DEADLINE_SECONDS = ATTEMPTS * REQUEST_TIMEOUT_SECONDS + 40
 # TensorFlow's own gs:// client (training reads on real GCS) waits up to an hour per request by
 # default; these environment variables (read when TensorFlow first touches gs://) bring it in line.
 TENSORFLOW_GCS_ENVIRONMENT = {
     "GCS_REQUEST_CONNECTION_TIMEOUT_SECS": REQUEST_TIMEOUT_SECONDS,
     "GCS_REQUEST_IDLE_TIMEOUT_SECS": REQUEST_TIMEOUT_SECONDS,
     "GCS_METADATA_REQUEST_TIMEOUT_SECS": REQUEST_TIMEOUT_SECONDS,
-    "GCS_READ_REQUEST_TIMEOUT_SECS": 6 * REQUEST_TIMEOUT_SECONDS,
-    "GCS_WRITE_REQUEST_TIMEOUT_SECS": 6 * REQUEST_TIMEOUT_SECONDS,
-    "GCS_RETRY_CONFIG_MAX_RETRIES": 6,
+    "GCS_READ_REQUEST_TIMEOUT_SECS": ATTEMPTS * REQUEST_TIMEOUT_SECONDS,
+    "GCS_WRITE_REQUEST_TIMEOUT_SECS": ATTEMPTS * REQUEST_TIMEOUT_SECONDS,
+    "GCS_RETRY_CONFIG_MAX_RETRIES": ATTEMPTS,
 }
 for _name, _value in TENSORFLOW_GCS_ENVIRONMENT.items():
     os.environ.setdefault(_name, str(int(_value)))
@@ -137,9 +138,8 @@ def _translate_errors(location):
     except OSError as error:
         # A full disk, or a permission problem, is the user's to fix; aiohttp's connection errors
         # are OSErrors too, and transient.
-        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise UserError(f"no space left for {location} ({os.strerror(error.errno)}): free space, or give it a "
-                            "larger disk (scratch files go to TMPDIR)") from error
+        if disk_full(error, location):
+            raise UserError(disk_full(error, location)) from error
         if str(error).startswith("Forbidden") or isinstance(error, PermissionError):
             raise UserError(f"no permission for {location}: {first_line(error)}") from error
         if is_url(location):
