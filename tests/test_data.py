@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from trainer import data, manifest, storage
+from trainer import data, manifest, storage, tfrecord
 from trainer import records as records_lib
 from trainer.errors import UserError
 from trainer.images import decode_image
@@ -164,23 +164,23 @@ def test_framing_parser_reads_tfrecord_writer_output_and_checks_it(tmp_path):
         for record in records:
             writer.write(record)
     raw = open(path, "rb").read()
-    assert list(records_lib.iterate_records(io.BytesIO(raw), "s")) == records
-    assert list(records_lib.iterate_records(io.BytesIO(b""), "s")) == []
+    assert list(tfrecord.iterate_records(io.BytesIO(raw), "s")) == records
+    assert list(tfrecord.iterate_records(io.BytesIO(b""), "s")) == []
 
     data_flipped = bytearray(raw)
     offset, length = record_offsets(path)[2]
     data_flipped[offset + 12 + 50] ^= 1
     with pytest.raises(UserError, match=rf"shard s record 2 \(byte {offset}\) is corrupt: data checksum"):
-        list(records_lib.iterate_records(io.BytesIO(bytes(data_flipped)), "s"))
+        list(tfrecord.iterate_records(io.BytesIO(bytes(data_flipped)), "s"))
     length_flipped = bytearray(raw)
     length_flipped[offset + 1] ^= 1
     with pytest.raises(UserError, match="record 2 .* length checksum"):
-        list(records_lib.iterate_records(io.BytesIO(bytes(length_flipped)), "s"))
+        list(tfrecord.iterate_records(io.BytesIO(bytes(length_flipped)), "s"))
     for cut in (offset + 5, offset + 12 + 40, offset + 12 + length + 2):
         with pytest.raises(UserError, match="shard s record 2 .* truncated"):
-            list(records_lib.iterate_records(io.BytesIO(raw[:cut]), "s"))
+            list(tfrecord.iterate_records(io.BytesIO(raw[:cut]), "s"))
     # Cut at a record boundary, the stream itself looks whole: the manifest's sizes catch that.
-    assert list(records_lib.iterate_records(io.BytesIO(raw[:offset]), "s")) == records[:2]
+    assert list(tfrecord.iterate_records(io.BytesIO(raw[:offset]), "s")) == records[:2]
 
 
 # --- reading ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import tensorflow as tf
 from conftest import run_trainer
 from PIL import Image
 
+from trainer import encode as prepare_encode
 from trainer import export, model, predict, storage
 from trainer.errors import UserError
 from trainer.images import decode_image
@@ -170,10 +171,8 @@ def test_predict_takes_every_format_training_takes_and_an_existing_path_with_bra
     rows = read_csv(output)
     assert [row["error"] for row in rows] == [""] * 4
     # Scored on the bytes training would have stored for the same file (trainer prepare's conversion).
-    from trainer import prepare
-
     for row in rows:
-        stored = prepare.encode_image(images[row["path"].rsplit("/", 1)[1]])["encoded"]
+        stored = prepare_encode.encode_image(images[row["path"].rsplit("/", 1)[1]])["encoded"]
         assert float(row["prob_dogs"]) == pytest.approx(expected_dog_probability(classifier, stored), abs=1e-4)
 
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import run_trainer
 from PIL import ImageFile
 
-from trainer import plan, prepare, storage
+from trainer import plan, prepare, shards, storage
 from trainer.errors import UserError
 
 EXAMPLE_KEYS = {"image/encoded", "image/format", "image/class/label", "image/class/text",
@@ -298,7 +298,7 @@ def test_imap_bounded_keeps_a_bounded_window():
             yield index
 
     with multiprocessing.pool.ThreadPool(2) as pool:
-        for result in prepare.imap_bounded(pool, lambda value: value * 2, items(), window=4):
+        for result in shards.imap_bounded(pool, lambda value: value * 2, items(), window=4):
             consumed.append(result)
     assert consumed == [value * 2 for value in range(40)]
 

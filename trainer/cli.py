@@ -41,7 +41,11 @@ def define_prepare_flags():
     flags.DEFINE_integer("num_shards", None, "Shards per split (overrides --shard_size_mb).")
     flags.DEFINE_integer("max_side", None, "Re-encode images whose longer side exceeds this many pixels.")
     flags.DEFINE_bool("overwrite", False, "Replace a dataset already at --output.")
-    flags.DEFINE_integer("workers", None, "Parallel decode/encode processes (default: all cores).")
+    flags.DEFINE_integer("workers", None, "--runner=local: parallel decode/encode processes (default: all cores).")
+    flags.DEFINE_string("runner", "local", "local (a process pool on this machine), or an Apache Beam runner: "
+                        "DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ... Beam's pipeline options "
+                        "follow a lone --: `trainer prepare ... --runner=DataflowRunner -- --project=P "
+                        "--region=R --temp_location=gs://...` (README: Prepare at scale).")
     flags.DEFINE_bool("strict", False, "Suspicious classes (few images, names equal but for case, ...) fail the "
                       "run instead of a warning.")
     flags.DEFINE_bool("allow_missing_classes", False, "A class with no training image is a warning, not an error.")
@@ -51,14 +55,15 @@ def define_prepare_flags():
 def run_prepare(argv):
     from trainer import prepare
 
-    _no_extra_args(argv)
+    _no_extra_args(argv, passthrough_allowed=True)
     prepare.prepare_dataset(
         source=FLAGS.source, output=FLAGS.output, layout=FLAGS.layout,
         val_fraction=FLAGS.val_fraction, test_fraction=FLAGS.test_fraction,
         split_seed=FLAGS.split_seed, shard_size_mb=FLAGS.shard_size_mb,
         num_shards=FLAGS.num_shards, max_side=FLAGS.max_side, overwrite=FLAGS.overwrite,
         workers=FLAGS.workers, labels=FLAGS.labels, strict=FLAGS.strict,
-        allow_missing_classes=FLAGS.allow_missing_classes)
+        allow_missing_classes=FLAGS.allow_missing_classes, runner=FLAGS.runner,
+        pipeline_args=tuple(_PASSTHROUGH))
 
 
 def define_train_flags():
@@ -146,9 +151,15 @@ COMMANDS = {
 }
 
 
-def _no_extra_args(argv):
+# The arguments after a lone `--` (Beam's pipeline options for `trainer prepare --runner=...`).
+_PASSTHROUGH = []
+
+
+def _no_extra_args(argv, passthrough_allowed=False):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _PASSTHROUGH and not passthrough_allowed:
+        raise app.UsageError(f"unexpected arguments after --: {' '.join(_PASSTHROUGH)}")
 
 
 def _usage():
@@ -283,6 +294,9 @@ def main(argv=None):
     define()
     program = f"trainer {name}"
     rest = argv[2:]
+    if "--" in rest:
+        _PASSTHROUGH[:] = rest[rest.index("--") + 1:]
+        rest = rest[:rest.index("--")]
     if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in rest):
         print(f"usage: {program} [--flag=value ...]\n\n{summary}\n")
         # This module's flags, or (train) those trainer.config defines from TrainConfig.

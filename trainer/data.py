@@ -7,7 +7,7 @@ Two read paths, chosen by `storage.tensorflow_can_read`:
   - local paths and `gs://`: TensorFlow's own TFRecordDataset (C++ reads, no Python per record);
   - any other fsspec URL, and `gs://` while STORAGE_EMULATOR_HOST is set (TensorFlow's gs:// has
     the real endpoint compiled in): a Python generator per shard reads 16 MiB blocks through
-    fsspec and checks the TFRecord framing itself (`records.iterate_records`). Many shards are
+    fsspec and checks the TFRecord framing itself (`tfrecord.iterate_records`). Many shards are
     read at once, so the network waits overlap.
 Both feed the same per-shard pipeline (parse, decode, integrity check) and the same
 shuffle/batch/prefetch, so the two paths yield identical examples.

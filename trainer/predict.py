@@ -29,7 +29,7 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
-from trainer import export, prepare, storage
+from trainer import encode, export, storage
 from trainer.errors import RetryableError, UserError, first_line
 from trainer.plan import IMAGE_EXTENSIONS, is_image_name
 
@@ -68,7 +68,7 @@ def _read(location):
         raise
     except (OSError, UserError) as error:
         return None, f"cannot read: {error}"
-    encoded = prepare.encode_or_skip(data)
+    encoded = encode.encode_or_skip(data)
     if "skip" in encoded:
         return None, f"cannot decode: {encoded['skip']}"
     return encoded["encoded"], None

@@ -4,51 +4,37 @@ The pipeline, top to bottom:
   1. list SRC (local folder or any URL), ignoring hidden files;
   2. tell the layout (class folders, split folders, or Kaggle's `cat.123.jpg` names);
   3. label every file, and give it a split: its folder for split_dirs, else a stable hash of its
-     relative path, so reruns, other machines and added files never move a file;
+     content, so reruns, other machines and added files never move a file (trainer.plan);
   4. per split, a seeded stratified shuffle cut into n consecutive shards (classes spread evenly);
-  5. worker processes read and fully decode every image once, re-encoding only what must be;
-  6. the main process writes one shard at a time (local temp file, then copied to DST);
-  7. `dataset.json` last: a folder without it is not a dataset.
+  5. every shard is one unit of work (trainer.shards): read its images with many requests in
+     flight, decode each once, write and commit the shard and its report. The runner is a local
+     process pool or any Apache Beam runner (Dataflow for large sets); a rerun after a kill writes
+     only the shards not yet committed;
+  6. `dataset.json` last, from the shards' reports: a folder without it is not a dataset.
 
-Memory stays flat with the number of images: only the list of file names is held, and a bounded
-window of images is in flight between the workers and the writer.
+Memory stays flat with the number of images: only the plan (file names) is held, and each shard
+keeps a bounded window of images in flight.
 """
 
 import collections
-import contextlib
-import io
 import math
-import multiprocessing
 import os
 import sys
-import tempfile
 import time
-import warnings
 
-import numpy as np
 import tqdm
 from absl import logging
-from PIL import Image, ImageFile, UnidentifiedImageError
 
-from trainer import plan, storage
+from trainer import plan, shards, storage
 from trainer.errors import UserError
 from trainer.manifest import MANIFEST_NAME, SPLITS, new_manifest, shard_name
 
-# Pillow's names for files whose bytes TensorFlow's JPEG decoder reads as they are (MPO: the
-# multi-picture JPEG many cameras write; its first frame is a plain JPEG).
-JPEG_FORMATS = ("JPEG", "MPO")
-# Modes of a JPEG kept byte for byte: `decode_image(channels=3)` turns both into RGB.
-KEPT_JPEG_MODES = ("RGB", "L")
-CONVERTED_JPEG_QUALITY = 95  # CMYK/YCCK JPEGs: near-lossless, and still a JPEG
-RESIZED_JPEG_QUALITY = 90  # --max_side: the point is to cut bytes and decode time
-# Images in flight per worker process: enough to keep every core busy, bounded so memory is.
-IN_FLIGHT_PER_WORKER = 4
 # Skipped files listed one by one in the closing log (all of them are in dataset.json).
 SKIPPED_LOGGED = 20
 
 def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, test_fraction=0.15, split_seed=0,
                     shard_size_mb=100.0, num_shards=None, max_side=None, overwrite=False, workers=None,
-                    labels=None, strict=False, allow_missing_classes=False):
+                    labels=None, strict=False, allow_missing_classes=False, runner="local", pipeline_args=()):
     """Turns a folder of images, or a label file's images, into sharded TFRecords plus `dataset.json`.
 
     Args:
@@ -66,6 +52,9 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
       labels: instead of `source`, a Vertex AI CSV or JSONL label file (trainer.labelfile).
       strict: suspicious classes (trainer.plan.check_classes) are errors, not warnings.
       allow_missing_classes: a class with no training image is a warning, not an error.
+      runner: "local" (a process pool), or the name of an Apache Beam runner ("DirectRunner",
+        "DataflowRunner", "FlinkRunner", ...).
+      pipeline_args: Beam pipeline options for a Beam runner (`--project=...`, ...).
 
     Returns:
       The manifest written to `output/dataset.json`, as a dict.
@@ -76,6 +65,10 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
     """
     started = time.monotonic()
     check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers)
+    if runner != "local":
+        shards.beam_options(runner, pipeline_args)  # a missing Beam or a bad option answers before any work
+    elif pipeline_args:
+        raise UserError(f"pipeline options ({pipeline_args[0]} ...) are for a Beam --runner, not --runner=local")
     if (source is None) == (labels is None):
         raise UserError("give either --source (a folder of images) or --labels (a Vertex AI CSV/JSONL file)")
     workers = workers or os.cpu_count() or 1
@@ -100,12 +93,12 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
     files, duplicates = plan.assign_splits(files, val_fraction, test_fraction, split_seed)
     warnings = plan.check_classes(files, classes, strict=strict, allow_missing_classes=allow_missing_classes,
                                   conflicts=duplicates["conflicts"])
-    shards = plan.plan_shards(files, split_seed, shard_size_mb, num_shards)
-    _log_plan(output, layout, classes, shards, skipped, workers)
+    shards_plan = plan.plan_shards(files, split_seed, shard_size_mb, num_shards)
+    _log_plan(output, layout, classes, shards_plan, skipped, workers if runner == "local" else runner)
     if overwrite:
         remove_dataset(output)
 
-    written = write_dataset(output, shards, classes, max_side, workers)
+    written = write_dataset(output, shards_plan, classes, max_side, workers, runner, pipeline_args)
     undecodable = [{"file": entry["file"], "reason": entry["reason"]} for entry in written["skipped"]]
     skipped = sorted(skipped + undecodable, key=lambda entry: entry["file"])
     try:
@@ -115,6 +108,7 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
         for split in written["splits"].values():
             for shard in split["shards"]:
                 storage.remove(storage.join(output, shard["file"]))
+        shards.clean(output)
         raise
 
     manifest = new_manifest(
@@ -123,6 +117,7 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
         image_stats=written["image_stats"], skipped=skipped, ignored=plan.ignored_summary(ignored),
         duplicates=duplicates, warnings=warnings, seconds=round(time.monotonic() - started, 2))
     storage.write_json(storage.join(output, MANIFEST_NAME), manifest)
+    shards.clean(output)
     _log_summary(manifest, output)
     return manifest
 
@@ -151,7 +146,8 @@ def check_output(output, overwrite):
 
 
 def remove_dataset(output):
-    """Removes the dataset at `output`: its manifest first, then the shards that manifest names.
+    """Removes the dataset at `output`: its manifest first, then the shards that manifest names
+    (and an unfinished run's plan and reports).
 
     Nothing else is touched: other files in the folder are not ours to delete.
     """
@@ -166,6 +162,7 @@ def remove_dataset(output):
         names = []
     # The manifest goes first: should we stop half-way, the folder is no longer a (broken) dataset.
     storage.remove(location)
+    shards.clean(output)
     removed = 0
     for name in names:
         # Only plain shard names next to the manifest, whatever an edited manifest may say.
@@ -176,253 +173,51 @@ def remove_dataset(output):
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding and encoding: runs in the worker processes.
+# Writing: the shards on a runner (trainer.shards), then one manifest entry from their reports.
 
 
-def _init_worker():
-    # A truncated image must fail, not come back padded with grey.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-def fit_within(size, max_side):
-    """`(width, height)` scaled so the longer side is `max_side`, keeping the aspect ratio."""
-    width, height = size
-    scale = max_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def to_rgb(image):
-    """Any Pillow image as 8-bit RGB (alpha dropped, as `tf.io.decode_image(channels=3)` does)."""
-    if image.mode.startswith("I") or image.mode == "F":
-        # Pillow's I/I;16 -> L conversion clips at 255 instead of scaling 16-bit values down.
-        values = np.asarray(image, dtype=np.float64)
-        scale = 257.0 if values.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(np.round(values / scale), 0, 255).astype(np.uint8), "L")
-    return image.convert("RGB")
-
-
-def _encoded(image, image_format, quality=None):
-    buffer = io.BytesIO()
-    if image_format == "jpeg":
-        image.save(buffer, "JPEG", quality=quality)
-    else:
-        image.save(buffer, "PNG")
-    return {"encoded": buffer.getvalue(), "format": image_format,
-            "width": image.size[0], "height": image.size[1]}
-
-
-def encode_image(data, max_side=None):
-    """Fully decodes one image and returns what its record stores.
-
-    Original bytes are kept for RGB or greyscale JPEGs within `max_side`; other JPEGs (CMYK) become
-    RGB JPEGs, other formats lossless RGB PNGs, and images over `max_side` resized RGB JPEGs.
-
-    Returns:
-      dict with `encoded` (bytes), `format` ("jpeg" or "png"), `width`, `height` of the stored image.
-
-    Raises:
-      Whatever Pillow raises for a file it cannot fully decode.
-    """
-    image = Image.open(io.BytesIO(data))
-    target = fit_within(image.size, max_side) if max_side and max(image.size) > max_side else None
-    if target and image.format in JPEG_FORMATS:
-        # Decode at 1/2, 1/4 or 1/8 scale (still at least `target`): several times faster.
-        image.draft(None, target)
-    image.load()  # the full decode: truncated or corrupt data fails here
-    if target is None and image.format in JPEG_FORMATS and image.mode in KEPT_JPEG_MODES:
-        return {"encoded": data, "format": "jpeg", "width": image.size[0], "height": image.size[1]}
-    rgb = to_rgb(image)
-    if target:
-        return _encoded(rgb.resize(target, Image.Resampling.LANCZOS), "jpeg", RESIZED_JPEG_QUALITY)
-    if image.format in JPEG_FORMATS:
-        return _encoded(rgb, "jpeg", CONVERTED_JPEG_QUALITY)
-    return _encoded(rgb, "png")
-
-
-def _skip_reason(error):
-    if isinstance(error, UnidentifiedImageError):
-        return "not an image (or an unreadable header)"
-    if isinstance(error, Image.DecompressionBombError):
-        return "too many pixels (Pillow's decompression-bomb limit)"
-    message = " ".join(str(error).split())[:200]
-    if "truncated" in message:
-        return "truncated image"
-    return f"corrupt image ({type(error).__name__}: {message})"
-
-
-def process_file(task):
-    """Worker: reads one file and encodes it, or says why it is skipped.
-
-    Args:
-      task: `(location, max_side)`.
-
-    Returns:
-      `encode_image`'s dict, or `{"skip": reason}`. Storage errors are raised, not skipped: an
-      unreachable bucket is not a bad image.
-    """
-    location, max_side = task
-    try:
-        data = storage.read_bytes(location)
-    except FileNotFoundError:
-        return {"skip": "file disappeared while preparing"}
-    return encode_or_skip(data, max_side)
-
-
-def encode_or_skip(data, max_side=None):
-    """`encode_image(data, max_side)`, or `{"skip": reason}` for data that is not a whole image.
-    Batch prediction calls it too, so that a model is given the very bytes training stored."""
-    if not data:
-        return {"skip": "empty file"}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow warns about odd EXIF, palettes, big images
-            return encode_image(data, max_side)
-    except Exception as error:  # Pillow raises many types for bad data; the reason names it
-        return {"skip": _skip_reason(error)}
-
-
-def imap_bounded(pool, function, items, window):
-    """`pool.imap` with at most `window` items in flight, results in order.
-
-    `Pool.imap` reads its whole input ahead and keeps every finished result until it is read, so
-    with a slow consumer memory grows with the number of images. Here it cannot.
-    """
-    pending = collections.deque()
-    for item in items:
-        pending.append(pool.apply_async(function, (item,)))
-        if len(pending) >= window:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
-@contextlib.contextmanager
-def image_mapper(workers):
-    """A `map(function, items)` that runs on `workers` processes (in this process for 1)."""
-    if workers == 1:
-        previous = ImageFile.LOAD_TRUNCATED_IMAGES
-        _init_worker()
-        try:
-            yield map
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = previous
-        return
-    # spawn, not fork: the parent may hold TensorFlow's and gcsfs's threads, which fork does not
-    # carry over safely.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker) as pool:
-        yield lambda function, items: imap_bounded(pool, function, items, workers * IN_FLIGHT_PER_WORKER)
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing: runs in the main process.
-
-
-def _make_example(*args):
-    # Imported here: a run that stops early (bad options, nothing usable) never loads TensorFlow.
-    from trainer import records
-
-    return records.make_example(*args)
-
-
-class ShardWriter:
-    """Writes one shard to a local temporary file, then copies it to its place at DST.
-
-    TFRecordWriter needs a file system TensorFlow can reach (an emulator or fsspec URL is not one);
-    a local temporary file works for every DST and bounds local disk to one shard.
-    """
-
-    def __init__(self, output, name, temp_dir):
-        self.name = name
-        self.location = storage.join(output, name)
-        self.temporary = os.path.join(temp_dir, name)
-        self.writer = None  # opened by the first record: a run with nothing usable skips TensorFlow
-        self.records = 0
-
-    def write(self, record):
-        if self.writer is None:
-            import tensorflow as tf
-
-            self.writer = tf.io.TFRecordWriter(self.temporary)
-        self.writer.write(record)
-        self.records += 1
-
-    def close(self):
-        """Finishes the shard; returns its manifest entry `{"file", "records", "bytes"}`."""
-        if self.writer is None:
-            with open(self.temporary, "wb"):  # a TFRecord file of no records is an empty file
-                pass
-        else:
-            self.writer.close()
-        size = os.path.getsize(self.temporary)
-        storage.copy(self.temporary, self.location)
-        os.remove(self.temporary)
-        return {"file": self.name, "records": self.records, "bytes": size}
-
-
-class SizeStats:
-    """Running min / max / mean of stored image widths and heights (constant memory)."""
-
-    def __init__(self):
-        self.count = 0
-        self.sums = {"width": 0, "height": 0}
-        self.low = {"width": math.inf, "height": math.inf}
-        self.high = {"width": 0, "height": 0}
-
-    def add(self, width, height):
-        self.count += 1
-        for key, value in (("width", width), ("height", height)):
-            self.sums[key] += value
-            self.low[key] = min(self.low[key], value)
-            self.high[key] = max(self.high[key], value)
-
-    def as_dict(self):
-        result = {"count": self.count}
-        for key in ("width", "height"):
-            result[key] = ({"min": self.low[key], "max": self.high[key],
-                            "mean": round(self.sums[key] / self.count, 2)} if self.count else None)
-        return result
-
-
-def write_dataset(output, shards, classes, max_side, workers):
-    """Decodes every planned file in parallel and writes the shards one at a time, in order.
+def write_dataset(output, shards_plan, classes, max_side, workers, runner="local", pipeline_args=()):
+    """Writes every planned shard not yet committed, on `runner`, and merges the shards' reports.
 
     Returns:
       dict with `splits` (the manifest's per-split entries), `image_stats`, and `skipped`
       (`{"file", "reason", "class"}` of each file that did not decode).
     """
     label_of = {name: index for index, name in enumerate(classes)}
-    order = [(split, index, file) for split in SPLITS
-             for index, shard in enumerate(shards[split]) for file in shard]
-    tasks = ((file.location, max_side) for _, _, file in order)
-    splits = {split: {"count": 0, "class_counts": dict.fromkeys(classes, 0), "shards": []}
-              for split in SPLITS}
-    stats, skipped = SizeStats(), []
-    current, writer = None, None
+    lines = [shards.plan_line(shard_name(split, index, len(shards_plan[split])),
+                              [(file.path, file.location, file.label, label_of[file.label], file.digest)
+                               for file in files], max_side)
+             for split in SPLITS for index, files in enumerate(shards_plan[split])]
     interactive = sys.stderr.isatty()
-    with (tempfile.TemporaryDirectory(prefix="trainer-prepare-") as temp_dir,
-          image_mapper(workers) as map_images,
-          tqdm.tqdm(total=len(order), desc="encoding", unit="img", file=sys.stderr,
-                    mininterval=0.5 if interactive else 30) as progress):
-        for (split, index, file), result in zip(order, map_images(process_file, tasks), strict=True):
-            if (split, index) != current:
-                if writer:
-                    splits[current[0]]["shards"].append(writer.close())
-                writer = ShardWriter(output, shard_name(split, index, len(shards[split])), temp_dir)
-                current = (split, index)
-            progress.update()
-            if "skip" in result:
-                skipped.append({"file": file.path, "reason": result["skip"], "class": file.label})
-                progress.set_postfix(skipped=len(skipped), refresh=False)
-                continue
-            writer.write(_make_example(result["encoded"], result["format"], label_of[file.label],
-                                       file.label, file.path, result["height"], result["width"]))
-            splits[split]["count"] += 1
-            splits[split]["class_counts"][file.label] += 1
-            stats.add(result["width"], result["height"])
-        if writer:
-            splits[current[0]]["shards"].append(writer.close())
-    return {"splits": splits, "image_stats": stats.as_dict(), "skipped": skipped}
+    total = sum(len(files) for split in SPLITS for files in shards_plan[split])
+    with tqdm.tqdm(total=total, desc="encoding", unit="img", file=sys.stderr,
+                   mininterval=0.5 if interactive else 30) as progress:
+        def on_report(report):
+            progress.update(report["records"] + len(report["skipped"]))
+
+        reports = shards.run(output, lines, runner=runner, workers=workers, pipeline_args=pipeline_args,
+                             on_report=on_report)
+    splits = {split: {"count": 0, "class_counts": dict.fromkeys(classes, 0), "shards": []} for split in SPLITS}
+    sizes = {"count": 0, "width": [math.inf, 0, 0], "height": [math.inf, 0, 0]}
+    skipped = []
+    for report in reports:
+        split = splits[report["file"].split("-", 1)[0]]
+        split["shards"].append({"file": report["file"], "records": report["records"], "bytes": report["bytes"]})
+        split["count"] += report["records"]
+        for name, count in report["class_counts"].items():
+            split["class_counts"][name] += count
+        skipped += report["skipped"]
+        if report["sizes"]["count"]:
+            sizes["count"] += report["sizes"]["count"]
+            for key in ("width", "height"):
+                low, high, total_size = report["sizes"][key]
+                sizes[key] = [min(sizes[key][0], low), max(sizes[key][1], high), sizes[key][2] + total_size]
+    image_stats = {"count": sizes["count"]}
+    for key in ("width", "height"):
+        low, high, total_size = sizes[key]
+        image_stats[key] = ({"min": low, "max": high, "mean": round(total_size / sizes["count"], 2)}
+                            if sizes["count"] else None)
+    return {"splits": splits, "image_stats": image_stats, "skipped": skipped}
 
 
 def _describe_reasons(skipped):
@@ -464,7 +259,7 @@ def _megabytes(count):
     return f"{count / 2**20:.1f} MB"
 
 
-def _log_plan(output, layout, classes, shards, skipped, workers):
+def _log_plan(output, layout, classes, shards, skipped, runner):
     logging.info("classes (%d): %s", len(classes), ", ".join(classes))
     for split in SPLITS:
         files = sum(len(shard) for shard in shards[split])
@@ -473,8 +268,10 @@ def _log_plan(output, layout, classes, shards, skipped, workers):
                      len(shards[split]))
     if skipped:
         logging.info("%d files do not fit the %s layout and are skipped", len(skipped), layout)
-    logging.info("decoding with %d worker process%s; writing to %s", workers,
-                 "" if workers == 1 else "es", output)
+    if isinstance(runner, int):
+        logging.info("decoding with %d worker process%s; writing to %s", runner, "" if runner == 1 else "es", output)
+    else:
+        logging.info("decoding on Apache Beam's %s; writing to %s", runner, output)
 
 
 def _log_summary(manifest, output):

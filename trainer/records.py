@@ -1,23 +1,21 @@
 """TFRecord shards: building and parsing records, reading the framing, and naming damage.
 
-- `make_example` builds one record (`trainer prepare`); `PARSE_SPEC` is what the reader parses.
-  Both use the keys of `trainer.manifest`.
-- `iterate_records` reads TFRecord framing in Python, checking both checksums of every record:
-  the fsspec read path of `trainer.data`, and the diagnosis below.
+- `PARSE_SPEC` is what the reader parses (`trainer.tfrecord.make_example` writes the records),
+  with the keys of `trainer.manifest`.
+- `read_shard_records` reads a shard through fsspec, checking both checksums of every record
+  (`trainer.tfrecord`): the fsspec read path of `trainer.data`, and the diagnosis below.
 - `DamageReport` is called (in Python, only on the failure path) when `trainer.data` sees records
   of a shard go missing. It re-reads that shard to say exactly what is wrong (the shard and byte
   offset, or the image's file name) and raises, or, when skipping damaged data was asked for,
   logs and counts it. One report per run: what it skipped is logged and kept in history.json.
 """
 
-import struct
 import threading
 
-import google_crc32c
 import tensorflow as tf
 from absl import logging
 
-from trainer import images, manifest, storage
+from trainer import images, manifest, storage, tfrecord
 from trainer.errors import RetryableError, UserError, first_line
 
 # Object stores want few large requests: the fsspec path reads shards in blocks this big.
@@ -28,91 +26,11 @@ PARSE_SPEC = {
     manifest.KEY_LABEL: tf.io.FixedLenFeature([], tf.int64),
 }
 
-_HEADER = struct.Struct("<QI")  # record length, masked crc32c of the length
-_FOOTER = struct.Struct("<I")  # masked crc32c of the data
-_CRC_MASK_DELTA = 0xA282EAD8
-
-
-def make_example(encoded, image_format, label, class_name, filename, height, width):
-    """One serialized `tf.train.Example` with the dataset's keys (see trainer.manifest)."""
-
-    def bytes_feature(value):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-    def int_feature(value):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
-
-    feature = {
-        manifest.KEY_ENCODED: bytes_feature(encoded),
-        manifest.KEY_FORMAT: bytes_feature(image_format.encode()),
-        manifest.KEY_LABEL: int_feature(label),
-        manifest.KEY_CLASS: bytes_feature(class_name.encode()),
-        manifest.KEY_FILENAME: bytes_feature(filename.encode()),
-        manifest.KEY_HEIGHT: int_feature(height),
-        manifest.KEY_WIDTH: int_feature(width),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
-# --- TFRecord framing ------------------------------------------------------------------------------
-
-
-def _masked_crc(data):
-    crc = google_crc32c.value(data)
-    return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
-
-
-def _read_exactly(stream, count):
-    chunks, missing = [], count
-    while missing:
-        chunk = stream.read(missing)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        missing -= len(chunk)
-    return b"".join(chunks)
-
-
-def iterate_records(stream, name):
-    """Yields the records of a TFRecord stream, checking both checksums of every record.
-
-    The framing is: uint64 length, masked crc32c of the length, data, masked crc32c of the data
-    (all little-endian).
-
-    Args:
-      stream: a binary file object (read sequentially).
-      name: the shard's location, for error messages.
-
-    Raises:
-      UserError: naming the shard, the record and its byte offset, on a checksum mismatch or a
-        record cut short.
-    """
-    offset = index = 0
-    while True:
-        header = _read_exactly(stream, _HEADER.size)
-        if not header:
-            return
-        where = f"shard {name} record {index} (byte {offset})"
-        if len(header) < _HEADER.size:
-            raise UserError(f"{where} is truncated: the shard ends inside the record header")
-        length, length_crc = _HEADER.unpack(header)
-        if _masked_crc(header[:8]) != length_crc:
-            raise UserError(f"{where} is corrupt: length checksum mismatch")
-        data = _read_exactly(stream, length)
-        footer = _read_exactly(stream, _FOOTER.size)
-        if len(data) < length or len(footer) < _FOOTER.size:
-            raise UserError(f"{where} is truncated: the shard ends inside the record")
-        if _masked_crc(data) != _FOOTER.unpack(footer)[0]:
-            raise UserError(f"{where} is corrupt: data checksum mismatch")
-        yield data
-        offset += _HEADER.size + length + _FOOTER.size
-        index += 1
-
 
 def read_shard_records(url):
     """Yields the records of one shard at any location, through fsspec, in large blocks."""
     with storage.open_file(url, "rb", block_size=READ_BLOCK_BYTES) as stream:
-        yield from iterate_records(stream, url)
+        yield from tfrecord.iterate_records(stream, url)
 
 
 # --- what went wrong in a shard --------------------------------------------------------------------

@@ -355,6 +355,13 @@ def read_bytes(location):
         return handle.read()
 
 
+def read_range(location, start, end):
+    """Bytes `start` to `end` of one file (one ranged request on object stores)."""
+    with _translate_errors(location):
+        filesystem, path = _filesystem(location)
+        return filesystem.cat_file(path, start=start, end=end)
+
+
 def write_bytes(location, data):
     with open_file(location, "wb") as handle:
         handle.write(data)

@@ -1,0 +1,288 @@
+"""The unit of work of `trainer prepare`: one shard, the same function under every runner.
+
+  1. `write_plan`: the launcher stores the plan as one JSON line per shard (its name and its files:
+     the recorded path, where to read it, class, label and MD5) in OUTPUT/.prepare/plan.jsonl.
+     Runners are handed only `(output, offset, length)` per shard, so a Beam job graph stays small
+     for any number of images.
+  2. `write_shard`: reads its line; reads its images with many requests in flight (object stores
+     answer in tens of milliseconds, so one read at a time would leave the cores idle); decodes
+     each once (trainer.encode); writes the records in plan order to a local temporary file;
+     copies it to OUTPUT/<shard> (an atomic rename, or one object upload); then commits the
+     shard's report, OUTPUT/.prepare/<shard>.json: the digest of its plan line, its counts, image
+     sizes and skipped files.
+  3. `run` resumes: a shard whose report matches its plan line and whose file has the reported
+     size is done. The rest run on `run_local` (a process pool) or `run_beam` (an Apache Beam
+     pipeline: DirectRunner, DataflowRunner, Flink, Spark, ...). Every report is then read back.
+  4. The launcher (trainer.prepare) writes dataset.json from the reports, last, then `clean`s up.
+
+A shard's bytes depend only on its plan line (trainer.tfrecord writes records deterministically),
+so a rerun, another runner or another machine writes the same bytes.
+"""
+
+import collections
+import hashlib
+import json
+import multiprocessing
+import multiprocessing.pool
+import re
+import signal
+import tempfile
+import threading
+from concurrent import futures
+
+from absl import logging
+
+from trainer import encode, storage, tfrecord
+from trainer.errors import RetryableError, UserError, first_line
+
+STATE_FOLDER = ".prepare"
+PLAN_NAME = "plan.jsonl"
+# Reads in flight per shard: at ~20-50 ms per object-store request, enough to keep a core decoding.
+READ_THREADS = 32
+# Parallel small requests when reading reports back.
+REPORT_THREADS = 32
+
+
+def state_location(output, *parts):
+    return storage.join(output, STATE_FOLDER, *parts)
+
+
+def plan_line(name, files, max_side):
+    """One shard's plan as canonical JSON bytes. `files`: `(path, location, label, index, md5)`."""
+    return json.dumps({"name": name, "max_side": max_side, "files": [list(file) for file in files]},
+                      sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def _digest(line):
+    return hashlib.sha256(line).hexdigest()
+
+
+def write_plan(output, lines):
+    """Stores the plan lines; returns each shard's `(output, offset, length)` job."""
+    storage.write_bytes(state_location(output, PLAN_NAME), b"".join(lines))
+    jobs, offset = [], 0
+    for line in lines:
+        jobs.append((output, offset, len(line)))
+        offset += len(line)
+    return jobs
+
+
+# --- one shard ---------------------------------------------------------------------------------------
+
+
+def imap_bounded(pool, function, items, window):
+    """`pool.imap` with at most `window` items in flight, results in order.
+
+    `Pool.imap` reads its whole input ahead and keeps every finished result until it is read, so
+    with a slow consumer memory grows with the number of images. Here it cannot.
+    """
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(function, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def read_and_encode(location, max_side, decoders):
+    """Reads one file and encodes it (at most `decoders` at once), or says why it is skipped.
+
+    Storage errors are raised, not skipped: an unreachable bucket is not a bad image.
+    """
+    try:
+        data = storage.read_bytes(location)
+    except FileNotFoundError:
+        return {"skip": "file disappeared while preparing"}
+    with decoders:
+        return encode.encode_or_skip(data, max_side)
+
+
+class _Sizes:
+    """Min / max / sum of stored widths and heights: mergeable across shards."""
+
+    def __init__(self):
+        self.count, self.width, self.height = 0, [None, None, 0], [None, None, 0]
+
+    def add(self, width, height):
+        self.count += 1
+        for kept, value in ((self.width, width), (self.height, height)):
+            kept[0] = value if kept[0] is None else min(kept[0], value)
+            kept[1] = value if kept[1] is None else max(kept[1], value)
+            kept[2] += value
+
+    def as_dict(self):
+        return {"count": self.count, "width": self.width, "height": self.height}
+
+
+def write_shard(output, offset, length, decoders=1):
+    """Writes and commits the shard whose plan line is at `offset` of the plan; returns its report.
+
+    Args:
+      output: the dataset folder (local path or URL).
+      offset, length: where the shard's line is in OUTPUT/.prepare/plan.jsonl.
+      decoders: images decoded at once in this process (Pillow decodes without the GIL).
+
+    Returns:
+      `{"plan", "file", "records", "bytes", "class_counts", "sizes", "skipped"}`, as committed in
+      OUTPUT/.prepare/<shard>.json.
+    """
+    line = storage.read_range(state_location(output, PLAN_NAME), offset, offset + length)
+    task = json.loads(line)
+    gate = threading.BoundedSemaphore(decoders)
+    class_counts, sizes, skipped, records = collections.Counter(), _Sizes(), [], 0
+    with (encode.strict_decoding(), multiprocessing.pool.ThreadPool(READ_THREADS) as pool,
+          tempfile.NamedTemporaryFile("wb", prefix="trainer-shard-", suffix=".tfrecord") as temporary):
+        results = imap_bounded(pool, lambda file: read_and_encode(file[1], task["max_side"], gate),
+                               task["files"], READ_THREADS)
+        for (path, _, label, index, _), result in zip(task["files"], results, strict=True):
+            if "skip" in result:
+                skipped.append({"file": path, "reason": result["skip"], "class": label})
+                continue
+            temporary.write(tfrecord.frame(tfrecord.make_example(
+                result["encoded"], result["format"], index, label, path, result["height"], result["width"])))
+            records += 1
+            class_counts[label] += 1
+            sizes.add(result["width"], result["height"])
+        temporary.flush()
+        size = temporary.tell()
+        storage.copy(temporary.name, storage.join(output, task["name"]))
+    report = {"plan": _digest(line), "file": task["name"], "records": records, "bytes": size,
+              "class_counts": dict(sorted(class_counts.items())), "sizes": sizes.as_dict(), "skipped": skipped}
+    storage.write_json(state_location(output, task["name"] + ".json"), report)
+    return report
+
+
+# --- resuming ----------------------------------------------------------------------------------------
+
+
+def _read_reports(output, names):
+    def read(name):
+        try:
+            return storage.read_json(state_location(output, name + ".json"))
+        except (FileNotFoundError, ValueError):  # missing, or cut short by a kill: not committed
+            return None
+
+    with futures.ThreadPoolExecutor(REPORT_THREADS) as pool:
+        return dict(zip(names, pool.map(read, names), strict=True))
+
+
+def committed(output, lines):
+    """The reports of shards already written for exactly these plan lines, by shard name.
+
+    Reports and shards of an earlier plan (other files, other shard counts) are removed.
+    """
+    try:
+        listed = {name: size for name, size in storage.list_files(output) if "/" not in name}
+        reports = [name[:-len(".json")] for name, _ in storage.list_files(state_location(output))
+                   if name.endswith(".json")]
+    except FileNotFoundError:
+        return {}
+    wanted = {json.loads(line)["name"]: _digest(line) for line in lines}
+    found = _read_reports(output, reports)
+    done, stale = {}, []
+    for name, report in found.items():
+        if (report and wanted.get(name) == report.get("plan") and report.get("file") == name
+                and listed.get(name) == report.get("bytes")):
+            done[name] = report
+        else:
+            stale.append(name)
+    for name in stale:
+        storage.remove(state_location(output, name + ".json"))
+        if name not in wanted and name.endswith(".tfrecord") and "/" not in name:
+            storage.remove(storage.join(output, name))
+    if done or stale:
+        logging.info("resuming: %d of %d shards already written%s", len(done), len(wanted),
+                     f"; {len(stale)} from an earlier plan are replaced" if stale else "")
+    return done
+
+
+def clean(output):
+    """Removes the plan and the reports (once dataset.json holds what they said)."""
+    storage.remove(state_location(output), recursive=True)
+
+
+# --- runners ------------------------------------------------------------------------------------------
+
+
+def run(output, lines, runner="local", workers=1, pipeline_args=(), on_report=None):
+    """Writes every shard not yet committed, on `runner`; returns all reports in plan order."""
+    done = committed(output, lines)
+    names = [json.loads(line)["name"] for line in lines]
+    jobs = [job for name, job in zip(names, write_plan(output, lines), strict=True) if name not in done]
+    for report in done.values():
+        if on_report:
+            on_report(report)
+    if jobs and runner == "local":
+        run_local(jobs, workers, on_report)
+    elif jobs:
+        run_beam(jobs, runner, pipeline_args)
+    reports = _read_reports(output, names)
+    missing = [name for name, report in reports.items() if report is None]
+    if missing:
+        raise RetryableError(f"{len(missing)} shards did not report (first: {missing[0]}); run the same "
+                             "command again to write them")
+    return [reports[name] for name in names]
+
+
+def _write_shard_job(job):
+    return write_shard(*job)
+
+
+def _ignore_interrupts():
+    # Ctrl-C reaches the whole process group: the parent stops the pool; workers need not print.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_local(jobs, workers, on_report=None):
+    """Writes the shards of `jobs` on up to `workers` processes (in this process for one)."""
+    processes = min(workers, len(jobs))
+    decoders = max(1, workers // processes)
+    jobs = [(*job, decoders) for job in jobs]
+    if processes == 1:
+        reports = map(_write_shard_job, jobs)
+        for report in reports:
+            if on_report:
+                on_report(report)
+        return
+    # spawn, not fork: the parent may hold gcsfs's threads, which fork does not carry over safely.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes, initializer=_ignore_interrupts) as pool:
+        for report in pool.imap_unordered(_write_shard_job, jobs):
+            if on_report:
+                on_report(report)
+
+
+def beam_options(runner, pipeline_args):
+    """Beam's PipelineOptions for `runner`; raises UserError for arguments Beam does not know."""
+    try:
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+        raise UserError(f"--runner={runner} needs Apache Beam: pip install 'image-transfer-trainer[beam]' "
+                        "(or use --runner=local)") from None
+    options = PipelineOptions(list(pipeline_args), runner=runner)
+    unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    if unknown:
+        raise UserError(f"unknown Beam pipeline option --{sorted(unknown)[0]} (the arguments after --)")
+    return options
+
+
+_STEP_NOTE = re.compile(r" \[while running '[^']*'\]")
+
+
+def run_beam(jobs, runner, pipeline_args=()):
+    """Writes the shards of `jobs` as an Apache Beam pipeline on `runner`."""
+    options = beam_options(runner, pipeline_args)
+    import apache_beam as beam
+
+    logging.info("writing %d shards with Apache Beam's %s", len(jobs), runner)
+    try:
+        with beam.Pipeline(options=options) as pipeline:
+            _ = (pipeline
+                 | "Shards" >> beam.Create(jobs)
+                 | "Spread" >> beam.Reshuffle()  # one shard per worker, whatever Create's bundles
+                 | "WriteShard" >> beam.MapTuple(write_shard))
+    except (UserError, RetryableError) as error:
+        raise type(error)(_STEP_NOTE.sub("", str(error))) from None
+    except Exception as error:  # the runner's own failure: a bad option, a failed Dataflow job
+        raise UserError(f"the Beam pipeline failed on {runner}: {_STEP_NOTE.sub('', first_line(error))}") from None
