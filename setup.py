@@ -43,7 +43,12 @@ setup(
             "psutil>=5.9",
             "ruff>=0.6",
             "zizmor>=1.32",  # GitHub workflow security audit (make lint; tests/test_workflows.py)
+            "apache-beam==2.77.*",  # `trainer prepare --runner=DirectRunner` in the tests
+            "cryptography>=42",  # the test CA behind TensorFlow's own gs:// client (tests/tlsproxy.py)
         ],
+        # `trainer prepare --runner=DataflowRunner` (and Beam's other runners): Beam with its Google
+        # Cloud I/O. Not in the training image: it adds ~200 MB and training never needs it.
+        "beam": ["apache-beam[gcp]==2.77.*"],
     },
     entry_points={"console_scripts": ["trainer=trainer.cli:main"]},
 )

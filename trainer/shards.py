@@ -187,6 +187,9 @@ def committed(output, lines):
             done[name] = report
         else:
             stale.append(name)
+    for name in listed:  # a local copy cut short by a kill (trainer.storage writes a .tmp- file first)
+        if name.startswith(".tmp-"):
+            storage.remove(storage.join(output, name))
     for name in stale:
         storage.remove(state_location(output, name + ".json"))
         if name not in wanted and name.endswith(".tfrecord") and "/" not in name:
@@ -218,6 +221,10 @@ def run(output, lines, runner="local", workers=1, pipeline_args=(), on_report=No
     elif jobs:
         run_beam(jobs, runner, pipeline_args)
     reports = _read_reports(output, names)
+    if runner != "local" and on_report:
+        for name, report in reports.items():
+            if name not in done and report:
+                on_report(report)
     missing = [name for name, report in reports.items() if report is None]
     if missing:
         raise RetryableError(f"{len(missing)} shards did not report (first: {missing[0]}); run the same "
@@ -273,8 +280,14 @@ _STEP_NOTE = re.compile(r" \[while running '[^']*'\]")
 def run_beam(jobs, runner, pipeline_args=()):
     """Writes the shards of `jobs` as an Apache Beam pipeline on `runner`."""
     options = beam_options(runner, pipeline_args)
+    import logging as std_logging
+
     import apache_beam as beam
 
+    # Beam's INFO lines are its internals (state caches, bundle sizes); a Dataflow launcher's job
+    # URL and state changes are the ones a user watches.
+    std_logging.getLogger("apache_beam").setLevel(std_logging.WARNING)
+    std_logging.getLogger("apache_beam.runners.dataflow").setLevel(std_logging.INFO)
     logging.info("writing %d shards with Apache Beam's %s", len(jobs), runner)
     try:
         with beam.Pipeline(options=options) as pipeline:
