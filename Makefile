@@ -43,10 +43,11 @@ demo: install
 #   make submit-eval IMAGE=... DATA=... JOB_DIR=gs://b/runs/r1   (-> JOB_DIR/eval/metrics.json)
 #   make submit-* ... QUEUE=team-a          (Kueue: the LocalQueue that admits the run)
 #   make submit-vertex IMAGE=... DATA=... JOB_DIR=gs://b/runs/r1 REGION=us-central1 [WORKERS=2] [SPOT=1]
-.PHONY: image push render submit-train submit-eval submit-vertex status logs wait
+.PHONY: image push image-dataflow push-dataflow render submit-train submit-eval submit-vertex status logs wait
 
 BUILDER ?= docker
 IMAGE ?= us-docker.pkg.dev/YOUR_PROJECT/trainer/image-transfer-trainer:$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+DATAFLOW_IMAGE ?= us-docker.pkg.dev/YOUR_PROJECT/trainer/image-transfer-prepare:$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 KUBECTL ?= kubectl
 # render.py needs PyYAML: the project's venv when there is one, else any python3 with PyYAML.
 RENDER_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
@@ -67,7 +68,7 @@ RUN_STAMP := $(shell date -u +%Y%m%d-%H%M%S)
 # are only ever expanded inside double quotes ("$$DATA"): never pasted into the command text, so
 # `DATA='x; cmd'` is a (bad) location, not a command.
 # Make itself would expand `$(...)` in them (DATA='$(shell cmd)'): they are taken as literal text.
-USER_VARIABLES := IMAGE GPUS WORKERS MULTI ACCELERATOR SPLIT TAIL TIMEOUT REGION DATA JOB_DIR MODEL OUTPUT RUN \
+USER_VARIABLES := IMAGE DATAFLOW_IMAGE GPUS WORKERS MULTI ACCELERATOR SPLIT TAIL TIMEOUT REGION DATA JOB_DIR MODEL OUTPUT RUN \
 	OVERLAY ARGS GSA QUEUE DRY_RUN FOLLOW SPOT
 $(foreach v,$(USER_VARIABLES),$(if $(filter command line environment,$(origin $(v))),\
 	$(eval override $(v) := $$(value $(v)))))
@@ -85,6 +86,14 @@ APPLY = if [ -n "$$DRY_RUN" ]; then printf '%s\n' "$$manifest"; \
 
 image:
 	$(BUILDER) build --tag "$$IMAGE" .
+
+# The Dataflow worker image of `trainer prepare --runner=DataflowRunner` (README: Prepare at scale).
+image-dataflow:
+	$(BUILDER) build --file Dockerfile.dataflow --tag "$$DATAFLOW_IMAGE" .
+
+push-dataflow:
+	@case "$$DATAFLOW_IMAGE" in *YOUR_PROJECT*) echo "usage: make push-dataflow DATAFLOW_IMAGE=REGISTRY/REPO/NAME:TAG" >&2; exit 2;; esac
+	$(BUILDER) push "$$DATAFLOW_IMAGE"
 
 push:
 	@case "$$IMAGE" in *YOUR_PROJECT*) echo "usage: make push IMAGE=REGISTRY/REPO/NAME:TAG" >&2; exit 2;; esac

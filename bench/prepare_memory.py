@@ -1,7 +1,10 @@
 """Memory benchmark: peak RSS of `trainer prepare` on 5,000 and 20,000 images (goal <= 1 GiB, flat).
 
-    python -m bench.prepare_memory --output=bench_output
+    python -m bench.prepare_memory --output=bench_output      # both runners: local and Beam's DirectRunner
     python -m bench.prepare_memory --smoke --output=/tmp/bench     # tests: 200 and 400 images
+
+The Beam runs use the DirectRunner with one worker process per core
+(`--direct_running_mode=multi_processing --direct_num_workers=0`), as the local runner does.
 
 Runs the real command (`python -m trainer.cli prepare`, in a subprocess, with its default worker
 processes) on Kaggle-style folders (`cat.123.jpg`, `dog.456.jpg` in one folder) and samples the
@@ -67,11 +70,15 @@ def tree_rss(process):
     return own, total
 
 
-def run_prepare(source, output, interval=0.05):
+BEAM_ARGUMENTS = ["--", "--direct_running_mode=multi_processing", "--direct_num_workers=0"]
+
+
+def run_prepare(source, output, runner="local", interval=0.05):
     """Runs `trainer prepare` and samples its memory; returns peaks in bytes, processes and seconds."""
     import psutil
 
-    command = [sys.executable, "-m", "trainer.cli", "prepare", f"--source={source}", f"--output={output}"]
+    command = [sys.executable, "-m", "trainer.cli", "prepare", f"--source={source}", f"--output={output}",
+               f"--runner={runner}", *(BEAM_ARGUMENTS if runner != "local" else [])]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = []
@@ -93,39 +100,43 @@ def run_prepare(source, output, interval=0.05):
             "seconds": round(seconds, 1)}
 
 
-def run(counts, output, variants=VARIANTS, work_dir=None):
+def run(counts, output, variants=VARIANTS, work_dir=None, runners=("local", "DirectRunner")):
     started = time.perf_counter()
     machine = common.describe_machine()
-    runs = {}
+    runs, ratios = {}, []
     for count in counts:
         with tempfile.TemporaryDirectory(prefix="bench-prepare-", dir=work_dir) as temporary:
             source = os.path.join(temporary, "images")
             mean_bytes = write_kaggle_folder(source, count, variants)
             log(f"wrote {count} JPEGs (mean {mean_bytes / 1024:.0f} KiB) in {source}")
-            result = run_prepare(source, os.path.join(temporary, "shards"))
-            runs[str(count)] = {"images": count, "mean_image_bytes": round(mean_bytes), **result}
-            log(f"{count} images: peak tree RSS {result['peak_tree_rss'] / 2**20:.0f} MiB, main "
-                f"{result['peak_main_rss'] / 2**20:.0f} MiB, {result['processes']} processes, "
-                f"{result['seconds']:.0f} s")
-    small, large = runs[str(min(counts))], runs[str(max(counts))]
-    growth = large["peak_tree_rss"] / small["peak_tree_rss"]
-    ratios = [
-        {"name": f"peak tree RSS at {max(counts)} images <= 1 GiB", "value": round(large["peak_tree_rss"] / 2**30, 3),
-         "goal": 1.0, "pass": large["peak_tree_rss"] <= GOAL_BYTES},
-        {"name": f"flat: peak at {max(counts)} / peak at {min(counts)}", "value": round(growth, 3),
-         "goal": GOAL_GROWTH, "pass": growth <= GOAL_GROWTH},
-    ]
+            for runner in runners:
+                result = run_prepare(source, os.path.join(temporary, f"shards-{runner}"), runner)
+                runs[f"{runner} {count}"] = {"runner": runner, "images": count, "mean_image_bytes": round(mean_bytes),
+                                             **result}
+                log(f"{runner}, {count} images: peak tree RSS {result['peak_tree_rss'] / 2**20:.0f} MiB, main "
+                    f"{result['peak_main_rss'] / 2**20:.0f} MiB, {result['processes']} processes, "
+                    f"{result['seconds']:.0f} s")
+    for runner in runners:
+        small, large = runs[f"{runner} {min(counts)}"], runs[f"{runner} {max(counts)}"]
+        growth = large["peak_tree_rss"] / small["peak_tree_rss"]
+        ratios += [
+            {"name": f"{runner}: peak tree RSS at {max(counts)} images <= 1 GiB",
+             "value": round(large["peak_tree_rss"] / 2**30, 3), "goal": 1.0,
+             "pass": large["peak_tree_rss"] <= GOAL_BYTES},
+            {"name": f"{runner}: flat, peak at {max(counts)} / peak at {min(counts)}", "value": round(growth, 3),
+             "goal": GOAL_GROWTH, "pass": growth <= GOAL_GROWTH},
+        ]
     results = {"benchmark": "prepare_memory",
                "command": " ".join(["python -m bench.prepare_memory", *sys.argv[1:]]),
-               "machine": machine, "config": {"counts": counts, "variants": variants},
+               "machine": machine, "config": {"counts": counts, "variants": variants, "runners": list(runners)},
                "loaders": runs, "ratios": ratios, "seconds": round(time.perf_counter() - started, 1)}
     common.write_json(os.path.join(output, "prepare_memory.json"), results)
-    print(f"{'images':>7} {'peak tree RSS':>14} {'peak main RSS':>14} {'processes':>9} {'seconds':>8}")
+    print(f"{'runner':>12} {'images':>7} {'peak tree RSS':>14} {'peak main RSS':>14} {'processes':>9} {'seconds':>8}")
     for entry in runs.values():
-        print(f"{entry['images']:>7} {entry['peak_tree_rss'] / 2**20:>10.0f} MiB "
+        print(f"{entry['runner']:>12} {entry['images']:>7} {entry['peak_tree_rss'] / 2**20:>10.0f} MiB "
               f"{entry['peak_main_rss'] / 2**20:>10.0f} MiB {entry['processes']:>9} {entry['seconds']:>8.1f}")
     for ratio in ratios:
-        print(f"{ratio['name']:<45} {ratio['value']:>7.3f} (goal <= {ratio['goal']}) "
+        print(f"{ratio['name']:<60} {ratio['value']:>7.3f} (goal <= {ratio['goal']}) "
               f"{'PASS' if ratio['pass'] else 'MISS'}")
     return results
 

@@ -65,7 +65,7 @@ def test_train_step_smoke(tmp_path):
 def test_prepare_memory_smoke(tmp_path):
     results, _ = run_bench("prepare_memory", tmp_path)
 
-    assert set(results["loaders"]) == {"200", "400"}
+    assert set(results["loaders"]) == {"local 200", "local 400", "DirectRunner 200", "DirectRunner 400"}
     for run in results["loaders"].values():
         # The sampled tree is the command plus its worker processes, and it held real memory.
         assert run["processes"] >= 2 and run["peak_tree_rss"] >= run["peak_main_rss"] > 50 * 2**20

@@ -87,6 +87,21 @@ def test_installs_the_package_from_only_what_it_needs():
     assert workdir == "/opt/trainer"
 
 
+def test_dataflow_worker_image_is_beams_sdk_of_the_pinned_beam_with_this_package():
+    text = open(os.path.join(ROOT, "Dockerfile.dataflow")).read()
+    (base,) = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    match = re.fullmatch(r"apache/beam_python(\d+\.\d+)_sdk:(\d+\.\d+)\.\d+", base)
+    assert match, base
+    setup = open(os.path.join(ROOT, "setup.py")).read()
+    assert f'"apache-beam[gcp]=={match.group(2)}.*"' in setup  # the launcher's Beam, or workers refuse
+    assert match.group(1) == "3.11"  # the launcher's Python (docs: Prepare at scale)
+    assert 'pip install --no-cache-dir ".[beam]"' in text and not re.search(r"^ENTRYPOINT", text, re.MULTILINE)  # Beam's boot stays
+    if hadolint():
+        result = subprocess.run([hadolint(), "--failure-threshold", "info", os.path.join(ROOT, "Dockerfile.dataflow")],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_no_credentials_in_the_image_or_its_build_context():
     steps = instructions()
     for name, args in steps:

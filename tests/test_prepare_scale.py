@@ -198,3 +198,24 @@ def test_storage_errors_inside_a_beam_pipeline_keep_their_kind_and_message(tmp_p
         prepare.prepare_dataset(str(source), str(tmp_path / "data"), runner="DirectRunner")
     assert str(raised.value).startswith("storage unreachable at ") and "while running" not in str(raised.value)
     assert str(raised.value).endswith("no answer within 20 s")
+
+
+def test_readmes_dataflow_command_has_only_known_flags_and_beam_options():
+    import re
+    import shlex
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    (command,) = [block for block in re.findall(r"```\n(.*?)```", readme, re.DOTALL) if "DataflowRunner" in block]
+    words = shlex.split(command.replace("\\\n", " "))
+    ours, beam = words[:words.index("--")], words[words.index("--") + 1:]
+    assert ours[:2] == ["trainer", "prepare"] and "--runner=DataflowRunner" in ours
+    from trainer import cli
+
+    source = open(cli.__file__).read()
+    defined = source[source.index("def define_prepare_flags"):source.index("def run_prepare")]
+    for word in ours[2:]:
+        assert f'("{word.lstrip("-").split("=", 1)[0]}"' in defined, word
+    options = shards.beam_options("DataflowRunner", beam).get_all_options()
+    for name in ("project", "region", "temp_location", "service_account_email", "machine_type",
+                 "max_num_workers", "sdk_container_image"):
+        assert options[name], name

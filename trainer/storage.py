@@ -351,6 +351,10 @@ def open_file(location, mode="rb", block_size=None):
 
 
 def read_bytes(location):
+    if is_url(location):  # one request (opening a remote file asks for its metadata first)
+        with _translate_errors(location):
+            filesystem, path = _filesystem(location)
+            return filesystem.cat_file(path)
     with open_file(location, "rb") as handle:
         return handle.read()
 

@@ -1,0 +1,219 @@
+"""Prepare-throughput benchmark: `trainer prepare` from object storage, on Beam, and after a kill.
+
+    python -m bench.prepare_scale --output=bench_output            # 1,000 images (2,000 for Beam)
+    python -m bench.prepare_scale --smoke --output=/tmp/bench       # tests: 60 images
+
+Photo-like JPEGs (random crops of scikit-image's sample photos, ~500 x 375, each image different)
+in Kaggle's layout (`cat.N.jpg`, `dog.N.jpg` in one folder), on local disk and on fake-gcs-server
+behind `bench/latency_proxy.py` (+20 ms a request, as real object storage answers). Every run is
+the real command in a subprocess (`python -m trainer.cli prepare`, all cores), to a local output,
+interleaved over --rounds rounds; the medians are compared:
+
+  local            SRC on local disk, the local runner
+  gcs_20ms         SRC on the GCS server at +20 ms a request, the local runner
+  ceiling_memory   the work prepare must do per image (trainer.encode: one full decode, re-encoding
+                   where it must) on the same bytes already in memory, on a pool of as many
+                   processes as cores: the in-memory limit
+  beam_direct      SRC on local disk, Beam's DirectRunner with one worker process per core
+  rerun_after_kill an uninterrupted run's time vs a rerun's after a SIGKILL at half the shards
+  listing          how long listing SRC on the GCS server takes, at 0 and +20 ms a request
+
+Goals (issue 12): gcs_20ms / local >= 0.8, local / ceiling_memory >= 0.8, rerun <= 0.6 of a full run.
+Beam / local is reported (no goal). Results: OUTPUT/prepare_scale.json.
+"""
+
+import argparse
+import multiprocessing
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
+import numpy as np  # noqa: E402
+
+from bench import common  # noqa: E402
+
+BEAM_ARGUMENTS = ["--runner=DirectRunner", "--", "--direct_running_mode=multi_processing", "--direct_num_workers=0"]
+
+
+def log(message):
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def write_kaggle_folder(folder, count, seed=0):
+    """`count` different photo-like JPEGs as folder/cat.N.jpg and folder/dog.N.jpg; returns their bytes."""
+    rng = np.random.default_rng(seed)
+    photos = common.load_photos()
+    os.makedirs(folder, exist_ok=True)
+    images = []
+    for index in range(count):
+        data = common.make_jpeg(photos, rng)
+        with open(os.path.join(folder, f"{common.CLASSES[index % 2].rstrip('s')}.{index}.jpg"), "wb") as file:
+            file.write(data)
+        images.append(data)
+    return images
+
+
+def prepare(source, output, *arguments, env=None):
+    """Runs the real command; returns its wall time in seconds."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "trainer.cli", "prepare", f"--source={source}",
+                             f"--output={output}", "--overwrite", *arguments],
+                            capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if result.returncode != 0:
+        raise RuntimeError(f"trainer prepare exited {result.returncode}: {result.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def _encode(data):
+    from trainer import encode
+
+    return "skip" not in encode.encode_or_skip(data)
+
+
+def ceiling(images, processes):
+    """Seconds for the per-image work on bytes in memory, on `processes` processes (pool start excluded)."""
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(_encode, images[:processes])  # start and import everything first
+        started = time.perf_counter()
+        assert all(pool.map(_encode, images, chunksize=8))
+        return time.perf_counter() - started
+
+
+def killed_then_rerun(source, output, arguments):
+    """Seconds of a rerun after the command was SIGKILLed once half its shards had committed."""
+    from trainer import shards
+
+    process = subprocess.Popen([sys.executable, "-m", "trainer.cli", "prepare", f"--source={source}",
+                                f"--output={output}", "--overwrite", *arguments],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = os.path.join(output, shards.STATE_FOLDER)
+    while process.poll() is None:
+        plan = os.path.join(state, shards.PLAN_NAME)
+        if os.path.exists(plan):
+            planned = open(plan, "rb").read().count(b"\n")
+            if len([name for name in os.listdir(state) if name.endswith(".json")]) * 2 >= planned:
+                break
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "trainer.cli", "prepare", f"--source={source}",
+                             f"--output={output}", *arguments], capture_output=True, text=True)
+    if result.returncode != 0 or "resuming" not in result.stderr:
+        raise RuntimeError(f"the rerun did not resume: {result.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def time_listing(url, store):
+    from trainer import storage
+
+    seconds = {}
+    for delay in (0, 20):
+        store.set_delay(delay)
+        started = time.perf_counter()
+        storage.list_files(url, with_md5=True)
+        seconds[f"{delay}ms"] = time.perf_counter() - started
+    return seconds
+
+
+def run(count, beam_count, rounds, num_shards, output, work_dir=None):
+    from bench.input_pipeline import ObjectStore
+
+    started = time.perf_counter()
+    cores = os.cpu_count() or 1
+    results = {"benchmark": "prepare_scale", "command": " ".join(["python -m bench.prepare_scale", *sys.argv[1:]]),
+               "machine": common.describe_machine(),
+               "config": {"images": count, "beam_images": beam_count, "rounds": rounds, "num_shards": num_shards}}
+    store = ObjectStore()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-prepare-scale-", dir=work_dir) as temporary:
+            source, beam_source = os.path.join(temporary, "kaggle"), os.path.join(temporary, "kaggle_beam")
+            images = write_kaggle_folder(source, count)
+            write_kaggle_folder(beam_source, beam_count, seed=1)
+            import fsspec
+
+            from trainer import storage
+
+            fsspec.filesystem("gs").mkdir("bench")
+            storage.copy_tree(source, "gs://bench/kaggle")
+            log(f"{count} images ({sum(map(len, images)) / len(images) / 1024:.0f} KiB mean) on disk and on the "
+                "GCS server")
+            shard_arguments = [f"--num_shards={num_shards}"]
+            env = {"STORAGE_EMULATOR_HOST": store.proxy_url}
+            seconds = {name: [] for name in ("local", "gcs_20ms", "ceiling_memory", "beam_direct", "local_beam_set")}
+            for round_index in range(rounds):
+                store.set_delay(20)
+                seconds["gcs_20ms"].append(prepare("gs://bench/kaggle", os.path.join(temporary, "out"),
+                                                   *shard_arguments, env=env))
+                seconds["local"].append(prepare(source, os.path.join(temporary, "out"), *shard_arguments))
+                seconds["ceiling_memory"].append(ceiling(images, cores))
+                seconds["beam_direct"].append(prepare(beam_source, os.path.join(temporary, "beam"),
+                                                      *shard_arguments, *BEAM_ARGUMENTS))
+                seconds["local_beam_set"].append(prepare(beam_source, os.path.join(temporary, "beam"),
+                                                         *shard_arguments))
+                log(f"round {round_index + 1}: " + ", ".join(f"{name} {values[-1]:.1f} s"
+                                                            for name, values in seconds.items()))
+            full = prepare(source, os.path.join(temporary, "killed"), *shard_arguments)
+            rerun = killed_then_rerun(source, os.path.join(temporary, "killed"), shard_arguments)
+            listing = time_listing("gs://bench/kaggle", store)
+    finally:
+        store.stop()
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    rate = {name: (beam_count if name in ("beam_direct", "local_beam_set") else count) / value
+            for name, value in median.items()}
+    ratios = [
+        {"name": "gcs_20ms / local (img/s)", "value": rate["gcs_20ms"] / rate["local"], "goal": 0.8},
+        {"name": "local / ceiling_memory (img/s)", "value": rate["local"] / rate["ceiling_memory"], "goal": 0.8},
+        {"name": "rerun after a kill at 50% / uninterrupted (s)", "value": rerun / full, "goal": 0.6,
+         "lower_is_better": True},
+        {"name": "beam_direct / local on the same images (img/s)",
+         "value": rate["beam_direct"] / rate["local_beam_set"], "goal": None},
+    ]
+    for ratio in ratios:
+        ratio["value"] = round(ratio["value"], 3)
+        if ratio["goal"] is not None:
+            ratio["pass"] = (ratio["value"] <= ratio["goal"]) if ratio.get("lower_is_better") else (
+                ratio["value"] >= ratio["goal"])
+    results.update({"loaders": {name: {"median_seconds": round(median[name], 2),
+                                       "images_per_second": round(rate[name], 1),
+                                       "seconds": [round(value, 2) for value in seconds[name]]} for name in median},
+                    "rerun": {"uninterrupted_seconds": round(full, 2), "rerun_seconds": round(rerun, 2)},
+                    "listing_seconds": {key: round(value, 3) for key, value in listing.items()},
+                    "ratios": ratios, "seconds": round(time.perf_counter() - started, 1)})
+    common.write_json(os.path.join(output, "prepare_scale.json"), results)
+    for name in median:
+        print(f"{name:<16} {rate[name]:>8.1f} img/s  (median of {rounds}: {median[name]:.2f} s)")
+    print(f"listing {count} objects: {listing['0ms'] * 1000:.0f} ms at 0 ms, {listing['20ms'] * 1000:.0f} ms at +20 ms")
+    for ratio in ratios:
+        verdict = "" if ratio["goal"] is None else ("PASS" if ratio["pass"] else "MISS")
+        sign = "<=" if ratio.get("lower_is_better") else ">="
+        goal = "" if ratio["goal"] is None else f" (goal {sign} {ratio['goal']})"
+        print(f"{ratio['name']:<50} {ratio['value']:>7.3f}{goal} {verdict}")
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=common.positive_int, default=1000)
+    parser.add_argument("--beam_images", type=common.positive_int, default=2000)
+    parser.add_argument("--rounds", type=common.positive_int, default=3)
+    parser.add_argument("--num_shards", type=common.positive_int, default=8, help="shards per split")
+    parser.add_argument("--output", default="bench_output", help="folder for prepare_scale.json")
+    parser.add_argument("--work_dir", default=None, help="where the temporary images and shards go")
+    parser.add_argument("--smoke", action="store_true", help="tiny run for tests: 60 images, 1 round")
+    options = parser.parse_args(argv)
+    if options.smoke:
+        options.images, options.beam_images, options.rounds, options.num_shards = 60, 60, 1, 2
+    os.makedirs(options.output, exist_ok=True)
+    run(options.images, options.beam_images, options.rounds, options.num_shards, options.output, options.work_dir)
+
+
+if __name__ == "__main__":
+    main()
