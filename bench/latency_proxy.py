@@ -28,6 +28,9 @@ _DROPPED = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "tr
 
 class LatencyProxy(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver listens with a backlog of 5: dozens of clients connecting at once would see SYNs
+    # dropped and retried a second later, a delay no real object store adds.
+    request_queue_size = 128
 
     def __init__(self, address, upstream, delay_seconds):
         super().__init__(address, ProxyHandler)

@@ -95,10 +95,11 @@ def test_dataflow_worker_image_is_beams_sdk_of_the_pinned_beam_with_this_package
     setup = open(os.path.join(ROOT, "setup.py")).read()
     assert f'"apache-beam[gcp]=={match.group(2)}.*"' in setup  # the launcher's Beam, or workers refuse
     assert match.group(1) == "3.11"  # the launcher's Python (docs: Prepare at scale)
-    assert 'pip install --no-cache-dir ".[beam]"' in text and not re.search(r"^ENTRYPOINT", text, re.MULTILINE)  # Beam's boot stays
+    assert 'pip install --no-cache-dir ".[beam]"' in text
+    assert not re.search(r"^ENTRYPOINT", text, re.MULTILINE)  # Beam's boot stays the entrypoint
     if hadolint():
-        result = subprocess.run([hadolint(), "--failure-threshold", "info", os.path.join(ROOT, "Dockerfile.dataflow")],
-                                capture_output=True, text=True)
+        dockerfile = os.path.join(ROOT, "Dockerfile.dataflow")
+        result = subprocess.run([hadolint(), "--failure-threshold", "info", dockerfile], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -4,6 +4,7 @@ The Beam runs use Apache Beam's DirectRunner (in this process or in the command'
 ones go to the fake-gcs-server of the fixtures.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -219,3 +220,48 @@ def test_readmes_dataflow_command_has_only_known_flags_and_beam_options():
     for name in ("project", "region", "temp_location", "service_account_email", "machine_type",
                  "max_num_workers", "sdk_container_image"):
         assert options[name], name
+
+
+# The subprocess reads the manifest through fsspec (the GCS server of the fixtures) and the shards
+# through TensorFlow's own gs:// filesystem, as in production (tests/tlsproxy.py reaches the same
+# server). It prints, per split, the labels and a digest of the decoded pixels of every example.
+NATIVE_READ = r"""
+import hashlib, json, sys
+import numpy as np
+from trainer import data, storage
+import tensorflow as tf
+if sys.argv[1].startswith("gs://"):
+    assert not storage.tensorflow_can_read(sys.argv[1])  # the emulator is set: fsspec by default
+    storage.tensorflow_can_read = lambda location: True  # the production path for these shards
+    assert tf.io.gfile.exists(sys.argv[1].rsplit("/", 1)[0] + "/train-00000-of-00002.tfrecord")
+out = {}
+for split in ("train", "val", "test"):
+    rows = []
+    for images, labels in data.make_dataset(sys.argv[1], split, 32, 4, training=False):
+        for image, label in zip(images.numpy(), labels.numpy()):
+            rows.append([int(label), hashlib.sha256(np.round(image, 3).tobytes()).hexdigest()])
+    out[split] = rows
+print(json.dumps(out))
+"""
+
+
+def test_tensorflows_own_gcs_filesystem_reads_shards_as_local_copies_give_them(gcs_server, gcs_bucket, tmp_path):
+    from tlsproxy import TLSProxy
+
+    source, output = tmp_path / "photos", f"{gcs_bucket}/data"
+    imagegen.write_images(str(source), "class_dirs", per_class=8, size=(40, 30), fmt=("jpeg", "png"))
+    prepare.prepare_dataset(str(source), output, num_shards=2, workers=1)
+    storage.copy_tree(output, str(tmp_path / "local"))
+    results = {}
+    with TLSProxy(int(gcs_server.rsplit(":", 1)[1]), str(tmp_path)) as proxy:
+        for name, manifest, env in (("native", f"{output}/dataset.json", proxy.environment()),
+                                    ("local", str(tmp_path / "local" / "dataset.json"), {})):
+            result = subprocess.run([sys.executable, "-c", NATIVE_READ, manifest], capture_output=True, text=True,
+                                    env={**os.environ, **env}, timeout=300)
+            assert result.returncode == 0, result.stderr[-3000:]
+            results[name] = json.loads(result.stdout.strip().splitlines()[-1])
+        tunnels = list(proxy.tunnels)
+
+    assert results["native"] == results["local"]
+    assert sum(len(rows) for rows in results["local"].values()) == 16
+    assert "storage.googleapis.com" in tunnels  # TensorFlow's reads went through its own client

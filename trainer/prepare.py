@@ -185,7 +185,7 @@ def write_dataset(output, shards_plan, classes, max_side, workers, runner="local
     """
     label_of = {name: index for index, name in enumerate(classes)}
     lines = [shards.plan_line(shard_name(split, index, len(shards_plan[split])),
-                              [(file.path, file.location, file.label, label_of[file.label], file.digest)
+                              [(file.path, file.location, file.label, label_of[file.label], file.digest, file.size)
                                for file in files], max_side)
              for split in SPLITS for index, files in enumerate(shards_plan[split])]
     interactive = sys.stderr.isatty()

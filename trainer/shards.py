@@ -27,7 +27,6 @@ import multiprocessing.pool
 import re
 import signal
 import tempfile
-import threading
 from concurrent import futures
 
 from absl import logging
@@ -38,7 +37,9 @@ from trainer.errors import RetryableError, UserError, first_line
 STATE_FOLDER = ".prepare"
 PLAN_NAME = "plan.jsonl"
 # Reads in flight per shard: at ~20-50 ms per object-store request, enough to keep a core decoding.
-READ_THREADS = 32
+# (the next batch is read while this one decodes: at most two batches of bytes in memory).
+READ_BATCH = 64
+READ_BATCH_BYTES = 32 * 2**20
 # Parallel small requests when reading reports back.
 REPORT_THREADS = 32
 
@@ -48,7 +49,7 @@ def state_location(output, *parts):
 
 
 def plan_line(name, files, max_side):
-    """One shard's plan as canonical JSON bytes. `files`: `(path, location, label, index, md5)`."""
+    """One shard's plan as canonical JSON bytes. `files`: `(path, location, label, index, md5, size)`."""
     return json.dumps({"name": name, "max_side": max_side, "files": [list(file) for file in files]},
                       sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
@@ -85,17 +86,35 @@ def imap_bounded(pool, function, items, window):
         yield pending.popleft().get()
 
 
-def read_and_encode(location, max_side, decoders):
-    """Reads one file and encodes it (at most `decoders` at once), or says why it is skipped.
+def batches(sizes, count, size_bytes):
+    """Consecutive `(start, end)` index ranges of at most `count` items and (past one item) `size_bytes`."""
+    start, total = 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and (index - start >= count or total + size > size_bytes):
+            yield start, index
+            start, total = index, 0
+        total += size
+    if start < len(sizes):
+        yield start, len(sizes)
 
-    Storage errors are raised, not skipped: an unreachable bucket is not a bad image.
-    """
-    try:
-        data = storage.read_bytes(location)
-    except FileNotFoundError:
+
+def read_ahead(locations, sizes):
+    """Yields the bytes of `locations` in order (None for a missing file), reading the next batch
+    (`storage.read_many`: concurrent requests) while the caller works on this one."""
+    ranges = list(batches(sizes, READ_BATCH, READ_BATCH_BYTES))
+    with futures.ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
+        pending = reader.submit(storage.read_many, locations[slice(*ranges[0])]) if ranges else None
+        for index in range(len(ranges)):
+            current = pending.result()
+            if index + 1 < len(ranges):
+                pending = reader.submit(storage.read_many, locations[slice(*ranges[index + 1])])
+            yield from current
+
+
+def _encode_read(data, max_side):
+    if data is None:
         return {"skip": "file disappeared while preparing"}
-    with decoders:
-        return encode.encode_or_skip(data, max_side)
+    return encode.encode_or_skip(data, max_side)
 
 
 class _Sizes:
@@ -129,13 +148,14 @@ def write_shard(output, offset, length, decoders=1):
     """
     line = storage.read_range(state_location(output, PLAN_NAME), offset, offset + length)
     task = json.loads(line)
-    gate = threading.BoundedSemaphore(decoders)
     class_counts, sizes, skipped, records = collections.Counter(), _Sizes(), [], 0
-    with (encode.strict_decoding(), multiprocessing.pool.ThreadPool(READ_THREADS) as pool,
+    files = task["files"]
+    with (encode.strict_decoding(), multiprocessing.pool.ThreadPool(decoders) as decoder,
           tempfile.NamedTemporaryFile("wb", prefix="trainer-shard-", suffix=".tfrecord") as temporary):
-        results = imap_bounded(pool, lambda file: read_and_encode(file[1], task["max_side"], gate),
-                               task["files"], READ_THREADS)
-        for (path, _, label, index, _), result in zip(task["files"], results, strict=True):
+        # Reads run a batch ahead; `decoders` threads decode (Pillow releases the GIL), in order.
+        data = read_ahead([file[1] for file in files], [file[5] for file in files])
+        results = imap_bounded(decoder, lambda item: _encode_read(item, task["max_side"]), data, 2 * decoders)
+        for (path, _, label, index, *_), result in zip(files, results, strict=True):
             if "skip" in result:
                 skipped.append({"file": path, "reason": result["skip"], "class": label})
                 continue
