@@ -153,6 +153,7 @@ bench: install
 	$(PY) -m bench.train_step --rounds=7 --max_side=225 --output=bench_output
 	$(PY) -m bench.train_step --rounds=7 --model_threads=1 --output=bench_output
 	$(PY) -m bench.prepare_memory --output=bench_output
+	$(PY) -m bench.prepare_scale --images=4000 --beam_images=2000 --rounds=3 --num_shards=4 --output=bench_output
 	$(PY) -m bench.feature_cache --images=stripes --output=bench_output --per_class=2000
 	$(PY) -m bench.feature_cache --workers=2 --per_class=600 --batch_size=32 --output=bench_output
 	$(PY) -m bench.sigterm --output=bench_output

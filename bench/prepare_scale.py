@@ -10,15 +10,23 @@ the real command in a subprocess (`python -m trainer.cli prepare`, all cores), t
 interleaved over --rounds rounds; the medians are compared:
 
   local            SRC on local disk, the local runner
-  gcs_20ms         SRC on the GCS server at +20 ms a request, the local runner
+  gcs_20ms         SRC on the GCS server at +20 ms a request, the local runner. The server and the
+                   proxy run on the same cores as prepare (their CPU seconds are reported), which a
+                   real object store does not
+  *_pinned         the same with one worker process on CPU 0, and (gcs) the server and proxy on
+                   CPU 1: prepare has the same core in both, and the server does not take it
+  *_half           the same on the first half of the images: the time the second half added gives
+                   the rate per added image, start-up (imports, worker processes, listing) aside
   ceiling_memory   the work prepare must do per image (trainer.encode: one full decode, re-encoding
                    where it must) on the same bytes already in memory, on a pool of as many
                    processes as cores: the in-memory limit
   beam_direct      SRC on local disk, Beam's DirectRunner with one worker process per core
   rerun_after_kill an uninterrupted run's time vs a rerun's after a SIGKILL at half the shards
-  listing          how long listing SRC on the GCS server takes, at 0 and +20 ms a request
+  listing          listing 20,000 objects in 20 class folders on the GCS server at +20 ms a request:
+                   one listing (pages of 1,000 in a row) vs trainer.storage's, folder by folder
 
-Goals (issue 12): gcs_20ms / local >= 0.8, local / ceiling_memory >= 0.8, rerun <= 0.6 of a full run.
+Goals (issue 12): gcs_20ms / local >= 0.8 (also per added image), local / ceiling_memory
+>= 0.8, rerun <= 0.6 of a full run.
 Beam / local is reported (no goal). Results: OUTPUT/prepare_scale.json.
 """
 
@@ -60,12 +68,13 @@ def write_kaggle_folder(folder, count, seed=0):
     return images
 
 
-def prepare(source, output, *arguments, env=None):
-    """Runs the real command; returns its wall time in seconds."""
+def prepare(source, output, *arguments, env=None, cpus=None):
+    """Runs the real command (on the CPUs `cpus` only, if given); returns its wall time in seconds."""
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "trainer.cli", "prepare", f"--source={source}",
                              f"--output={output}", "--overwrite", *arguments],
-                            capture_output=True, text=True, env={**os.environ, **(env or {})})
+                            capture_output=True, text=True, env={**os.environ, **(env or {})},
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     if result.returncode != 0:
         raise RuntimeError(f"trainer prepare exited {result.returncode}: {result.stderr[-2000:]}")
     return time.perf_counter() - started
@@ -111,19 +120,52 @@ def killed_then_rerun(source, output, arguments):
     return time.perf_counter() - started
 
 
-def time_listing(url, store):
+def pin_server(store, cpus):
+    """Runs the GCS server and the latency proxy on `cpus` only (all CPUs for None)."""
+    import psutil
+
+    cpus = sorted(cpus) if cpus else list(range(os.cpu_count()))
+    for pid in (store.proxy.pid, store.server._process.pid):
+        process = psutil.Process(pid)
+        for member in [process, *process.children(recursive=True)]:
+            member.cpu_affinity(cpus)
+        for thread in process.threads():  # each thread carries its own affinity (new ones inherit it)
+            try:
+                os.sched_setaffinity(thread.id, cpus)
+            except ProcessLookupError:  # ended meanwhile
+                pass
+
+
+def server_seconds(store):
+    """CPU seconds the GCS server and the latency proxy have used so far."""
+    import psutil
+
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in (store.proxy.pid, store.server._process.pid))
+
+
+def time_listing(store, count, folders):
+    """Seconds to list `count` objects in `folders` class folders at +20 ms a request: one listing
+    (pages of 1,000 in a row) vs `storage.list_files` (folder by folder, side by side)."""
+    import fsspec
+
     from trainer import storage
 
-    seconds = {}
-    for delay in (0, 20):
-        store.set_delay(delay)
-        started = time.perf_counter()
-        storage.list_files(url, with_md5=True)
-        seconds[f"{delay}ms"] = time.perf_counter() - started
-    return seconds
+    store.set_delay(0)
+    filesystem = fsspec.filesystem("gs")
+    filesystem.pipe({f"bench/listing/class{index % folders:03d}/{index:08d}.jpg": b"x" for index in range(count)})
+    store.set_delay(20)
+    started = time.perf_counter()
+    one = filesystem.find("bench/listing")
+    sequential = time.perf_counter() - started
+    started = time.perf_counter()
+    parallel = storage.list_files("gs://bench/listing", with_md5=True)
+    if len(one) != count or len(parallel) != count:
+        raise RuntimeError(f"listed {len(one)} and {len(parallel)} of {count} objects")
+    return {"objects": count, "folders": folders, "one_listing": sequential,
+            "folder_by_folder": time.perf_counter() - started}
 
 
-def run(count, beam_count, rounds, num_shards, output, work_dir=None):
+def run(count, beam_count, rounds, num_shards, output, work_dir=None, listing_count=20000):
     from bench.input_pipeline import ObjectStore
 
     started = time.perf_counter()
@@ -143,16 +185,35 @@ def run(count, beam_count, rounds, num_shards, output, work_dir=None):
 
             fsspec.filesystem("gs").mkdir("bench")
             storage.copy_tree(source, "gs://bench/kaggle")
+            half = os.path.join(temporary, "kaggle_half")  # the first half of the same images
+            os.makedirs(half)
+            for name in sorted(os.listdir(source), key=lambda name: int(name.split(".")[1]))[:count // 2]:
+                os.link(os.path.join(source, name), os.path.join(half, name))
+            storage.copy_tree(half, "gs://bench/kaggle_half")
             log(f"{count} images ({sum(map(len, images)) / len(images) / 1024:.0f} KiB mean) on disk and on the "
                 "GCS server")
             shard_arguments = [f"--num_shards={num_shards}"]
             env = {"STORAGE_EMULATOR_HOST": store.proxy_url}
-            seconds = {name: [] for name in ("local", "gcs_20ms", "ceiling_memory", "beam_direct", "local_beam_set")}
+            seconds = {name: [] for name in ("local", "gcs_20ms", "local_half", "gcs_20ms_half", "local_pinned",
+                                             "gcs_20ms_pinned", "ceiling_memory", "beam_direct", "local_beam_set")}
+            server_cpu = []
             for round_index in range(rounds):
                 store.set_delay(20)
+                before = server_seconds(store)
                 seconds["gcs_20ms"].append(prepare("gs://bench/kaggle", os.path.join(temporary, "out"),
                                                    *shard_arguments, env=env))
+                server_cpu.append(server_seconds(store) - before)
                 seconds["local"].append(prepare(source, os.path.join(temporary, "out"), *shard_arguments))
+                seconds["gcs_20ms_half"].append(prepare("gs://bench/kaggle_half", os.path.join(temporary, "out"),
+                                                        *shard_arguments, env=env))
+                seconds["local_half"].append(prepare(half, os.path.join(temporary, "out"), *shard_arguments))
+                if cores >= 2:  # one core for prepare, another for the server, as a remote store would be
+                    pin_server(store, {1})
+                    seconds["gcs_20ms_pinned"].append(prepare("gs://bench/kaggle", os.path.join(temporary, "out"),
+                                                              *shard_arguments, "--workers=1", env=env, cpus={0}))
+                    pin_server(store, None)
+                    seconds["local_pinned"].append(prepare(source, os.path.join(temporary, "out"), *shard_arguments,
+                                                           "--workers=1", cpus={0}))
                 seconds["ceiling_memory"].append(ceiling(images, cores))
                 seconds["beam_direct"].append(prepare(beam_source, os.path.join(temporary, "beam"),
                                                       *shard_arguments, *BEAM_ARGUMENTS))
@@ -162,15 +223,25 @@ def run(count, beam_count, rounds, num_shards, output, work_dir=None):
                                                             for name, values in seconds.items()))
             full = prepare(source, os.path.join(temporary, "killed"), *shard_arguments)
             rerun = killed_then_rerun(source, os.path.join(temporary, "killed"), shard_arguments)
-            listing = time_listing("gs://bench/kaggle", store)
+            listing = time_listing(store, listing_count, folders=20)
     finally:
         store.stop()
-    median = {name: statistics.median(values) for name, values in seconds.items()}
-    rate = {name: (beam_count if name in ("beam_direct", "local_beam_set") else count) / value
-            for name, value in median.items()}
+    median = {name: statistics.median(values) for name, values in seconds.items() if values}
+    counts = {"beam_direct": beam_count, "local_beam_set": beam_count, "local_half": count // 2,
+              "gcs_20ms_half": count // 2}
+    rate = {name: counts.get(name, count) / value for name, value in median.items()}
+    # Per image, start-up aside: the second half of the images over the time it added.
+    marginal = {name: (count - count // 2) / max(median[name] - median[f"{name}_half"], 1e-9)
+                for name in ("local", "gcs_20ms")}
     ratios = [
         {"name": "gcs_20ms / local (img/s)", "value": rate["gcs_20ms"] / rate["local"], "goal": 0.8},
+        {"name": "gcs_20ms / local, per added image (start-up aside)",
+         "value": marginal["gcs_20ms"] / marginal["local"], "goal": None},
+        *([{"name": "gcs_20ms_pinned / local_pinned (one core each for prepare and the server)",
+            "value": rate["gcs_20ms_pinned"] / rate["local_pinned"], "goal": 0.8}] if "local_pinned" in rate else []),
         {"name": "local / ceiling_memory (img/s)", "value": rate["local"] / rate["ceiling_memory"], "goal": 0.8},
+        {"name": "local per added image / ceiling_memory", "value": marginal["local"] / rate["ceiling_memory"],
+         "goal": None},
         {"name": "rerun after a kill at 50% / uninterrupted (s)", "value": rerun / full, "goal": 0.6,
          "lower_is_better": True},
         {"name": "beam_direct / local on the same images (img/s)",
@@ -185,12 +256,16 @@ def run(count, beam_count, rounds, num_shards, output, work_dir=None):
                                        "images_per_second": round(rate[name], 1),
                                        "seconds": [round(value, 2) for value in seconds[name]]} for name in median},
                     "rerun": {"uninterrupted_seconds": round(full, 2), "rerun_seconds": round(rerun, 2)},
-                    "listing_seconds": {key: round(value, 3) for key, value in listing.items()},
+                    "listing": {key: round(value, 3) for key, value in listing.items()},
+                    "gcs_server_and_proxy_cpu_seconds": round(statistics.median(server_cpu), 2),
+                    "per_added_image_images_per_second": {name: round(value, 1) for name, value in marginal.items()},
                     "ratios": ratios, "seconds": round(time.perf_counter() - started, 1)})
     common.write_json(os.path.join(output, "prepare_scale.json"), results)
     for name in median:
         print(f"{name:<16} {rate[name]:>8.1f} img/s  (median of {rounds}: {median[name]:.2f} s)")
-    print(f"listing {count} objects: {listing['0ms'] * 1000:.0f} ms at 0 ms, {listing['20ms'] * 1000:.0f} ms at +20 ms")
+    print(f"GCS server and proxy CPU during gcs_20ms: {statistics.median(server_cpu):.1f} s")
+    print(f"listing {listing['objects']} objects in {listing['folders']} folders at +20 ms: one listing "
+          f"{listing['one_listing']:.2f} s, folder by folder {listing['folder_by_folder']:.2f} s")
     for ratio in ratios:
         verdict = "" if ratio["goal"] is None else ("PASS" if ratio["pass"] else "MISS")
         sign = "<=" if ratio.get("lower_is_better") else ">="
@@ -212,7 +287,8 @@ def main(argv=None):
     if options.smoke:
         options.images, options.beam_images, options.rounds, options.num_shards = 60, 60, 1, 2
     os.makedirs(options.output, exist_ok=True)
-    run(options.images, options.beam_images, options.rounds, options.num_shards, options.output, options.work_dir)
+    run(options.images, options.beam_images, options.rounds, options.num_shards, options.output, options.work_dir,
+        listing_count=200 if options.smoke else 20000)
 
 
 if __name__ == "__main__":

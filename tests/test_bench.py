@@ -72,6 +72,16 @@ def test_prepare_memory_smoke(tmp_path):
     check_ratios(results)
 
 
+def test_prepare_scale_smoke(tmp_path):
+    results, _ = run_bench("prepare_scale", tmp_path)
+
+    assert set(results["loaders"]) == {"local", "gcs_20ms", "local_half", "gcs_20ms_half", "ceiling_memory",
+                                       "beam_direct", "local_beam_set"}
+    assert results["rerun"]["rerun_seconds"] > 0 and results["listing"]["objects"] == 200
+    assert results["gcs_server_and_proxy_cpu_seconds"] > 0  # the reads really went to the server
+    check_ratios(results)
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("workers, name", [(1, "feature_cache.json"), (2, "feature_cache_2workers.json")])
 def test_feature_cache_smoke(tmp_path, workers, name):

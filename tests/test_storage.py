@@ -63,3 +63,19 @@ def test_check_writable_refuses_a_path_under_a_file_and_a_missing_bucket(tmp_pat
     with pytest.raises(UserError, match="bucket gs://no-such-bucket-here does not exist"):
         storage.check_writable("gs://no-such-bucket-here/run")
 
+
+
+def test_listing_an_object_store_folder_by_folder_finds_exactly_what_one_listing_finds(gcs_bucket):
+    import fsspec
+
+    names = ["top.jpg", "cats/a.jpg", "cats/deep/er/b.jpg", "train/dogs/c.jpg", "train/dogs/x/y/d.png",
+             "train/e.jpg", "val/cats/f.jpg", "[odd] name/g.jpg"]
+    for index, name in enumerate(names):
+        storage.write_bytes(f"{gcs_bucket}/root/{name}", b"x" * index)
+    storage.write_bytes(f"{gcs_bucket}/rootless.jpg", b"not under root")
+
+    listed = storage.list_files(f"{gcs_bucket}/root", with_md5=True)
+
+    found = fsspec.filesystem("gs").find(f"{gcs_bucket.removeprefix('gs://')}/root", detail=True)
+    assert [(name, size) for name, size, _ in listed] == sorted((name, names.index(name)) for name in names)
+    assert all(md5 for _, _, md5 in listed) and len(found) == len(names)

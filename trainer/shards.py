@@ -1,13 +1,13 @@
 """The unit of work of `trainer prepare`: one shard, the same function under every runner.
 
   1. `write_plan`: the launcher stores the plan as one JSON line per shard (its name and its files:
-     the recorded path, where to read it, class, label and MD5) in OUTPUT/.prepare/plan.jsonl.
+     the recorded path, where to read it, class, label, MD5, size) in OUTPUT/.prepare/plan.jsonl.
      Runners are handed only `(output, offset, length)` per shard, so a Beam job graph stays small
      for any number of images.
-  2. `write_shard`: reads its line; reads its images with many requests in flight (object stores
-     answer in tens of milliseconds, so one read at a time would leave the cores idle); decodes
-     each once (trainer.encode); writes the records in plan order to a local temporary file;
-     copies it to OUTPUT/<shard> (an atomic rename, or one object upload); then commits the
+  2. `write_shard`: reads its line; reads its images in batches of concurrent requests (object
+     stores answer in tens of milliseconds, so one read at a time would leave the cores idle);
+     decodes each once (trainer.encode); writes the records in plan order to OUTPUT/<shard> (whole
+     or not at all: a local temporary file renamed, or one object upload); then commits the
      shard's report, OUTPUT/.prepare/<shard>.json: the digest of its plan line, its counts, image
      sizes and skipped files.
   3. `run` resumes: a shard whose report matches its plan line and whose file has the reported
@@ -26,7 +26,6 @@ import multiprocessing
 import multiprocessing.pool
 import re
 import signal
-import tempfile
 from concurrent import futures
 
 from absl import logging
@@ -148,10 +147,10 @@ def write_shard(output, offset, length, decoders=1):
     """
     line = storage.read_range(state_location(output, PLAN_NAME), offset, offset + length)
     task = json.loads(line)
-    class_counts, sizes, skipped, records = collections.Counter(), _Sizes(), [], 0
+    class_counts, sizes, skipped, records, size = collections.Counter(), _Sizes(), [], 0, 0
     files = task["files"]
     with (encode.strict_decoding(), multiprocessing.pool.ThreadPool(decoders) as decoder,
-          tempfile.NamedTemporaryFile("wb", prefix="trainer-shard-", suffix=".tfrecord") as temporary):
+          storage.open_file(storage.join(output, task["name"]), "wb") as shard):
         # Reads run a batch ahead; `decoders` threads decode (Pillow releases the GIL), in order.
         data = read_ahead([file[1] for file in files], [file[5] for file in files])
         results = imap_bounded(decoder, lambda item: _encode_read(item, task["max_side"]), data, 2 * decoders)
@@ -159,14 +158,13 @@ def write_shard(output, offset, length, decoders=1):
             if "skip" in result:
                 skipped.append({"file": path, "reason": result["skip"], "class": label})
                 continue
-            temporary.write(tfrecord.frame(tfrecord.make_example(
-                result["encoded"], result["format"], index, label, path, result["height"], result["width"])))
+            record = tfrecord.frame(tfrecord.make_example(
+                result["encoded"], result["format"], index, label, path, result["height"], result["width"]))
+            shard.write(record)
+            size += len(record)
             records += 1
             class_counts[label] += 1
             sizes.add(result["width"], result["height"])
-        temporary.flush()
-        size = temporary.tell()
-        storage.copy(temporary.name, storage.join(output, task["name"]))
     report = {"plan": _digest(line), "file": task["name"], "records": records, "bytes": size,
               "class_counts": dict(sorted(class_counts.items())), "sizes": sizes.as_dict(), "skipped": skipped}
     storage.write_json(state_location(output, task["name"] + ".json"), report)
