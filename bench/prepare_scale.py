@@ -231,34 +231,35 @@ def run(count, beam_count, rounds, num_shards, output, work_dir=None, listing_co
               "gcs_20ms_half": count // 2}
     rate = {name: counts.get(name, count) / value for name, value in median.items()}
     # Per image, start-up aside: the second half of the images over the time it added.
-    marginal = {name: (count - count // 2) / max(median[name] - median[f"{name}_half"], 1e-9)
+    # (None when the noise of a tiny run leaves no added time to divide by.)
+    marginal = {name: (count - count // 2) / added if (added := median[name] - median[f"{name}_half"]) > 0 else None
                 for name in ("local", "gcs_20ms")}
     ratios = [
         {"name": "gcs_20ms / local (img/s)", "value": rate["gcs_20ms"] / rate["local"], "goal": 0.8},
         {"name": "gcs_20ms / local, per added image (start-up aside)",
-         "value": marginal["gcs_20ms"] / marginal["local"], "goal": None},
+         "value": marginal["gcs_20ms"] / marginal["local"] if None not in marginal.values() else None, "goal": None},
         *([{"name": "gcs_20ms_pinned / local_pinned (one core each for prepare and the server)",
             "value": rate["gcs_20ms_pinned"] / rate["local_pinned"], "goal": 0.8}] if "local_pinned" in rate else []),
         {"name": "local / ceiling_memory (img/s)", "value": rate["local"] / rate["ceiling_memory"], "goal": 0.8},
-        {"name": "local per added image / ceiling_memory", "value": marginal["local"] / rate["ceiling_memory"],
-         "goal": None},
+        {"name": "local per added image / ceiling_memory",
+         "value": marginal["local"] / rate["ceiling_memory"] if marginal["local"] else None, "goal": None},
         {"name": "rerun after a kill at 50% / uninterrupted (s)", "value": rerun / full, "goal": 0.6,
          "lower_is_better": True},
         {"name": "beam_direct / local on the same images (img/s)",
          "value": rate["beam_direct"] / rate["local_beam_set"], "goal": None},
     ]
     for ratio in ratios:
-        ratio["value"] = round(ratio["value"], 3)
-        if ratio["goal"] is not None:
-            ratio["pass"] = (ratio["value"] <= ratio["goal"]) if ratio.get("lower_is_better") else (
-                ratio["value"] >= ratio["goal"])
+        ratio["value"] = None if ratio["value"] is None else round(ratio["value"], 3)
+        ratio["pass"] = None if ratio["goal"] is None else (
+            ratio["value"] <= ratio["goal"] if ratio.get("lower_is_better") else ratio["value"] >= ratio["goal"])
     results.update({"loaders": {name: {"median_seconds": round(median[name], 2),
                                        "images_per_second": round(rate[name], 1),
                                        "seconds": [round(value, 2) for value in seconds[name]]} for name in median},
                     "rerun": {"uninterrupted_seconds": round(full, 2), "rerun_seconds": round(rerun, 2)},
                     "listing": {key: round(value, 3) for key, value in listing.items()},
                     "gcs_server_and_proxy_cpu_seconds": round(statistics.median(server_cpu), 2),
-                    "per_added_image_images_per_second": {name: round(value, 1) for name, value in marginal.items()},
+                    "per_added_image_images_per_second": {name: value and round(value, 1)
+                                                          for name, value in marginal.items()},
                     "ratios": ratios, "seconds": round(time.perf_counter() - started, 1)})
     common.write_json(os.path.join(output, "prepare_scale.json"), results)
     for name in median:
@@ -270,7 +271,8 @@ def run(count, beam_count, rounds, num_shards, output, work_dir=None, listing_co
         verdict = "" if ratio["goal"] is None else ("PASS" if ratio["pass"] else "MISS")
         sign = "<=" if ratio.get("lower_is_better") else ">="
         goal = "" if ratio["goal"] is None else f" (goal {sign} {ratio['goal']})"
-        print(f"{ratio['name']:<50} {ratio['value']:>7.3f}{goal} {verdict}")
+        value = "-" if ratio["value"] is None else f"{ratio['value']:.3f}"
+        print(f"{ratio['name']:<50} {value:>7}{goal} {verdict}")
     return results
 
 

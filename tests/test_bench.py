@@ -23,7 +23,8 @@ def run_bench(module, output, timeout=600):
 
 def check_ratios(results):
     for ratio in results["ratios"]:
-        assert ratio["value"] > 0, ratio
+        # (a ratio without a goal may have no value in a tiny run: bench.prepare_scale's per added image)
+        assert (ratio["value"] is None and ratio["goal"] is None) or ratio["value"] > 0, ratio
         assert isinstance(ratio["pass"], bool) or ratio["goal"] is None, ratio
 
 
@@ -68,15 +69,16 @@ def test_prepare_memory_smoke(tmp_path):
     assert set(results["loaders"]) == {"local 200", "local 400", "DirectRunner 200", "DirectRunner 400"}
     for run in results["loaders"].values():
         # The sampled tree is the command plus its worker processes, and it held real memory.
-        assert run["processes"] >= 2 and run["peak_tree_rss"] >= run["peak_main_rss"] > 50 * 2**20
+        assert run["processes"] >= 2 and run["peak_tree_rss"] >= run["peak_main_rss"] > 20 * 2**20
     check_ratios(results)
 
 
 def test_prepare_scale_smoke(tmp_path):
     results, _ = run_bench("prepare_scale", tmp_path)
 
+    pinned = {"local_pinned", "gcs_20ms_pinned"} if (os.cpu_count() or 1) >= 2 else set()
     assert set(results["loaders"]) == {"local", "gcs_20ms", "local_half", "gcs_20ms_half", "ceiling_memory",
-                                       "beam_direct", "local_beam_set"}
+                                       "beam_direct", "local_beam_set", *pinned}
     assert results["rerun"]["rerun_seconds"] > 0 and results["listing"]["objects"] == 200
     assert results["gcs_server_and_proxy_cpu_seconds"] > 0  # the reads really went to the server
     check_ratios(results)

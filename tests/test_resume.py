@@ -8,7 +8,7 @@ import pytest
 from conftest import run_trainer
 from jobs import TINY_JOB, optimizer_steps, prepare_stripes, start_trainer, wait_until
 
-from trainer import storage
+from trainer import model, storage
 from trainer.errors import EXIT_RETRYABLE
 
 EPOCHS, FINE_TUNE_EPOCHS, BATCH = 8, 3, 8
@@ -49,19 +49,34 @@ def finish(dataset, job_dir, tmp_path, *extra):
     return log.read_text()
 
 
+# The modern recipe's schedule on the cached head phase: resumed, it follows the same values.
+RECIPE = ("--optimizer=adamw", "--weight_decay=0.05", "--lr_schedule=cosine", "--warmup_epochs=1",
+          "--label_smoothing=0.1", "--class_weight=balanced")
+
+
 @pytest.mark.parametrize("cache", ["off", "on"])
 def test_sigkill_mid_epoch_resumes_at_the_exact_step(dataset, gcs_bucket, tmp_path, cache):
     job_dir = f"{gcs_bucket}/job"
-    first = start_trainer(train_args(dataset, job_dir, f"--feature_cache={cache}"),
+    recipe = RECIPE if cache == "on" else ()
+    first = start_trainer(train_args(dataset, job_dir, f"--feature_cache={cache}", *recipe),
                           env=fresh_node(tmp_path, "node1"), log_path=tmp_path / "first.log")
     kill_after_backup(first, job_dir, "head", signal.SIGKILL)
-    log = finish(dataset, job_dir, tmp_path, f"--feature_cache={cache}")
+    log = finish(dataset, job_dir, tmp_path, f"--feature_cache={cache}", *recipe)
     assert "resuming from the backup" in log
     assert optimizer_steps(log) == {"head": EPOCHS * dataset["steps"],
                                     "fine_tune": FINE_TUNE_EPOCHS * dataset["steps"]}
     assert storage.exists(f"{job_dir}/DONE")
     history = storage.read_json(f"{job_dir}/history.json")
     assert [len(phase["epochs"]) for phase in history["phases"]] == [EPOCHS, FINE_TUNE_EPOCHS]
+    steps = dataset["steps"]
+    for phase, epochs, peak in (("head", EPOCHS, 1e-3), ("fine_tune", FINE_TUNE_EPOCHS, 1e-5)):
+        schedule = model.learning_rate_schedule(peak, "cosine" if recipe else "constant", epochs * steps,
+                                                warmup_steps=steps if recipe else 0)
+        recorded = next(entry for entry in history["phases"] if entry["name"] == phase)["epochs"]
+        assert [entry["step"] for entry in recorded] == [steps * (index + 1) for index in range(epochs)]
+        for entry in recorded:  # the rate of each epoch's last step, killed or not
+            expected = float(schedule(entry["step"] - 1)) if recipe else peak
+            assert entry["learning_rate"] == pytest.approx(expected, rel=1e-4, abs=1e-12), (phase, entry)
 
 
 def test_sigterm_commits_a_backup_and_exits_retryable(dataset, gcs_bucket, tmp_path):

@@ -26,6 +26,8 @@ BACKBONES = {
     "tiny": (None, "tf", 16),  # tests and the offline demo only: trainer.model builds it
 }
 HEADS = ("flatten", "avgpool")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 
@@ -58,6 +60,17 @@ class TrainConfig:
     fine_tune_from: str = _field("block5_conv1", "Layer of the base from which the second phase unfreezes "
                                  "(BatchNorm stays frozen).")
     fine_tune_learning_rate: float = _field(1e-5, "Adam learning rate of the second phase.")
+    optimizer: str = _field("adam", "adam (the seed's), adamw (decoupled weight decay) or sgd (with --momentum), "
+                            "for both phases.", OPTIMIZERS)
+    weight_decay: float = _field(0.0, "Decoupled weight decay of adamw and sgd (timm's AdamW default: 0.05).")
+    momentum: float = _field(0.9, "Momentum of sgd (Nesterov).")
+    lr_schedule: str = _field("constant", "constant (the seed's), or cosine: each phase decays its learning rate "
+                              "to 0 along a cosine, after --warmup_epochs of linear warmup.", LR_SCHEDULES)
+    warmup_epochs: float = _field(0.0, "With --lr_schedule=cosine: epochs of linear warmup from 0 at the start of "
+                                  "each phase.")
+    label_smoothing: float = _field(0.0, "Label smoothing of the cross-entropy (0.1 is common).")
+    class_weight: str = _field("none", "none, balanced (each class weighs train count / (classes x its count), "
+                               "from dataset.json), or explicit weights: cats=1,dogs=3 (unnamed classes weigh 1).")
     strategy: str = _field("auto", "auto: multi_worker when the cluster environment says so, else mirrored.",
                            STRATEGIES, defines_run=False)
     cpu_replicas: int = _field(0, "With no GPU: split the CPU into this many replicas.", defines_run=False)
@@ -188,7 +201,63 @@ def check_config(config):
         value = getattr(config, name)
         if not (value > 0 and math.isfinite(value)):
             raise UserError(f"--{name} must be a positive number, got {value}")
+    if config.weight_decay < 0 or not math.isfinite(config.weight_decay):
+        raise UserError(f"--weight_decay must be 0 or more, got {config.weight_decay}")
+    if not 0 <= config.momentum < 1:
+        raise UserError(f"--momentum must be in [0, 1), got {config.momentum}")
+    if not 0 <= config.label_smoothing < 1:
+        raise UserError(f"--label_smoothing must be in [0, 1), got {config.label_smoothing}")
+    if not (config.warmup_epochs >= 0 and math.isfinite(config.warmup_epochs)):
+        raise UserError(f"--warmup_epochs must be 0 or more, got {config.warmup_epochs}")
+    if config.warmup_epochs and config.lr_schedule != "cosine":
+        raise UserError("--warmup_epochs needs --lr_schedule=cosine")
+    parse_class_weight(config.class_weight)
     check_backbone(config.backbone, config.image_size)
+
+
+def parse_class_weight(text):
+    """`--class_weight` as "none", "balanced" or `{class name: weight}`; raises UserError if malformed."""
+    from trainer.errors import UserError
+
+    if text in ("none", "balanced"):
+        return text
+    weights = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not name.strip() or not (weight >= 0 and math.isfinite(weight)) or name.strip() in weights:
+            raise UserError(f"--class_weight must be none, balanced or name=weight,... (weights >= 0, each class "
+                            f"once), got {text!r}")
+        weights[name.strip()] = weight
+    return weights
+
+
+def class_weights(text, classes, train_counts):
+    """The weight of each class index for `--class_weight=text`, or None for "none".
+
+    "balanced" is scikit-learn's rule: total / (classes x count), so the weights average 1 over the
+    training examples. Raises UserError for a named class the dataset does not have, or a class with
+    no training example under "balanced".
+    """
+    from trainer.errors import UserError
+
+    chosen = parse_class_weight(text)
+    if chosen == "none":
+        return None
+    if chosen == "balanced":
+        empty = [name for name in classes if not train_counts.get(name)]
+        if empty:
+            raise UserError(f"--class_weight=balanced: class {empty[0]!r} has no training example")
+        total = sum(train_counts[name] for name in classes)
+        return {index: total / (len(classes) * train_counts[name]) for index, name in enumerate(classes)}
+    unknown = sorted(set(chosen) - set(classes))
+    if unknown:
+        raise UserError(f"--class_weight names {unknown[0]!r}, which is not a class of this dataset "
+                        f"({', '.join(classes)})")
+    return {index: chosen.get(name, 1.0) for index, name in enumerate(classes)}
 
 
 def check_backbone(backbone, image_size):

@@ -32,7 +32,8 @@ def compute_metrics(labels, probabilities, class_names):
       class_names: index -> name.
 
     Returns:
-      A dict with "examples", "loss" (mean cross-entropy), "accuracy", "classes", "per_class"
+      A dict with "examples", "loss" (mean cross-entropy), "accuracy", "balanced_accuracy",
+      "macro_f1", "classes", "per_class"
       ({name: {"precision", "recall", "f1", "support"}}), "confusion_matrix" (rows true, columns
       predicted), and for two classes "roc_auc", "pr_auc" (average precision; None when the
       labels hold only one class) and "curves" (points of the ROC and PR curves, for pictures).
@@ -60,6 +61,9 @@ def compute_metrics(labels, probabilities, class_names):
         "examples": int(len(labels)),
         "loss": float(-np.mean(np.log(true_probability))),
         "accuracy": float(skmetrics.accuracy_score(labels, predictions)),
+        # Imbalanced classes: the mean recall over the classes present, and the mean F1 over all.
+        "balanced_accuracy": float(skmetrics.balanced_accuracy_score(labels, predictions)),
+        "macro_f1": float(skmetrics.f1_score(labels, predictions, labels=indices, average="macro", zero_division=0)),
         "classes": list(class_names),
         "per_class": {
             name: {"precision": float(precision[i]), "recall": float(recall[i]),
@@ -158,6 +162,8 @@ def format_summary(metrics):
     """A few log lines: the headline numbers, then one row per class."""
     lines = [f"{metrics.get('split', '?')} split: {metrics['examples']} examples, "
              f"accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}"]
+    if "balanced_accuracy" in metrics:
+        lines[0] += f", balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
     if metrics.get("roc_auc") is not None:
         lines[0] += f", ROC AUC {metrics['roc_auc']:.4f}, PR AUC {metrics['pr_auc']:.4f}"
     if metrics.get("calibration"):

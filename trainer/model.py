@@ -202,21 +202,62 @@ def count_trainable_params(model):
     return int(sum(tf.size(weight).numpy() for weight in model.trainable_weights))
 
 
-def compile_model(model, num_classes, learning_rate, jit_compile=False):
-    """Compiles with Adam and the loss and accuracy that fit the head's output.
+def learning_rate_schedule(peak, schedule="constant", total_steps=None, warmup_steps=0):
+    """A phase's learning rate: `peak` throughout, or a cosine from `peak` to 0 over `total_steps`
+    after `warmup_steps` of linear warmup from 0 (Keras's CosineDecay). A function of the
+    optimizer's step count, which BackupAndRestore restores: a resumed phase follows the same values."""
+    if schedule == "constant":
+        return peak
+    if warmup_steps:
+        return keras.optimizers.schedules.CosineDecay(
+            0.0, max(1, total_steps - warmup_steps), warmup_target=peak, warmup_steps=warmup_steps)
+    return keras.optimizers.schedules.CosineDecay(peak, max(1, total_steps))
+
+
+def make_optimizer(name, learning_rate, weight_decay=0.0, momentum=0.9):
+    """adam (the seed's), adamw (decoupled weight decay) or sgd (Nesterov momentum)."""
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum, nesterov=True,
+                                    weight_decay=weight_decay or None)
+    return keras.optimizers.Adam(learning_rate=learning_rate)
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class SparseCrossentropyWithSmoothing(keras.losses.Loss):
+    """Sparse categorical cross-entropy with label smoothing (tf-keras's sparse loss has none)."""
+
+    def __init__(self, num_classes, label_smoothing, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes, self.label_smoothing = num_classes, label_smoothing
+        self._loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing,
+                                                          reduction=keras.losses.Reduction.NONE)
+
+    def call(self, y_true, y_pred):
+        one_hot = tf.one_hot(tf.cast(tf.reshape(y_true, [-1]), tf.int32), self.num_classes, dtype=y_pred.dtype)
+        return self._loss(one_hot, y_pred)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "label_smoothing": self.label_smoothing}
+
+
+def compile_model(model, num_classes, learning_rate, jit_compile=False, optimizer=None, label_smoothing=0.0):
+    """Compiles with the loss and accuracy that fit the head's output.
 
     Labels are int32 class indices of shape [batch]. Two classes: binary cross-entropy and
     BinaryAccuracy against the [batch, 1] sigmoid output; more: sparse categorical cross-entropy
     and SparseCategoricalAccuracy. Both metrics are named "accuracy" (history keys `accuracy`,
-    `val_accuracy`).
+    `val_accuracy`). `optimizer` defaults to Adam at `learning_rate` (the seed's).
     """
     if num_classes == 2:
-        loss = keras.losses.BinaryCrossentropy()
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
         accuracy = keras.metrics.BinaryAccuracy(name="accuracy")
     else:
-        loss = keras.losses.SparseCategoricalCrossentropy()
+        loss = (SparseCrossentropyWithSmoothing(num_classes, label_smoothing) if label_smoothing
+                else keras.losses.SparseCategoricalCrossentropy())
         accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate), loss=loss,
+    model.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate=learning_rate), loss=loss,
                   metrics=[accuracy], jit_compile=jit_compile)
 
 

@@ -22,7 +22,7 @@ from absl import logging
 
 from trainer import __version__, data, distribute, errors, export, featurecache, jobdir, manifest, records, storage
 from trainer import model as model_lib
-from trainer.config import VERTEX_MODEL_DIR, VERTEX_TENSORBOARD_DIR, TrainConfig, check_config
+from trainer.config import VERTEX_MODEL_DIR, VERTEX_TENSORBOARD_DIR, TrainConfig, check_config, class_weights
 from trainer.errors import RetryableError, UserError, first_line
 from trainer.kerasapi import keras
 
@@ -55,6 +55,7 @@ class Run:
     worker: int = 0  # this task's index among the training tasks (distribute.worker_position)
     workers: int = 1
     active_backups: list = dataclasses.field(default_factory=list)  # what SIGTERM asks to back up
+    class_weights: dict | None = None  # class index -> weight of its training examples (--class_weight)
 
 
 def derive_batches(global_batch, replicas, train_count, steps_cap=None):
@@ -143,7 +144,12 @@ class EpochRecorder(keras.callbacks.Callback):
         history = self.run.history
         epochs = next(p for p in history["phases"] if p["name"] == self.phase)["epochs"]
         epochs[:] = [e for e in epochs if e["epoch"] != epoch + 1]
-        epochs.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
+        optimizer = self.model.optimizer
+        # The learning rate of the epoch's last step, and the optimizer's step count after it: a
+        # resumed run records the same values as an uninterrupted one.
+        epochs.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
+                       "learning_rate": float(keras.backend.get_value(optimizer.learning_rate)),
+                       "step": int(optimizer.iterations.numpy())})
         record_skipped_data(self.run)
         self.run.job.write_history(history)
         self.run.job.sync_tensorboard(self.tensorboard_dir)
@@ -173,11 +179,11 @@ def make_datasets(run, validate=True):
     config = run.config
 
     def train_fn(context):
-        return data.make_dataset(config.data, "train", config.image_size,
-                                 context.get_per_replica_batch_size(config.batch_size), training=True,
-                                 augment=config.augment, shuffle_buffer=config.shuffle_buffer,
-                                 seed=config.seed, input_context=context,
-                                 skip_corrupt_shards=config.skip_corrupt_shards, damage=run.damage)
+        return with_class_weights(data.make_dataset(
+            config.data, "train", config.image_size, context.get_per_replica_batch_size(config.batch_size),
+            training=True, augment=config.augment, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+            input_context=context, skip_corrupt_shards=config.skip_corrupt_shards, damage=run.damage),
+            run.class_weights)
 
     train_data = run.strategy.distribute_datasets_from_function(train_fn)
     if not validate:
@@ -185,6 +191,28 @@ def make_datasets(run, validate=True):
     val_data = data.make_dataset(config.data, "val", config.image_size, config.batch_size, training=False,
                                  skip_corrupt_shards=config.skip_corrupt_shards, damage=run.damage)
     return train_data, with_data_sharding(val_data)
+
+
+def with_class_weights(dataset, weights):
+    """(x, y) batches -> (x, y, the weight of each example's class); unchanged for no weights.
+    Training only: validation loss and accuracy stay unweighted, comparable across runs."""
+    if not weights:
+        return dataset
+    table = tf.constant([weights[index] for index in range(len(weights))], tf.float32)
+    return dataset.map(lambda x, y: (x, y, tf.gather(table, tf.cast(y, tf.int32))))
+
+
+def compile_phase(run, model, phase, num_classes, steps):
+    """Compiles `model` for `phase` with the configured optimizer, schedule and loss (under the
+    strategy's scope)."""
+    config = run.config
+    peak, epochs = ((config.learning_rate, config.epochs) if phase == "head"
+                    else (config.fine_tune_learning_rate, config.fine_tune_epochs))
+    rate = model_lib.learning_rate_schedule(peak, config.lr_schedule, total_steps=epochs * steps,
+                                            warmup_steps=round(config.warmup_epochs * steps))
+    optimizer = model_lib.make_optimizer(config.optimizer, rate, config.weight_decay, config.momentum)
+    model_lib.compile_model(model, num_classes, peak, jit_compile=config.jit_compile, optimizer=optimizer,
+                            label_smoothing=config.label_smoothing)
 
 
 def with_data_sharding(dataset):
@@ -260,8 +288,9 @@ def fit_head_on_cached_features(run, model, dataset_manifest, steps):
 
     def per_worker(paths, training):
         def dataset_fn(context):
-            return featurecache.cached_dataset(paths, context.get_per_replica_batch_size(config.batch_size),
-                                               training=training, seed=config.seed)
+            dataset = featurecache.cached_dataset(paths, context.get_per_replica_batch_size(config.batch_size),
+                                                  training=training, seed=config.seed)
+            return with_class_weights(dataset, run.class_weights) if training else dataset
 
         return run.strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -273,14 +302,14 @@ def fit_head_on_cached_features(run, model, dataset_manifest, steps):
         val_data = per_worker(val_paths, training=False) if val_paths else None
         val_steps = validation_steps(run, workers) if val_paths else None
     else:
-        train_data = run.strategy.experimental_distribute_dataset(
-            featurecache.cached_dataset(train_paths, config.batch_size, training=True, seed=config.seed))
+        train_data = run.strategy.experimental_distribute_dataset(with_class_weights(
+            featurecache.cached_dataset(train_paths, config.batch_size, training=True, seed=config.seed),
+            run.class_weights))
         val_data = with_data_sharding(featurecache.cached_dataset(
             val_paths, config.batch_size, training=False, seed=config.seed)) if val_paths else None
     head = model.get_layer("head")
     with run.strategy.scope():
-        model_lib.compile_model(head, len(dataset_manifest["classes"]), config.learning_rate,
-                                jit_compile=config.jit_compile)
+        compile_phase(run, head, "head", len(dataset_manifest["classes"]), steps)
     fit_phase(run, head, "head", config.epochs, train_data, val_data, steps, val_steps)
 
 
@@ -332,9 +361,13 @@ def train_phases(run, dataset_manifest, steps, feature_cache):
         model = model_lib.build_model(config.backbone, num_classes, config.image_size,
                                       weights=config.weights, head=config.head,
                                       dense_units=config.dense_units, dropout=config.dropout)
-        model_lib.compile_model(model, num_classes, config.learning_rate, jit_compile=config.jit_compile)
+        compile_phase(run, model, "head", num_classes, steps)
     if config.fine_tune_epochs:
         model_lib.check_fine_tune_from(model, config.fine_tune_from)
+    elif config.weights == "none" and config.backbone != "tiny":
+        logging.warning("--weights=none without fine-tuning trains only a head on a frozen base of random weights: "
+                        "its outputs can be (nearly) the same for every image (seen with mobilenet_v2), so the head "
+                        "may learn nothing. Use --weights=imagenet (or a weights file), or add --fine_tune_epochs.")
     validate = bool(dataset_manifest["splits"].get("val", {}).get("count"))
     if not validate:
         logging.warning("the dataset has no validation examples: training without validation")
@@ -356,8 +389,7 @@ def train_phases(run, dataset_manifest, steps, feature_cache):
     elif config.fine_tune_epochs:
         with strategy.scope():
             model_lib.unfreeze_from(model, config.fine_tune_from)
-            model_lib.compile_model(model, num_classes, config.fine_tune_learning_rate,
-                                    jit_compile=config.jit_compile)
+            compile_phase(run, model, "fine_tune", num_classes, steps)
         fit_phase(run, model, "fine_tune", config.fine_tune_epochs, *make_datasets(run, validate), steps)
         save_phase_weights(run, model, "fine_tune")
     return model
@@ -513,6 +545,11 @@ def train_and_export(config, job, dataset_manifest, dataset, deadline_seconds, s
                 history=job.load_history(phases), damage=records.DamageReport(),
                 tensorboard_copy=os.environ.get(VERTEX_TENSORBOARD_DIR))
     state.worker, state.workers = distribute.worker_position(cluster)
+    state.class_weights = class_weights(config.class_weight, classes,
+                                        dataset_manifest["splits"]["train"]["class_counts"])
+    if state.class_weights:
+        logging.info("class weights: %s", ", ".join(f"{classes[index]} {weight:.3g}"
+                                                     for index, weight in state.class_weights.items()))
     feature_cache = featurecache.use_feature_cache(config.feature_cache, config.augment, config.epochs)
     if is_chief:
         job.write_config({**config.to_dict(), "tool_version": __version__, "dataset": dataset, "classes": classes,

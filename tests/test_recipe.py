@@ -1,0 +1,121 @@
+"""The recipe knobs users of timm, Hugging Face and Keras-Hub expect: class weights, optimizers,
+learning-rate schedules, label smoothing, and the imbalance metrics of evaluation."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
+
+from trainer import config, evaluate, model, train
+from trainer.errors import UserError
+from trainer.kerasapi import keras
+
+
+def test_balanced_class_weights_are_scikit_learns_and_explicit_ones_fill_in_one():
+    classes, counts = ["cats", "dogs", "owls"], {"cats": 60, "dogs": 30, "owls": 10}
+    labels = np.repeat([0, 1, 2], [60, 30, 10])
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
+
+    weights = config.class_weights("balanced", classes, counts)
+
+    assert [weights[index] for index in range(3)] == pytest.approx(list(expected))
+    assert sum(weights[label] for label in labels) == pytest.approx(len(labels))  # they average 1
+    assert config.class_weights("owls=4, cats=0.5", classes, counts) == {0: 0.5, 1: 1.0, 2: 4.0}
+    assert config.class_weights("none", classes, counts) is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("owls=x", "name=weight"), ("owls=-1", "name=weight"), ("=2", "name=weight"), ("cats=1,cats=2", "name=weight"),
+    ("bats=2", "'bats', which is not a class"),
+])
+def test_bad_class_weights_are_one_line_errors(text, message):
+    with pytest.raises(UserError, match=message):
+        config.class_weights(text, ["cats", "owls"], {"cats": 3, "owls": 0})
+    with pytest.raises(UserError, match="'owls' has no training example"):
+        config.class_weights("balanced", ["cats", "owls"], {"cats": 3, "owls": 0})
+
+
+def test_class_weighted_loss_is_the_hand_computed_weighted_mean():
+    """The weights reach the loss as Keras's sample weights: sum(w * loss) / batch size."""
+    weights = {0: 0.25, 1: 3.0}
+    features = np.array([[0.5], [-1.0], [2.0], [0.1]], np.float32)
+    labels = np.array([0, 1, 1, 0], np.int32)
+    dataset = train.with_class_weights(tf.data.Dataset.from_tensors((features, labels)), weights)
+    batch_x, batch_y, batch_w = next(iter(dataset))
+    assert batch_w.numpy().tolist() == [0.25, 3.0, 3.0, 0.25]
+
+    classifier = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, activation="sigmoid")])
+    classifier.set_weights([np.array([[1.5]], np.float32), np.array([-0.2], np.float32)])
+    model.compile_model(classifier, 2, learning_rate=1e-3)
+    loss = classifier.evaluate(dataset, verbose=0)[0]
+
+    p = 1 / (1 + np.exp(-(1.5 * features[:, 0] - 0.2)))
+    cross_entropy = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    assert loss == pytest.approx(np.sum(batch_w.numpy() * cross_entropy) / len(labels), rel=1e-5)
+    assert train.with_class_weights(dataset, None) is dataset
+
+
+def test_cosine_schedule_with_warmup_at_chosen_steps():
+    schedule = model.learning_rate_schedule(1e-3, "cosine", total_steps=110, warmup_steps=10)
+    values = {step: float(schedule(step)) for step in (0, 5, 10, 60, 110, 200)}
+    assert values[0] == 0.0 and values[5] == pytest.approx(5e-4) and values[10] == pytest.approx(1e-3)
+    assert values[60] == pytest.approx(5e-4)  # half-way through the cosine
+    assert values[110] == pytest.approx(0.0, abs=1e-12) and values[200] == pytest.approx(0.0, abs=1e-12)
+    plain = model.learning_rate_schedule(2e-4, "cosine", total_steps=40)
+    assert float(plain(0)) == pytest.approx(2e-4) and float(plain(20)) == pytest.approx(1e-4)
+    assert model.learning_rate_schedule(1e-5) == 1e-5
+
+
+def test_optimizers_and_their_settings():
+    adamw = model.make_optimizer("adamw", 1e-3, weight_decay=0.05)
+    sgd = model.make_optimizer("sgd", 1e-2, momentum=0.8)
+    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == pytest.approx(0.05)
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.momentum == pytest.approx(0.8) and sgd.nesterov
+    assert type(model.make_optimizer("adam", 1e-3)) is keras.optimizers.Adam
+
+    # AdamW shrinks a weight with no gradient by lr x decay per step; Adam leaves it.
+    for optimizer, expected in ((model.make_optimizer("adamw", 0.1, weight_decay=0.5), 1.0 - 0.1 * 0.5),
+                                (model.make_optimizer("adam", 0.1), 1.0)):
+        variable = tf.Variable([1.0])
+        optimizer.apply_gradients([(tf.constant([0.0]), variable)])
+        assert float(variable.numpy()[0]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_label_smoothing_for_two_and_more_classes_matches_the_formula():
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
+    labels = np.array([0, 2])
+    smoothing = 0.1
+    targets = np.eye(3)[labels] * (1 - smoothing) + smoothing / 3
+    expected = np.mean(-np.sum(targets * np.log(probabilities), axis=1))
+    loss = model.SparseCrossentropyWithSmoothing(3, smoothing)
+    assert float(loss(labels, probabilities)) == pytest.approx(expected, rel=1e-5)
+
+    binary = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile_model(binary, 2, 1e-3, label_smoothing=0.2)
+    assert binary.loss.get_config()["label_smoothing"] == pytest.approx(0.2)
+
+
+def test_imbalanced_evaluation_reports_balanced_accuracy_and_macro_f1():
+    # 8 cats, 2 dogs; the model says "cat" for everything but one dog.
+    labels = np.array([0] * 8 + [1] * 2)
+    probabilities = np.array([[0.9, 0.1]] * 9 + [[0.2, 0.8]], np.float32)
+    metrics = evaluate.compute_metrics(labels, probabilities, ["cats", "dogs"])
+    assert metrics["accuracy"] == pytest.approx(0.9)
+    assert metrics["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
+    cat_f1, dog_f1 = 2 * 8 / (2 * 8 + 1), 2 * 1 / (2 * 1 + 1)
+    assert metrics["macro_f1"] == pytest.approx((cat_f1 + dog_f1) / 2)
+    assert "balanced accuracy 0.7500" in evaluate.format_summary({**metrics, "split": "test"})
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"warmup_epochs": 1.0}, "--warmup_epochs needs --lr_schedule=cosine"),
+    ({"label_smoothing": 1.0}, "--label_smoothing must be in"),
+    ({"momentum": -0.1}, "--momentum must be in"),
+    ({"weight_decay": math.inf}, "--weight_decay must be 0 or more"),
+    ({"class_weight": "cats"}, "--class_weight must be"),
+])
+def test_bad_recipe_flags_answer_before_any_work(flags, message):
+    with pytest.raises(UserError, match=message):
+        config.check_config(config.TrainConfig(data="d", job_dir="j", **flags))
