@@ -72,14 +72,15 @@ def test_data_is_required_and_job_dir_unless_vertex_names_one(flag_values):
     assert config.with_launcher_defaults(explicit, {"AIP_CHECKPOINT_DIR": "gs://x"}).job_dir == "gs://b/mine"
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "predict", "promote"])
+@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "predict", "promote", "tflite"])
 def test_help_and_flag_errors_answer_without_tensorflow(command):
     """`--help`, a bad flag value and a failed check never load TensorFlow (they used to take seconds)."""
     bad = {"prepare": ["--source=a", "--output=b", "--val_fraction=2"],
            "train": ["--data=d", "--job_dir=j", "--learning_rate=-1"],
            "evaluate": ["--model=m", "--data=d", "--output=o", "--split=nope"],
            "predict": ["--model=m", "--input=i", "--output=o", "--batch_size=x"],
-           "promote": ["--candidate=c", "--production=p", "--tolerance=x"]}[command]
+           "promote": ["--candidate=c", "--production=p", "--tolerance=x"],
+           "tflite": ["--model=m"]}[command]
     script = (
         "import sys\n"
         "from trainer import cli\n"

@@ -81,7 +81,8 @@ def run_train(argv):
 
 
 def define_evaluate_flags():
-    flags.DEFINE_string("model", None, "The exported model: JOB_DIR/model, or any copy of it.")
+    flags.DEFINE_string("model", None, "The exported model: JOB_DIR/model, or any copy of it; or a .tflite file "
+                        "of `trainer tflite`.")
     flags.DEFINE_string("data", None, "URL of the dataset.json written by `trainer prepare`.")
     flags.DEFINE_enum("split", "test", list(SPLITS), "Which split to evaluate.")
     flags.DEFINE_string("output", None, "Folder for metrics.json and the pictures.")
@@ -142,12 +143,28 @@ def run_promote(argv):
                     min_accuracy=FLAGS.min_accuracy, allow_class_change=FLAGS.allow_class_change)
 
 
+def define_tflite_flags():
+    flags.DEFINE_string("model", None, "The exported model: JOB_DIR/model, or any copy of it.")
+    flags.DEFINE_string("output", None, "Folder for model_<kind>.tflite and tflite.json (e.g. JOB_DIR/tflite).")
+    flags.DEFINE_list("kinds", ["float32", "float16", "int8"], "Which: float32, float16 (half the size), int8 "
+                      "(dynamic-range quantization, a quarter). Score one with `trainer evaluate --model=FILE.tflite`.")
+    flags.mark_flags_as_required(["model", "output"])
+
+
+def run_tflite(argv):
+    from trainer import tflite
+
+    _no_extra_args(argv)
+    tflite.convert(FLAGS.model, FLAGS.output, kinds=FLAGS.kinds)
+
+
 COMMANDS = {
     "prepare": (define_prepare_flags, run_prepare, "images -> sharded TFRecords + dataset.json"),
     "train": (define_train_flags, run_train, "train (and export) a transfer-learning classifier"),
     "evaluate": (define_evaluate_flags, run_evaluate, "metrics.json + pictures for a split; CI gate"),
     "predict": (define_predict_flags, run_predict, "score image files with an exported model -> CSV"),
     "promote": (define_promote_flags, run_promote, "copy a candidate model to production if it passes"),
+    "tflite": (define_tflite_flags, run_tflite, "TensorFlow Lite copies of an exported model (float32, float16, int8)"),
 }
 
 

@@ -270,7 +270,7 @@ def run(model_url, manifest_url, split, output_url, history_url=None, batch_size
                        mistakes=mistakes)
     labels, probabilities = scored[:2]
     metrics = {"split": split, **compute_metrics(labels, probabilities, dataset_manifest["classes"]),
-               "model": model_url, "data": manifest_url, "model_id": storage.tree_digest(model_url),
+               "model": model_url, "data": manifest_url, "model_id": export.model_id(model_url),
                "dataset": manifest.dataset_identity(manifest_url, dataset_manifest),
                "calibration": report.calibration(labels, probabilities)}
     curves = metrics.pop("curves", None)  # plotted, not stored: up to one point per example

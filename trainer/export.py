@@ -98,7 +98,8 @@ def load_model(model_url):
     """Loads an export written by `export_model` from a local path or URL.
 
     Args:
-      model_url: the export folder (JOB_DIR/model or any copy of it).
+      model_url: the export folder (JOB_DIR/model or any copy of it), or a `.tflite` file written
+        by `trainer tflite` (trainer.tflite: a model with the `predict_images` signature only).
 
     Returns:
       (loaded SavedModel, metadata dict). Call `loaded.signatures["serving_default"]
@@ -107,6 +108,10 @@ def load_model(model_url):
     Raises:
       UserError: the folder is missing or is not a finished export.
     """
+    if model_url.endswith(".tflite"):
+        from trainer import tflite
+
+        return tflite.load(model_url)
     metadata_url = storage.join(model_url, METADATA_FILE)
     if not storage.exists(metadata_url) or not storage.exists(storage.join(model_url, SAVED_MODEL_FILE)):
         raise UserError(f"no exported model at {model_url} (expected {METADATA_FILE} and {SAVED_MODEL_FILE})")
@@ -119,6 +124,15 @@ def load_model(model_url):
         storage.copy_tree(model_url, local_dir)
         loaded = _load_saved_model(local_dir, model_url)
     return loaded, metadata
+
+
+def model_id(model_url):
+    """A short content id of a model: `storage.tree_digest` of an export folder, or of one file."""
+    if model_url.endswith(".tflite"):
+        import hashlib
+
+        return hashlib.sha256(storage.read_bytes(model_url)).hexdigest()[:32]
+    return storage.tree_digest(model_url)
 
 
 def _load_saved_model(local_dir, model_url):
