@@ -119,3 +119,60 @@ def test_imbalanced_evaluation_reports_balanced_accuracy_and_macro_f1():
 def test_bad_recipe_flags_answer_before_any_work(flags, message):
     with pytest.raises(UserError, match=message):
         config.check_config(config.TrainConfig(data="d", job_dir="j", **flags))
+
+
+def _early_stopping_run(tmp_path, recorded=()):
+    from trainer import jobdir
+
+    history = {"phases": [{"name": "head", "epochs": list(recorded)}]}
+    return train.Run(config=config.TrainConfig(data="d", job_dir=str(tmp_path / "job")),
+                     job=jobdir.JobDir(str(tmp_path / "job")), strategy=None, is_chief=True,
+                     scratch=str(tmp_path / "scratch"), history=history, damage=None)
+
+
+def _run_epochs(callback, classifier, losses, first=0):
+    """Epochs `first`... with these val losses; each epoch's weights are its number (to tell them apart)."""
+    for epoch, loss in enumerate(losses, start=first):
+        classifier.set_weights([np.full_like(weight, epoch + 1) for weight in classifier.get_weights()])
+        callback.on_epoch_end(epoch, {"val_loss": loss})
+        if classifier.stop_training:
+            return epoch + 1
+    return None
+
+
+def test_early_stopping_stops_at_the_expected_epoch_and_keeps_the_best_weights(tmp_path):
+    classifier = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    classifier.stop_training = False
+    callback = train.EarlyStopping(_early_stopping_run(tmp_path), "head", patience=2)
+    callback.set_model(classifier)
+    # Best at epoch 3 (0.5); epochs 4 and 5 do not improve on it: stop after epoch 5.
+    stopped = _run_epochs(callback, classifier, [1.0, 0.7, 0.5, 0.6, 0.5, 0.1, 0.05])
+    assert stopped == 5
+    callback.restore_best(classifier)
+    assert all(np.all(weight == 3) for weight in classifier.get_weights())
+    assert train.best_epoch({1: 0.5, 2: 0.4, 3: 0.4}) == 2
+
+
+def test_a_resumed_run_makes_the_same_early_stopping_decision(tmp_path):
+    losses = [1.0, 0.7, 0.5, 0.6, 0.5]
+    # The first attempt ran epochs 1-3 (committing epoch 3's weights as the best) and was killed.
+    first = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    first.stop_training = False
+    callback = train.EarlyStopping(_early_stopping_run(tmp_path), "head", patience=2)
+    callback.set_model(first)
+    assert _run_epochs(callback, first, losses[:3]) is None
+    # A new node: history.json holds epochs 1-3; epoch 4 resumes from the backup, on a fresh scratch.
+    recorded = [{"epoch": index + 1, "val_loss": loss} for index, loss in enumerate(losses[:3])]
+    resumed_run = _early_stopping_run(tmp_path, recorded)
+    resumed_run.scratch = str(tmp_path / "scratch-2")
+    second = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    second.stop_training = False
+    resumed = train.EarlyStopping(resumed_run, "head", patience=2)
+    resumed.set_model(second)
+    assert not resumed.stopped()
+    assert _run_epochs(resumed, second, losses[3:], first=3) == 5  # the same epoch as uninterrupted
+    resumed.restore_best(second)  # epoch 3's weights, from job_dir
+    assert all(np.all(weight == 3) for weight in second.get_weights())
+    # Killed after that decision but before the phase completed: the next attempt does not train on.
+    recorded = [{"epoch": index + 1, "val_loss": loss} for index, loss in enumerate(losses)]
+    assert train.EarlyStopping(_early_stopping_run(tmp_path, recorded), "head", patience=2).stopped()

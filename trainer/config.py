@@ -69,6 +69,9 @@ class TrainConfig:
     warmup_epochs: float = _field(0.0, "With --lr_schedule=cosine: epochs of linear warmup from 0 at the start of "
                                   "each phase.")
     label_smoothing: float = _field(0.0, "Label smoothing of the cross-entropy (0.1 is common).")
+    early_stopping_patience: int = _field(0, "Stop a phase once its val loss has not improved for this many epochs, "
+                                          "and keep its best epoch's weights for the export and the next phase "
+                                          "(0: off).")
     class_weight: str = _field("none", "none, balanced (each class weighs train count / (classes x its count), "
                                "from dataset.json), or explicit weights: cats=1,dogs=3 (unnamed classes weigh 1).")
     strategy: str = _field("auto", "auto: multi_worker when the cluster environment says so, else mirrored.",
@@ -183,7 +186,7 @@ def check_config(config):
     for name, value in positive.items():
         if value < 1:
             raise UserError(f"--{name} must be positive, got {value}")
-    for name in ("cpu_replicas", "num_workers", "steps_per_epoch"):
+    for name in ("cpu_replicas", "num_workers", "steps_per_epoch", "early_stopping_patience"):
         value = getattr(config, name)
         if value is not None and value < 0:
             raise UserError(f"--{name} must not be negative, got {value}")

@@ -45,6 +45,7 @@ CONFIG = "config.json"
 HISTORY = "history.json"
 TENSORBOARD = "tensorboard"
 BACKUP = "backup"
+BEST = "best"  # early stopping: the weights of each phase's best epoch so far
 FEATURES = "features"
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
@@ -176,6 +177,15 @@ class JobDir:
 
     def backup_url(self, phase):
         return self.path(BACKUP, phase)
+
+    # --- early stopping: the best epoch's weights of a phase
+
+    def commit_best(self, phase, local_dir):
+        _upload_checkpoint_dir(local_dir, self.path(BEST, phase))
+
+    def restore_best(self, phase, local_dir):
+        """Downloads the committed best weights of `phase`; False when there are none."""
+        return _download_checkpoint_dir(self.path(BEST, phase), local_dir)
 
     # --- phases
 

@@ -157,6 +157,59 @@ class EpochRecorder(keras.callbacks.Callback):
             storage.copy_tree(self.tensorboard_dir, self.run.tensorboard_copy)
 
 
+def best_epoch(losses):
+    """The epoch (1-based) of the lowest val loss in `{epoch: loss}` (the first of equals), or None."""
+    return min(losses, key=lambda epoch: (losses[epoch], epoch)) if losses else None
+
+
+class EarlyStopping(keras.callbacks.Callback):
+    """Stops a phase once val_loss has not improved for `patience` epochs; keeps the best epoch's weights.
+
+    The decision is a function of the val losses per epoch alone, seeded from history.json, so a
+    resumed run decides as an uninterrupted one: each new best epoch's weights are saved locally
+    (every worker: all hold the same weights) and committed to job_dir/best/<phase> by the chief,
+    before the epoch's backup; the model ends the phase with them.
+    """
+
+    def __init__(self, run, phase, patience):
+        super().__init__()
+        self.run, self.phase, self.patience = run, phase, patience
+        recorded = next(p for p in run.history["phases"] if p["name"] == phase)["epochs"]
+        self.losses = {entry["epoch"]: entry["val_loss"] for entry in recorded if "val_loss" in entry}
+        self.local = os.path.join(run.scratch, "best", phase)
+
+    def stopped(self, epochs_done=None):
+        """Whether the losses of the first `epochs_done` epochs (default: all) already say stop."""
+        losses = {epoch: loss for epoch, loss in self.losses.items() if epochs_done is None or epoch <= epochs_done}
+        best = best_epoch(losses)
+        return best is not None and max(losses) - best >= self.patience
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        self.losses = {e: loss for e, loss in self.losses.items() if e < done}  # an epoch repeated after a kill
+        self.losses[done] = float(logs["val_loss"])
+        if best_epoch(self.losses) == done:
+            os.makedirs(self.local, exist_ok=True)
+            self.model.save_weights(os.path.join(self.local, "weights"))
+            if self.run.is_chief:
+                self.run.job.commit_best(self.phase, self.local)
+        if self.stopped():
+            logging.info("phase %s: early stop after epoch %d: val_loss has not improved for %d epochs since "
+                         "epoch %d (%.4f)", self.phase, done, done - best_epoch(self.losses),
+                         best_epoch(self.losses), self.losses[best_epoch(self.losses)])
+            self.model.stop_training = True
+
+    def restore_best(self, model):
+        """Gives `model` the best epoch's weights, unless the last epoch was the best."""
+        best = best_epoch(self.losses)
+        if best is None or best == max(self.losses):
+            return
+        if not os.path.exists(os.path.join(self.local, "checkpoint")):
+            self.run.job.restore_best(self.phase, self.local)  # saved by an earlier attempt
+        model.load_weights(os.path.join(self.local, "weights")).expect_partial()
+        logging.info("phase %s: keeping the weights of epoch %d (val_loss %.4f)", self.phase, best, self.losses[best])
+
+
 def record_skipped_data(run):
     """Puts what --skip_corrupt_shards skipped so far into history.json (with earlier attempts')."""
     skipped = run.history.setdefault("skipped_data", [])
@@ -233,13 +286,21 @@ def fit_phase(run, model, phase, epochs, train_data, val_data, steps, val_steps=
     tensorboard_dir = os.path.join(run.scratch, "tensorboard")
     # The epoch's history before its backup: a kill between the two then repeats the epoch (its
     # record is rewritten), where the other order would lose the epoch's record for good.
+    early = EarlyStopping(run, phase, run.config.early_stopping_patience) if (
+        run.config.early_stopping_patience and val_data is not None) else None
     callbacks = [
         EpochRecorder(run, phase, tensorboard_dir),
+        *([early] if early else []),
         keras.callbacks.TensorBoard(os.path.join(tensorboard_dir, phase), update_freq="epoch"),
         backup,
     ]
-    model.fit(train_data, epochs=epochs, steps_per_epoch=steps, validation_data=val_data,
-              validation_steps=val_steps, callbacks=callbacks, verbose=2)
+    if early and early.stopped():  # an earlier attempt stopped early and was killed before the phase completed
+        logging.info("phase %s: stopped early before this restart", phase)
+    else:
+        model.fit(train_data, epochs=epochs, steps_per_epoch=steps, validation_data=val_data,
+                  validation_steps=val_steps, callbacks=callbacks, verbose=2)
+    if early:
+        early.restore_best(model)
     run.active_backups.remove(backup)
     # The optimizer's step count and a weights fingerprint: a resumed run must end where an
     # uninterrupted one does, and every worker of a multi-worker job must hold the same weights.
@@ -370,7 +431,8 @@ def train_phases(run, dataset_manifest, steps, feature_cache):
                         "may learn nothing. Use --weights=imagenet (or a weights file), or add --fine_tune_epochs.")
     validate = bool(dataset_manifest["splits"].get("val", {}).get("count"))
     if not validate:
-        logging.warning("the dataset has no validation examples: training without validation")
+        logging.warning("the dataset has no validation examples: training without validation%s",
+                        " (and without early stopping)" if config.early_stopping_patience else "")
 
     if config.epochs:
         if run.job.is_phase_complete("head"):
