@@ -105,3 +105,16 @@ def test_changed_settings_names_run_defining_fields_only():
     assert changed.changed_settings(recorded) == ["--learning_rate=1e-05 (now: 0.5)"]
     del recorded["dropout"]  # an older config.json without the field: not compared
     assert config.TrainConfig(data="d", job_dir="j", dropout=0.1).changed_settings(recorded) == []
+
+
+def test_the_modern_preset_parses_passes_the_checks_and_fine_tunes_from_the_documented_layer(flag_values):
+    from test_backbones import suggested_layers
+
+    flag_values(["train", f"--flagfile={os.path.join(ROOT, 'configs', 'efficientnetv2s_modern.flags')}",
+                 "--data=d", "--job_dir=j"])
+    parsed = config.TrainConfig.from_flags(flag_values)
+    config.check_config(parsed)
+    assert (parsed.backbone, parsed.optimizer, parsed.lr_schedule, parsed.class_weight, parsed.augment) == (
+        "efficientnet_v2_s", "adamw", "cosine", "balanced", True)
+    assert parsed.early_stopping_patience == 3 and parsed.fine_tune_epochs == 10
+    assert parsed.fine_tune_from == suggested_layers()["efficientnet_v2_s"]  # checked against the built base

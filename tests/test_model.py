@@ -70,7 +70,7 @@ def test_every_backbone_name_validates_its_minimum_size(backbone):
 
 
 def test_unknown_backbone_lists_the_choices():
-    with pytest.raises(UserError, match="vgg16, vgg19, resnet50, inception_v3"):
+    with pytest.raises(UserError, match="vgg16, vgg19, resnet50, resnet50_v2"):
         model.build_model("alexnet", 2, 150, weights=None)
 
 

@@ -15,14 +15,38 @@ import typing
 
 # name -> (tf_keras.applications constructor, preprocessing, minimum image size).
 # Preprocessing: "caffe" (RGB->BGR minus the ImageNet mean: VGG, ResNet50), "tf" (scale to
-# [-1, 1]), "none" (the application normalises 0-255 input itself, as EfficientNet does).
+# [-1, 1]), "torch" (scale to [0, 1], then the ImageNet mean and deviation: DenseNet), "none" (the
+# application normalises 0-255 input itself: EfficientNet(V2), ConvNeXt, ResNet-RS, RegNet, MobileNetV3).
 BACKBONES = {
     "vgg16": ("VGG16", "caffe", 32),
     "vgg19": ("VGG19", "caffe", 32),
     "resnet50": ("ResNet50", "caffe", 32),
+    "resnet50_v2": ("ResNet50V2", "tf", 32),
+    "resnet101_v2": ("ResNet101V2", "tf", 32),
+    "resnet_rs50": ("ResNetRS50", "none", 32),
+    "resnet_rs101": ("ResNetRS101", "none", 32),
     "inception_v3": ("InceptionV3", "tf", 75),
+    "inception_resnet_v2": ("InceptionResNetV2", "tf", 75),
+    "xception": ("Xception", "tf", 71),
+    "densenet121": ("DenseNet121", "torch", 32),
     "mobilenet_v2": ("MobileNetV2", "tf", 32),
+    "mobilenet_v3_small": ("MobileNetV3Small", "none", 32),
+    "mobilenet_v3_large": ("MobileNetV3Large", "none", 32),
     "efficientnet_b0": ("EfficientNetB0", "none", 32),
+    "efficientnet_v2_b0": ("EfficientNetV2B0", "none", 32),
+    "efficientnet_v2_b1": ("EfficientNetV2B1", "none", 32),
+    "efficientnet_v2_b2": ("EfficientNetV2B2", "none", 32),
+    "efficientnet_v2_b3": ("EfficientNetV2B3", "none", 32),
+    "efficientnet_v2_s": ("EfficientNetV2S", "none", 32),
+    "efficientnet_v2_m": ("EfficientNetV2M", "none", 32),
+    "efficientnet_v2_l": ("EfficientNetV2L", "none", 32),
+    "convnext_tiny": ("ConvNeXtTiny", "none", 32),
+    "convnext_small": ("ConvNeXtSmall", "none", 32),
+    "convnext_base": ("ConvNeXtBase", "none", 32),
+    "convnext_large": ("ConvNeXtLarge", "none", 32),
+    "convnext_xlarge": ("ConvNeXtXLarge", "none", 32),
+    "regnety_032": ("RegNetY032", "none", 32),
+    "regnetx_032": ("RegNetX032", "none", 32),
     "tiny": (None, "tf", 16),  # tests and the offline demo only: trainer.model builds it
 }
 HEADS = ("flatten", "avgpool")

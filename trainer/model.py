@@ -26,6 +26,7 @@ from trainer.kerasapi import keras
 
 # ImageNet channel means in BGR order: the "caffe" preprocessing of VGG and ResNet50.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @keras.saving.register_keras_serializable(package="trainer")
@@ -46,6 +47,9 @@ def _preprocessing(mode, inputs):
         return CaffePreprocessing(name="preprocess")(inputs)
     if mode == "tf":
         return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(inputs)
+    if mode == "torch":  # (x / 255 - mean) / std, as keras.applications.densenet.preprocess_input
+        return keras.layers.Normalization(mean=[255 * m for m in _TORCH_MEAN],
+                                          variance=[(255 * s) ** 2 for s in _TORCH_STD], name="preprocess")(inputs)
     return inputs
 
 
