@@ -176,3 +176,36 @@ def test_a_resumed_run_makes_the_same_early_stopping_decision(tmp_path):
     # Killed after that decision but before the phase completed: the next attempt does not train on.
     recorded = [{"epoch": index + 1, "val_loss": loss} for index, loss in enumerate(losses)]
     assert train.EarlyStopping(_early_stopping_run(tmp_path, recorded), "head", patience=2).stopped()
+
+
+def test_randaugment_changes_training_images_differently_every_epoch():
+    images = np.random.default_rng(0).uniform(0, 255, (6, 32, 32, 3)).astype(np.float32)
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    dataset = train.with_randaugment(tf.data.Dataset.from_tensors((images, labels)), magnitude=0.5, seed=0)
+    first, second = [next(iter(dataset)) for _ in range(2)]  # two passes: two epochs
+    assert first[0].shape == images.shape and first[1].numpy().tolist() == labels.tolist()
+    assert not np.allclose(first[0].numpy(), images) and not np.allclose(first[0].numpy(), second[0].numpy())
+    changed = [not np.allclose(first[0].numpy()[index], images[index]) for index in range(len(images))]
+    assert sum(changed) >= 4  # per image, not one draw for the batch
+    assert float(tf.reduce_min(first[0])) >= 0 and float(tf.reduce_max(first[0])) <= 255
+
+
+def test_a_run_with_randaugment_and_two_replicas_streams_and_finishes(tmp_path):
+    from conftest import run_trainer
+    from jobs import TINY_JOB, prepare_stripes
+
+    from trainer import storage
+
+    url = prepare_stripes(tmp_path, per_class=16)
+    job_dir = tmp_path / "job"
+    result = run_trainer("train", f"--data={url}", f"--job_dir={job_dir}", *TINY_JOB, "--batch_size=8", "--epochs=2",
+                         "--randaugment", "--cpu_replicas=2", "--class_weight=balanced", "--lr_schedule=cosine",
+                         "--early_stopping_patience=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "feature cache: off (--randaugment changes the images every epoch" in result.stderr
+    counts = storage.read_json(url)["splits"]["train"]["class_counts"]
+    weights = [sum(counts.values()) / (2 * counts[name]) for name in ("horizontal", "vertical")]
+    assert f"class weights: horizontal {weights[0]:.3g}, vertical {weights[1]:.3g}" in result.stderr
+    recorded = storage.read_json(str(job_dir / "config.json"))
+    assert recorded["randaugment"] is True and recorded["class_weight"] == "balanced"
+    assert storage.exists(str(job_dir / "DONE"))

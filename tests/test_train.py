@@ -60,8 +60,8 @@ def test_feature_cache_auto_only_when_eligible():
     assert not featurecache.use_feature_cache("auto", augment=True, epochs=10)
     assert not featurecache.use_feature_cache("off", augment=False, epochs=10)
     assert not featurecache.use_feature_cache("auto", augment=False, epochs=0)
-    with pytest.raises(UserError, match="augment"):
-        featurecache.use_feature_cache("on", augment=True, epochs=10)
+    with pytest.raises(UserError, match="--randaugment change the images"):
+        featurecache.use_feature_cache("on", augment=["--augment", "--randaugment"], epochs=10)
 
 
 @pytest.mark.parametrize("remote_kind", ["local", "gcs"])

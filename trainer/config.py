@@ -77,6 +77,10 @@ class TrainConfig:
     epochs: int = _field(10, "Epochs of the first phase (frozen base, new head).")
     learning_rate: float = _field(1e-5, "Adam learning rate of the first phase.")
     augment: bool = _field(False, "Random flips, crops and brightness on training images.")
+    randaugment: bool = _field(False, "RandAugment on training images (Keras 3's layer, in the input pipeline: 2 "
+                               "random operations per image at magnitude --randaugment_magnitude); off in evaluation "
+                               "and export, and it turns the feature cache off.")
+    randaugment_magnitude: float = _field(0.5, "RandAugment's strength, in (0, 1].")
     head: str = _field("flatten", "How the head pools the base's output.", HEADS)
     dense_units: int = _field(256, "Units of the head's hidden Dense layer (0: none).")
     dropout: float = _field(0.5, "Dropout rate before the output layer.")
@@ -236,6 +240,8 @@ def check_config(config):
         raise UserError(f"--label_smoothing must be in [0, 1), got {config.label_smoothing}")
     if not (config.warmup_epochs >= 0 and math.isfinite(config.warmup_epochs)):
         raise UserError(f"--warmup_epochs must be 0 or more, got {config.warmup_epochs}")
+    if not 0 < config.randaugment_magnitude <= 1:
+        raise UserError(f"--randaugment_magnitude must be in (0, 1], got {config.randaugment_magnitude}")
     if config.warmup_epochs and config.lr_schedule != "cosine":
         raise UserError("--warmup_epochs needs --lr_schedule=cosine")
     parse_class_weight(config.class_weight)

@@ -39,8 +39,10 @@ def use_feature_cache(mode, augment, epochs):
       UserError: mode "on" for a run that is not eligible.
     """
     reasons = []
-    if augment:
-        reasons.append("--augment changes the images every epoch")
+    if augment:  # True, or the names of the augmentation flags that are on
+        names = " and ".join(augment) if isinstance(augment, (list, tuple)) else "--augment"
+        reasons.append(f"{names} change{'' if ' and ' in names else 's'} the images every epoch: the cache "
+                       "cannot hold augmented inputs")
     if not epochs:
         reasons.append("there is no head phase (--epochs=0)")
     if mode == "off":

@@ -232,11 +232,13 @@ def make_datasets(run, validate=True):
     config = run.config
 
     def train_fn(context):
-        return with_class_weights(data.make_dataset(
+        dataset = data.make_dataset(
             config.data, "train", config.image_size, context.get_per_replica_batch_size(config.batch_size),
             training=True, augment=config.augment, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
-            input_context=context, skip_corrupt_shards=config.skip_corrupt_shards, damage=run.damage),
-            run.class_weights)
+            input_context=context, skip_corrupt_shards=config.skip_corrupt_shards, damage=run.damage)
+        if config.randaugment:
+            dataset = with_randaugment(dataset, config.randaugment_magnitude, config.seed + context.input_pipeline_id)
+        return with_class_weights(dataset, run.class_weights)
 
     train_data = run.strategy.distribute_datasets_from_function(train_fn)
     if not validate:
@@ -244,6 +246,19 @@ def make_datasets(run, validate=True):
     val_data = data.make_dataset(config.data, "val", config.image_size, config.batch_size, training=False,
                                  skip_corrupt_shards=config.skip_corrupt_shards, damage=run.damage)
     return train_data, with_data_sharding(val_data)
+
+
+def with_randaugment(dataset, magnitude, seed):
+    """Batches of float 0-255 images through Keras 3's RandAugment (2 random operations per image).
+
+    Keras 3's preprocessing layers run inside tf.data with the TensorFlow backend, next to the
+    tf-keras model: the layer only ever sees tensors of the input pipeline, never the model.
+    """
+    import keras as keras3  # Keras 3, installed with TensorFlow; the model is tf-keras (trainer.kerasapi)
+
+    layer = keras3.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=magnitude, seed=seed)
+    return dataset.map(lambda images, labels: (layer(images, training=True), labels),
+                       num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def with_class_weights(dataset, weights):
@@ -612,7 +627,8 @@ def train_and_export(config, job, dataset_manifest, dataset, deadline_seconds, s
     if state.class_weights:
         logging.info("class weights: %s", ", ".join(f"{classes[index]} {weight:.3g}"
                                                      for index, weight in state.class_weights.items()))
-    feature_cache = featurecache.use_feature_cache(config.feature_cache, config.augment, config.epochs)
+    augmentation = [name for name, on in (("--augment", config.augment), ("--randaugment", config.randaugment)) if on]
+    feature_cache = featurecache.use_feature_cache(config.feature_cache, augmentation, config.epochs)
     if is_chief:
         job.write_config({**config.to_dict(), "tool_version": __version__, "dataset": dataset, "classes": classes,
                           "plan": {"replicas": strategy.num_replicas_in_sync, "per_replica_batch": per_replica,
