@@ -54,7 +54,11 @@ def run_workers(args, envs, tmp_path, name):
 def test_keras_fits_under_multi_worker_mirrored_strategy(dataset, gcs_bucket, tmp_path):
     job_dir = f"{gcs_bucket}/job"
     ports = free_ports(2)
-    args = worker_args(dataset, job_dir, "--epochs=2", "--fine_tune_epochs=1", "--fine_tune_from=block2_conv1")
+    # With the modern recipe's knobs: class weights, AdamW on a cosine schedule, early stopping (each
+    # new best epoch saved by both workers, committed by the chief).
+    args = worker_args(dataset, job_dir, "--epochs=2", "--fine_tune_epochs=1", "--fine_tune_from=block2_conv1",
+                       "--class_weight=balanced", "--optimizer=adamw", "--weight_decay=0.01", "--lr_schedule=cosine",
+                       "--early_stopping_patience=5")
     codes, logs = run_workers(args, [tf_config_env(ports, i, tmp_path) for i in range(2)], tmp_path, "w")
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     # Both workers end with the same weights after each phase, at the same step.
@@ -155,7 +159,7 @@ def start_workers(args, envs, tmp_path, name):
 def test_feature_cache_across_two_workers_holds_every_example_once_and_resumes(dataset, gcs_bucket, tmp_path):
     job_dir, epochs = f"{gcs_bucket}/job", 4
     args = worker_args(dataset, job_dir, f"--epochs={epochs}", "--feature_cache=on", "--backup_every_steps=1",
-                       "--peer_timeout_seconds=30")
+                       "--peer_timeout_seconds=30", "--class_weight=balanced")
     ports = free_ports(2)
     processes, logs = start_workers(args, [tf_config_env(ports, i, tmp_path) for i in range(2)], tmp_path, "first")
     # The head phase has taken a step (both workers committed their parts first): stop both there.
