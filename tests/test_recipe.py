@@ -190,7 +190,7 @@ def test_randaugment_changes_training_images_differently_every_epoch():
     assert float(tf.reduce_min(first[0])) >= 0 and float(tf.reduce_max(first[0])) <= 255
 
 
-def test_a_run_with_randaugment_and_two_replicas_streams_and_finishes(tmp_path):
+def test_a_run_with_randaugment_mixup_cutmix_and_two_replicas_streams_and_finishes(tmp_path):
     from conftest import run_trainer
     from jobs import TINY_JOB, prepare_stripes
 
@@ -199,13 +199,63 @@ def test_a_run_with_randaugment_and_two_replicas_streams_and_finishes(tmp_path):
     url = prepare_stripes(tmp_path, per_class=16)
     job_dir = tmp_path / "job"
     result = run_trainer("train", f"--data={url}", f"--job_dir={job_dir}", *TINY_JOB, "--batch_size=8", "--epochs=2",
-                         "--randaugment", "--cpu_replicas=2", "--class_weight=balanced", "--lr_schedule=cosine",
-                         "--early_stopping_patience=1")
+                         "--randaugment", "--mixup_alpha=0.2", "--cutmix_alpha=1.0", "--cpu_replicas=2",
+                         "--class_weight=balanced", "--lr_schedule=cosine", "--early_stopping_patience=1")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "feature cache: off (--randaugment changes the images every epoch" in result.stderr
+    assert "feature cache: off (--randaugment and --mixup_alpha and --cutmix_alpha change the images" in result.stderr
     counts = storage.read_json(url)["splits"]["train"]["class_counts"]
     weights = [sum(counts.values()) / (2 * counts[name]) for name in ("horizontal", "vertical")]
     assert f"class weights: horizontal {weights[0]:.3g}, vertical {weights[1]:.3g}" in result.stderr
     recorded = storage.read_json(str(job_dir / "config.json"))
     assert recorded["randaugment"] is True and recorded["class_weight"] == "balanced"
     assert storage.exists(str(job_dir / "DONE"))
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_mixup_and_cutmix_give_soft_labels_that_match_the_mixed_images(num_classes):
+    images = np.stack([np.full((16, 16, 3), 40.0 * index, np.float32) for index in range(6)])
+    labels = np.arange(6) % num_classes
+    for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0), (0.4, 1.0)):
+        dataset = train.with_mixing(tf.data.Dataset.from_tensors((images, labels)), num_classes, mixup, cutmix, seed=1)
+        (mixed, soft), (again, _) = [next(iter(dataset)) for _ in range(2)]
+        soft = soft.numpy()
+        if num_classes == 2:
+            assert soft.shape == (6,) and np.all((soft >= 0) & (soft <= 1))
+        else:
+            assert soft.shape == (6, 3) and np.allclose(soft.sum(axis=1), 1.0)
+        assert not np.allclose(mixed.numpy(), images) and not np.allclose(mixed.numpy(), again.numpy())
+        # Each image is a blend (MixUp) or a patchwork (CutMix) of the batch's originals: every
+        # pixel value is a convex combination of two originals, so it stays within 0..200.
+        assert float(tf.reduce_min(mixed)) >= 0 and float(tf.reduce_max(mixed)) <= 200 + 1e-3
+
+
+def test_soft_labels_train_with_the_loss_accuracy_and_class_weights_of_their_mixture():
+    # Three classes: soft rows give the same loss as their hard labels when one-hot.
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
+    loss = model.SparseCrossentropyWithSmoothing(3, 0.0)
+    assert float(loss(np.eye(3, dtype=np.float32)[[0, 2]], probabilities)) == pytest.approx(
+        float(loss(np.array([0, 2]), probabilities)))
+    accuracy = model.dominant_class_accuracy(3)
+    accuracy.update_state(np.array([[0.6, 0.4, 0.0], [0.3, 0.3, 0.4]], np.float32), probabilities)
+    assert float(accuracy.result()) == pytest.approx(1.0)
+    binary = model.dominant_class_accuracy(2)
+    binary.update_state(np.array([0.8, 0.3], np.float32), np.array([[0.9], [0.6]], np.float32))
+    assert float(binary.result()) == pytest.approx(0.5)
+    # A mixture weighs as its classes: 0.25 x 3 + 0.75 x 1.
+    soft = tf.data.Dataset.from_tensors((np.zeros((2, 1), np.float32), np.array([0.75, 0.0], np.float32)))
+    _, _, weights = next(iter(train.with_class_weights(soft, {0: 3.0, 1: 1.0})))
+    assert weights.numpy().tolist() == pytest.approx([0.25 * 3 + 0.75 * 1, 3.0])
+    rows = tf.data.Dataset.from_tensors((np.zeros((1, 1), np.float32), np.array([[0.5, 0.5, 0.0]], np.float32)))
+    _, _, weights = next(iter(train.with_class_weights(rows, {0: 2.0, 1: 4.0, 2: 8.0})))
+    assert weights.numpy().tolist() == pytest.approx([3.0])
+
+    # Both head types fit on soft training labels and evaluate on hard ones.
+    for classes, targets in ((2, np.array([0.3, 0.9, 0.0, 1.0], np.float32)),
+                             (3, np.array([[0.5, 0.5, 0], [0, 0, 1], [1, 0, 0], [0.2, 0.8, 0]], np.float32))):
+        output = (keras.layers.Dense(1, activation="sigmoid") if classes == 2
+                  else keras.layers.Dense(3, activation="softmax"))
+        head = keras.Sequential([keras.Input((4,)), output])
+        model.compile_model(head, classes, 1e-2, soft_labels=True)
+        head.fit(np.eye(4, dtype=np.float32), targets, epochs=2, verbose=0)
+        assert set(head.evaluate(np.eye(4, dtype=np.float32), np.array([0, 1, 0, 1]), verbose=0, return_dict=True)) \
+            == {"loss", "accuracy"}

@@ -81,6 +81,10 @@ class TrainConfig:
                                "random operations per image at magnitude --randaugment_magnitude); off in evaluation "
                                "and export, and it turns the feature cache off.")
     randaugment_magnitude: float = _field(0.5, "RandAugment's strength, in (0, 1].")
+    mixup_alpha: float = _field(0.0, "MixUp on training batches (Keras 3's layer): the alpha of its Beta "
+                                "distribution (0.2 is common; 0: off). Labels become soft.")
+    cutmix_alpha: float = _field(0.0, "CutMix on training batches (Keras 3's layer; 1.0 is common; 0: off). With "
+                                 "--mixup_alpha too, each batch gets one of the two at random.")
     head: str = _field("flatten", "How the head pools the base's output.", HEADS)
     dense_units: int = _field(256, "Units of the head's hidden Dense layer (0: none).")
     dropout: float = _field(0.5, "Dropout rate before the output layer.")
@@ -240,6 +244,9 @@ def check_config(config):
         raise UserError(f"--label_smoothing must be in [0, 1), got {config.label_smoothing}")
     if not (config.warmup_epochs >= 0 and math.isfinite(config.warmup_epochs)):
         raise UserError(f"--warmup_epochs must be 0 or more, got {config.warmup_epochs}")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        if not (getattr(config, name) >= 0 and math.isfinite(getattr(config, name))):
+            raise UserError(f"--{name} must be 0 (off) or more, got {getattr(config, name)}")
     if not 0 < config.randaugment_magnitude <= 1:
         raise UserError(f"--randaugment_magnitude must be in (0, 1], got {config.randaugment_magnitude}")
     if config.warmup_epochs and config.lr_schedule != "cosine":

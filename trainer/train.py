@@ -56,6 +56,7 @@ class Run:
     workers: int = 1
     active_backups: list = dataclasses.field(default_factory=list)  # what SIGTERM asks to back up
     class_weights: dict | None = None  # class index -> weight of its training examples (--class_weight)
+    num_classes: int = 2
 
 
 def derive_batches(global_batch, replicas, train_count, steps_cap=None):
@@ -236,8 +237,11 @@ def make_datasets(run, validate=True):
             config.data, "train", config.image_size, context.get_per_replica_batch_size(config.batch_size),
             training=True, augment=config.augment, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
             input_context=context, skip_corrupt_shards=config.skip_corrupt_shards, damage=run.damage)
+        seed = config.seed + context.input_pipeline_id
         if config.randaugment:
-            dataset = with_randaugment(dataset, config.randaugment_magnitude, config.seed + context.input_pipeline_id)
+            dataset = with_randaugment(dataset, config.randaugment_magnitude, seed)
+        if config.mixup_alpha or config.cutmix_alpha:
+            dataset = with_mixing(dataset, run.num_classes, config.mixup_alpha, config.cutmix_alpha, seed)
         return with_class_weights(dataset, run.class_weights)
 
     train_data = run.strategy.distribute_datasets_from_function(train_fn)
@@ -261,13 +265,44 @@ def with_randaugment(dataset, magnitude, seed):
                        num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def with_mixing(dataset, num_classes, mixup_alpha, cutmix_alpha, seed):
+    """Batches -> MixUp or CutMix batches (Keras 3's layers), with soft labels: P(class 1) [B] for
+    two classes, [B, C] rows otherwise. With both, each batch gets one of the two at random."""
+    import keras as keras3
+
+    layers = ([keras3.layers.MixUp(alpha=mixup_alpha, seed=seed)] if mixup_alpha else []) + (
+        [keras3.layers.CutMix(factor=cutmix_alpha, seed=seed)] if cutmix_alpha else [])
+
+    def mix(images, labels):
+        one_hot = tf.one_hot(tf.cast(labels, tf.int32), num_classes)
+        if len(layers) == 1:
+            mixed = layers[0]({"images": images, "labels": one_hot}, training=True)
+        else:
+            mixed = tf.cond(tf.random.uniform([]) < 0.5,
+                            lambda: layers[0]({"images": images, "labels": one_hot}, training=True),
+                            lambda: layers[1]({"images": images, "labels": one_hot}, training=True))
+        soft = tf.cast(mixed["labels"], tf.float32)
+        return tf.cast(mixed["images"], tf.float32), soft[:, 1] if num_classes == 2 else soft
+
+    return dataset.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def with_class_weights(dataset, weights):
-    """(x, y) batches -> (x, y, the weight of each example's class); unchanged for no weights.
-    Training only: validation loss and accuracy stay unweighted, comparable across runs."""
+    """(x, y) batches -> (x, y, the weight of each example's class); unchanged for no weights. Soft
+    labels (MixUp, CutMix) weigh as their mixture of classes. Training only: validation loss and
+    accuracy stay unweighted, comparable across runs."""
     if not weights:
         return dataset
     table = tf.constant([weights[index] for index in range(len(weights))], tf.float32)
-    return dataset.map(lambda x, y: (x, y, tf.gather(table, tf.cast(y, tf.int32))))
+
+    def weigh(x, y):
+        if y.dtype.is_integer:
+            return x, y, tf.gather(table, tf.cast(y, tf.int32))
+        if y.shape.rank == 1:  # two classes: y is P(class 1)
+            return x, y, (1.0 - y) * table[0] + y * table[1]
+        return x, y, tf.linalg.matvec(y, table)
+
+    return dataset.map(weigh)
 
 
 def compile_phase(run, model, phase, num_classes, steps):
@@ -280,7 +315,8 @@ def compile_phase(run, model, phase, num_classes, steps):
                                             warmup_steps=round(config.warmup_epochs * steps))
     optimizer = model_lib.make_optimizer(config.optimizer, rate, config.weight_decay, config.momentum)
     model_lib.compile_model(model, num_classes, peak, jit_compile=config.jit_compile, optimizer=optimizer,
-                            label_smoothing=config.label_smoothing)
+                            label_smoothing=config.label_smoothing,
+                            soft_labels=bool(config.mixup_alpha or config.cutmix_alpha))
 
 
 def with_data_sharding(dataset):
@@ -622,12 +658,15 @@ def train_and_export(config, job, dataset_manifest, dataset, deadline_seconds, s
                 history=job.load_history(phases), damage=records.DamageReport(),
                 tensorboard_copy=os.environ.get(VERTEX_TENSORBOARD_DIR))
     state.worker, state.workers = distribute.worker_position(cluster)
+    state.num_classes = len(classes)
     state.class_weights = class_weights(config.class_weight, classes,
                                         dataset_manifest["splits"]["train"]["class_counts"])
     if state.class_weights:
         logging.info("class weights: %s", ", ".join(f"{classes[index]} {weight:.3g}"
                                                      for index, weight in state.class_weights.items()))
-    augmentation = [name for name, on in (("--augment", config.augment), ("--randaugment", config.randaugment)) if on]
+    switches = (("--augment", config.augment), ("--randaugment", config.randaugment),
+                ("--mixup_alpha", config.mixup_alpha), ("--cutmix_alpha", config.cutmix_alpha))
+    augmentation = [name for name, on in switches if on]
     feature_cache = featurecache.use_feature_cache(config.feature_cache, augmentation, config.epochs)
     if is_chief:
         job.write_config({**config.to_dict(), "tool_version": __version__, "dataset": dataset, "classes": classes,
