@@ -259,3 +259,13 @@ def test_soft_labels_train_with_the_loss_accuracy_and_class_weights_of_their_mix
         head.fit(np.eye(4, dtype=np.float32), targets, epochs=2, verbose=0)
         assert set(head.evaluate(np.eye(4, dtype=np.float32), np.array([0, 1, 0, 1]), verbose=0, return_dict=True)) \
             == {"loss", "accuracy"}
+
+
+def test_a_head_on_a_frozen_random_base_is_warned_about():
+    def warning(**flags):
+        return train.random_frozen_base_warning(config.TrainConfig(data="d", job_dir="j", **flags))
+
+    assert "frozen base of random weights" in warning(backbone="mobilenet_v2", weights="none")
+    assert warning(backbone="mobilenet_v2", weights="imagenet") is None
+    assert warning(backbone="mobilenet_v2", weights="none", fine_tune_epochs=2) is None
+    assert warning(backbone="tiny", weights="none") is None  # the tests' and demo's own base

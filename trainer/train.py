@@ -460,6 +460,15 @@ def weights_fingerprint(model):
     return digest.hexdigest()[:16]
 
 
+def random_frozen_base_warning(config):
+    """What to tell a user who trains only a head on a frozen base of random weights, or None."""
+    if str(config.weights).lower() != "none" or config.fine_tune_epochs or config.backbone == "tiny":
+        return None
+    return ("--weights=none without fine-tuning trains only a head on a frozen base of random weights: its outputs "
+            "can be (nearly) the same for every image (seen with mobilenet_v2), so the head may learn nothing. Use "
+            "--weights=imagenet (or a weights file), or add --fine_tune_epochs.")
+
+
 def train_phases(run, dataset_manifest, steps, feature_cache):
     """Builds the model under the strategy and runs the head and fine-tune phases."""
     config, strategy = run.config, run.strategy
@@ -476,10 +485,8 @@ def train_phases(run, dataset_manifest, steps, feature_cache):
         compile_phase(run, model, "head", num_classes, steps)
     if config.fine_tune_epochs:
         model_lib.check_fine_tune_from(model, config.fine_tune_from)
-    elif config.weights == "none" and config.backbone != "tiny":
-        logging.warning("--weights=none without fine-tuning trains only a head on a frozen base of random weights: "
-                        "its outputs can be (nearly) the same for every image (seen with mobilenet_v2), so the head "
-                        "may learn nothing. Use --weights=imagenet (or a weights file), or add --fine_tune_epochs.")
+    if warning := random_frozen_base_warning(config):
+        logging.warning("%s", warning)
     validate = bool(dataset_manifest["splits"].get("val", {}).get("count"))
     if not validate:
         logging.warning("the dataset has no validation examples: training without validation%s",
