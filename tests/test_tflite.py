@@ -60,9 +60,10 @@ def test_evaluate_scores_a_tflite_file(trained):
     assert metrics["model"].endswith("model_int8.tflite") and len(metrics["model_id"]) == 32
 
 
-def test_bad_kinds_and_missing_files_are_one_line_errors(trained, tmp_path):
-    bad = run_trainer("tflite", f"--model={trained['model']}", f"--output={tmp_path}", "--kinds=int4")
-    assert bad.returncode == 1 and "--kinds must be some of float32, float16, int8" in bad.stderr.splitlines()[-1]
-    missing = run_trainer("evaluate", f"--model={tmp_path}/none.tflite", f"--data={trained['data']}",
-                          f"--output={tmp_path}/out")
-    assert missing.returncode == 1 and "no TFLite model at" in missing.stderr.splitlines()[-1]
+def test_bad_kinds_and_missing_files_are_user_errors(trained, tmp_path):
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match="--kinds must be some of float32, float16, int8"):
+        tflite.convert(trained["model"], str(tmp_path), kinds=["int4"])
+    with pytest.raises(UserError, match="no TFLite model at"):
+        export.load_model(str(tmp_path / "none.tflite"))
