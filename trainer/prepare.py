@@ -198,7 +198,6 @@ def write_dataset(output, shards_plan, classes, max_side, workers, runner="local
         reports = shards.run(output, lines, runner=runner, workers=workers, pipeline_args=pipeline_args,
                              on_report=on_report)
     splits = {split: {"count": 0, "class_counts": dict.fromkeys(classes, 0), "shards": []} for split in SPLITS}
-    sizes = {"count": 0, "width": [math.inf, 0, 0], "height": [math.inf, 0, 0]}
     skipped = []
     for report in reports:
         split = splits[report["file"].split("-", 1)[0]]
@@ -207,16 +206,7 @@ def write_dataset(output, shards_plan, classes, max_side, workers, runner="local
         for name, count in report["class_counts"].items():
             split["class_counts"][name] += count
         skipped += report["skipped"]
-        if report["sizes"]["count"]:
-            sizes["count"] += report["sizes"]["count"]
-            for key in ("width", "height"):
-                low, high, total_size = report["sizes"][key]
-                sizes[key] = [min(sizes[key][0], low), max(sizes[key][1], high), sizes[key][2] + total_size]
-    image_stats = {"count": sizes["count"]}
-    for key in ("width", "height"):
-        low, high, total_size = sizes[key]
-        image_stats[key] = ({"min": low, "max": high, "mean": round(total_size / sizes["count"], 2)}
-                            if sizes["count"] else None)
+    image_stats = shards.image_stats(reports)
     return {"splits": splits, "image_stats": image_stats, "skipped": skipped}
 
 

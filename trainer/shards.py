@@ -133,6 +133,17 @@ class _Sizes:
         return {"count": self.count, "width": self.width, "height": self.height}
 
 
+def image_stats(reports):
+    """The manifest's `image_stats` ({"count", "width"/"height": {"min", "max", "mean"}}) of all shards."""
+    count = sum(report["sizes"]["count"] for report in reports)
+    stats = {"count": count}
+    for key in ("width", "height"):
+        kept = [report["sizes"][key] for report in reports if report["sizes"]["count"]]
+        stats[key] = ({"min": min(low for low, _, _ in kept), "max": max(high for _, high, _ in kept),
+                       "mean": round(sum(total for _, _, total in kept) / count, 2)} if count else None)
+    return stats
+
+
 def write_shard(output, offset, length, decoders=1):
     """Writes and commits the shard whose plan line is at `offset` of the plan; returns its report.
 
@@ -185,8 +196,8 @@ def _read_reports(output, names):
         return dict(zip(names, pool.map(read, names), strict=True))
 
 
-def committed(output, lines):
-    """The reports of shards already written for exactly these plan lines, by shard name.
+def committed(output, names, lines):
+    """The reports of shards already written for exactly these plan lines (of shards `names`).
 
     Reports and shards of an earlier plan (other files, other shard counts) are removed.
     """
@@ -196,7 +207,7 @@ def committed(output, lines):
                    if name.endswith(".json")]
     except FileNotFoundError:
         return {}
-    wanted = {json.loads(line)["name"]: _digest(line) for line in lines}
+    wanted = {name: _digest(line) for name, line in zip(names, lines, strict=True)}
     found = _read_reports(output, reports)
     done, stale = {}, []
     for name, report in found.items():
@@ -228,8 +239,8 @@ def clean(output):
 
 def run(output, lines, runner="local", workers=1, pipeline_args=(), on_report=None):
     """Writes every shard not yet committed, on `runner`; returns all reports in plan order."""
-    done = committed(output, lines)
     names = [json.loads(line)["name"] for line in lines]
+    done = committed(output, names, lines)
     jobs = [job for name, job in zip(names, write_plan(output, lines), strict=True) if name not in done]
     for report in done.values():
         if on_report:
