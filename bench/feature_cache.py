@@ -12,7 +12,8 @@ measurement; `--images=stripes` uses the tests' small striped JPEGs instead. Bot
 --feature_cache differs. Each is then evaluated with the real `trainer evaluate` on the
 test split. Goal (issues 6 and 13, one worker or two): >= 5x less wall time with the cache, test
 accuracy within one point. With --workers=2 each run is two `trainer train` processes on loopback
-(TF_CONFIG, --strategy=multi_worker) sharing the machine's cores, timed until both have exited.
+(TF_CONFIG, --strategy=multi_worker), each pinned to a core of its own as on a cluster of one-core
+nodes (--share_cores: all share every core), timed until both have exited.
 
 On CPU the seed's 150 px VGG16 would take hours uncached, so the images are smaller (64 px) and the
 weights random (no ImageNet download here); the learning rate is 1e-4 instead of 1e-5 so the head
@@ -45,8 +46,12 @@ def trainer(*args):
     return result
 
 
-def train_on_workers(args, workers, work):
-    """`trainer train` as `workers` loopback processes (TF_CONFIG); returns the chief's log text."""
+def train_on_workers(args, workers, work, share_cores=False):
+    """`trainer train` as `workers` loopback processes (TF_CONFIG); returns the chief's log text.
+
+    Each worker is pinned to a core of its own (as each has a node of its own on a cluster;
+    TensorFlow then sizes its thread pools to that core), unless `share_cores` or there are
+    fewer cores than workers."""
     if workers == 1:
         return trainer("train", *args).stderr
     sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -54,15 +59,18 @@ def train_on_workers(args, workers, work):
 
     hosts = [f"127.0.0.1:{port}" for port in free_ports(workers)]
     processes, logs = [], []
+    cores = sorted(os.sched_getaffinity(0))
+    pin = not share_cores and len(cores) >= workers
     for index in range(workers):
         scratch = os.path.join(work, f"tmp-{index}-{time.monotonic_ns()}")
         os.makedirs(scratch)
         env = {**os.environ, "TMPDIR": scratch,
                "TF_CONFIG": json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})}
         logs.append(open(os.path.join(scratch, "log.txt"), "w+"))  # noqa: SIM115 - closed below
+        pinned = (lambda core=cores[index]: os.sched_setaffinity(0, {core})) if pin else None
         processes.append(subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", *args,
                                            "--strategy=multi_worker"], stdout=logs[-1], stderr=subprocess.STDOUT,
-                                          env=env))
+                                          env=env, preexec_fn=pinned))
     codes = [process.wait() for process in processes]
     texts = []
     for handle in logs:
@@ -102,6 +110,8 @@ def main():
     parser.add_argument("--images", choices=("photos", "stripes"), default="photos",
                         help="photos: photo-like 500x375 JPEGs, each class cropped from its own sample photos "
                              "(the issue's setup); stripes: the tests' small striped JPEGs (cheap to decode)")
+    parser.add_argument("--share_cores", action="store_true",
+                        help="with --workers > 1: let the workers share every core (default: one core each)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite")
     options = parser.parse_args()
     if options.smoke:
@@ -126,7 +136,7 @@ def main():
                     f"--learning_rate={options.learning_rate}", "--fine_tune_epochs=0", "--seed=0"]
     results = {"machine": common.describe_machine(), "backbone": options.backbone, "workers": options.workers,
                "images": "stripes" if options.smoke else options.images, "learning_rate": options.learning_rate,
-               "batch_size": options.batch_size,
+               "batch_size": options.batch_size, "share_cores": options.share_cores,
                "image_size": options.image_size, "epochs": options.epochs,
                "train_examples": manifest["splits"]["train"]["count"],
                "test_examples": manifest["splits"]["test"]["count"], "runs": {}}
@@ -135,7 +145,7 @@ def main():
         log(f"training with --feature_cache={cache} ...")
         started = time.perf_counter()
         log_text = train_on_workers([*common_flags, f"--job_dir={job}", f"--feature_cache={cache}"], options.workers,
-                                    work)
+                                    work, options.share_cores)
         seconds = time.perf_counter() - started
         phase = phase_seconds(log_text)
         trainer("evaluate", f"--model={job}/model", f"--data={data}/dataset.json", f"--output={job}/eval")

@@ -207,6 +207,7 @@ def test_training_shuffles_repeats_and_keeps_only_full_batches(dataset):
     once = data.make_dataset(folder, "train", SIZE, 6, training=True, seed=1, repeat=1)
     images, labels, sizes = read_all(once)
     assert sizes == [6, 6, 6]  # 20 examples: the last 2 are dropped, not a short batch
+    assert once.options().autotune.enabled is False  # data.without_autotune: no stall when it is deleted
     found = identities(images)
     assert len(set(found)) == 18 and set(found) <= set(split_ids(examples, "train"))
     assert [examples[i]["label"] for i in found] == labels.tolist()

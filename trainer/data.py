@@ -208,6 +208,21 @@ def augment_image(image, seed=None):
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
+def without_autotune(dataset):
+    """`dataset` with tf.data's model-based autotuning off (every pipeline here ends with this).
+
+    With it on, each iterator runs an autotuning thread that sleeps between optimizations, for
+    periods that double up to 60 s, and in TensorFlow 2.21 deleting the iterator waits out that
+    sleep: a stall at the end of every `fit`, evaluation and extraction of up to its running time
+    (measured: 2.1 s after a 3 s iteration, 25 s at the end of a 3-minute head phase on two
+    workers). Off, AUTOTUNE parallelism is this machine's core count and prefetch buffers grow on
+    demand, as fast here (docs/benchmarks.md §6) and with no stall.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
 def _check_arguments(image_size, batch_size, shuffle_buffer, repeat):
     if not isinstance(image_size, int) or image_size < 1:
         raise UserError(f"image size must be a positive integer, not {image_size!r}")
@@ -343,4 +358,4 @@ def make_dataset(manifest_url, split, image_size, batch_size, training, augment=
             lambda images, labels: (tf.ensure_shape(images, [batch_size, image_size, image_size, 3]),
                                     tf.ensure_shape(labels, [batch_size])),
             num_parallel_calls=tf.data.AUTOTUNE)
-    return batches.prefetch(tf.data.AUTOTUNE)
+    return without_autotune(batches.prefetch(tf.data.AUTOTUNE))

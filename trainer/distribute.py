@@ -120,6 +120,30 @@ def split_cpu(replicas):
         cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)])
 
 
+def device_datasets_without_autotune():
+    """Turns tf.data autotuning off in the per-replica datasets a strategy feeds its replicas from.
+
+    Each replica's input is a small dataset of its own (tf.distribute's multi-device iterator:
+    a generator and a fixed-size prefetch, nothing to tune), created with the default options, so
+    autotuning is on and deleting it at the end of `fit` waits out its autotuning thread's sleep
+    (`data.without_autotune` has the measurements). tf.distribute has no option for it, so its
+    constructor is wrapped, once; tests/test_distribute.py fails if TensorFlow changes it.
+    """
+    from tensorflow.python.data.ops import multi_device_iterator_ops
+
+    from trainer import data
+
+    create = multi_device_iterator_ops._create_device_dataset  # noqa: SLF001 - no public way
+    if getattr(create, "without_autotune", False):
+        return
+
+    def create_without_autotune(*args, **kwargs):
+        return data.without_autotune(create(*args, **kwargs))
+
+    create_without_autotune.without_autotune = True
+    multi_device_iterator_ops._create_device_dataset = create_without_autotune  # noqa: SLF001
+
+
 def make_strategy(kind="auto", cpu_replicas=0, num_workers=None, port=None, peer_timeout_seconds=None):
     """Creates the tf.distribute strategy for this process.
 
@@ -140,6 +164,7 @@ def make_strategy(kind="auto", cpu_replicas=0, num_workers=None, port=None, peer
     import tensorflow as tf
 
     cluster = cluster_from_environment(num_workers=num_workers, port=port)
+    device_datasets_without_autotune()
     if kind == "auto":
         kind = "multi_worker" if cluster else "mirrored"
     gpus = tf.config.list_physical_devices("GPU")

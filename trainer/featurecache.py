@@ -189,4 +189,4 @@ def cached_dataset(paths, batch_size, training, seed, in_memory_bytes=IN_MEMORY_
             batch_labels.set_shape([None])
             return batch, batch_labels
 
-    return dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return data.without_autotune(dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
