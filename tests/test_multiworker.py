@@ -112,18 +112,22 @@ def test_lost_worker_then_restart_of_both_completes(dataset, gcs_bucket, tmp_pat
     job_dir = f"{gcs_bucket}/job"
     ports = free_ports(2)
     epochs = 6
-    args = worker_args(dataset, job_dir, f"--epochs={epochs}", "--peer_timeout_seconds=30")
+    args = worker_args(dataset, job_dir, f"--epochs={epochs}", "--peer_timeout_seconds=10")
     envs = [tf_config_env(ports, i, tmp_path) for i in range(2)]
     logs = [tmp_path / f"first-{i}.log" for i in range(2)]
     chief, other = (start_trainer(args, env=env, log_path=log) for env, log in zip(envs, logs, strict=True))
     committed = storage.join(job_dir, "backup", "head", "checkpoint")
     assert wait_until(lambda: storage.exists(committed) or chief.poll() is not None, timeout=600)
     assert chief.poll() is None, logs[0].read_text()[-3000:]
+    # Frozen, not killed: no connection is reset, as when a node drops off the network. Only the
+    # coordination service's heartbeats (distribute.watch_peers) can tell the survivor.
+    other.send_signal(signal.SIGSTOP)
+    code = chief.wait(timeout=300)
     other.send_signal(signal.SIGKILL)
     other.wait()
-    # The survivor must not hang: its collectives time out and it exits with the retryable code.
-    code = chief.wait(timeout=300)
+    # The survivor must not hang: the peer is declared lost and it exits with the retryable code.
     assert code == EXIT_RETRYABLE, logs[0].read_text()[-3000:]
+    assert "lost contact with a peer worker" in logs[0].read_text()
     # Restart both (what the JobSet does): training completes at the exact step count.
     ports = free_ports(2)
     args = worker_args(dataset, job_dir, f"--epochs={epochs}", "--peer_timeout_seconds=30")

@@ -114,8 +114,9 @@ class TrainConfig:
     worker_port: int = _field(12345, "Port the workers talk on (multi-node jobs).", defines_run=False)
     backup_every_steps: int = _field(100, "Steps between preemption backups (and every epoch end).",
                                      defines_run=False)
-    peer_timeout_seconds: int = _field(300, "Multi-worker: give up (exit 75, retryable) when a peer worker "
-                                       "has not answered for this long.", defines_run=False)
+    peer_timeout_seconds: int = _field(60, "Multi-worker: a peer worker that sends no heartbeat for this long "
+                                       "(killed, frozen, its node gone) is lost: the others exit 75 (retryable).",
+                                       defines_run=False)
     preempt_exit_seconds: int = _field(25, "After SIGTERM, exit 75 this many seconds later even when no step "
                                        "could end to back up (a stalled store): keep it below the pod's "
                                        "terminationGracePeriodSeconds.", defines_run=False)
