@@ -122,9 +122,11 @@ def test_lost_worker_then_restart_of_both_completes(dataset, gcs_bucket, tmp_pat
     # Frozen, not killed: no connection is reset, as when a node drops off the network. Only the
     # coordination service's heartbeats (distribute.watch_peers) can tell the survivor.
     other.send_signal(signal.SIGSTOP)
-    code = chief.wait(timeout=300)
-    other.send_signal(signal.SIGKILL)
-    other.wait()
+    try:
+        code = chief.wait(timeout=300)
+    finally:
+        other.send_signal(signal.SIGKILL)  # a frozen process is not left behind, whatever happened
+        other.wait()
     # The survivor must not hang: the peer is declared lost and it exits with the retryable code.
     assert code == EXIT_RETRYABLE, logs[0].read_text()[-3000:]
     assert "lost contact with a peer worker" in logs[0].read_text()

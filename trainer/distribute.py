@@ -154,12 +154,13 @@ def watch_peers(cluster, timeout_seconds):
     timeout: 4,900 threads after 40 s of a cached head phase on two CPU workers, and on a GPU node
     taking 100 steps a second, tens of thousands, past Linux's per-process mapping limit.
     """
+    import tensorflow as tf
     from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
     from tensorflow.python.distribute import multi_worker_util
     from tensorflow.python.eager import context
-    from tensorflow.python.training import server_lib
 
-    spec = server_lib.ClusterSpec(cluster["cluster"])
+    # What MultiWorkerMirroredStrategy configures itself when nothing is, plus the heartbeat timeout.
+    spec = tf.train.ClusterSpec(cluster["cluster"])
     jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
             for job in ("chief", "worker") if job in spec.jobs]
     context.context().configure_coordination_service(
