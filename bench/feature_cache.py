@@ -120,7 +120,7 @@ def main():
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from jobs import write_stripes
 
-    from trainer import storage
+    from trainer.infra import storage
 
     work = tempfile.mkdtemp(prefix="bench-cache-")
     if options.images == "photos" and not options.smoke:

@@ -12,7 +12,7 @@ rotating order), and prints the medians and the ratios the issue sets as goals:
 
   a keras_generator       the seed: ImageDataGenerator(rescale=1/255).flow_from_directory, 150 px, batch 64
   b keras_dataset         keras.utils.image_dataset_from_directory on the same folders
-  c shards_local          trainer.data.make_dataset on local shards of the same images
+  c shards_local          trainer.data.pipeline.make_dataset on local shards of the same images
   d shards_gcs[_20ms]     the same shards from the GCS server (through a proxy adding 0 or 20 ms a request)
     objects_gcs[_20ms]    one object per image from that server (tf.data, fetch with fsspec, then decode)
     objects_gcs_20ms_32threads   the same fetched by 32 threads (for reference, not a goal)
@@ -80,7 +80,7 @@ def log(message):
 
 def prepare_images(work_dir, images, max_side, num_shards):
     """Writes the JPEG folders and prepares full-size and --max_side shards; returns their paths."""
-    from trainer.prepare import prepare_dataset
+    from trainer.prepare.run import prepare_dataset
 
     folders = os.path.join(work_dir, "images")
     started = time.perf_counter()
@@ -147,13 +147,13 @@ def upload(folders, shards):
     """Copies the train images and the full-size shards to gs://bench; returns their URLs."""
     import fsspec
 
-    from trainer import storage
+    from trainer.infra.folders import copy_tree
 
     fsspec.filesystem("gs").mkdir(BUCKET)
     images_url, shards_url = f"gs://{BUCKET}/images", f"gs://{BUCKET}/shards"
     started = time.perf_counter()
-    storage.copy_tree(os.path.join(folders, "train"), f"{images_url}/train")
-    storage.copy_tree(shards, shards_url)
+    copy_tree(os.path.join(folders, "train"), f"{images_url}/train")
+    copy_tree(shards, shards_url)
     log(f"uploaded images and shards to gs://{BUCKET} in {time.perf_counter() - started:.1f} s")
     return images_url, shards_url
 
@@ -184,7 +184,7 @@ def count_dataset(dataset):
 
 def seed_loader(folders, epochs):
     """a: the seed's loader, exactly as its article wrote it (fit_generator's default: 1 thread)."""
-    from trainer.kerasapi import keras
+    from trainer.infra.kerasapi import keras
 
     generator = keras.preprocessing.image.ImageDataGenerator(rescale=1.0 / 255)
     iterator = generator.flow_from_directory(
@@ -203,7 +203,7 @@ def seed_loader(folders, epochs):
 
 def keras_dataset_loader(folders, epochs):
     """b: keras.utils.image_dataset_from_directory (tf.data, parallel decode, prefetch)."""
-    from trainer.kerasapi import keras
+    from trainer.infra.kerasapi import keras
 
     dataset = keras.utils.image_dataset_from_directory(
         os.path.join(folders, "train"), image_size=(IMAGE_SIZE, IMAGE_SIZE), batch_size=BATCH_SIZE,
@@ -218,7 +218,7 @@ def reader_loader(manifest_url, epochs):
     no augmentation, so the pass measures reading, parsing and decoding alone. The training path
     reads and decodes the same way, plus a shuffle of the decoded records.
     """
-    from trainer.data import make_dataset
+    from trainer.data.pipeline import make_dataset
 
     dataset = make_dataset(manifest_url, "train", IMAGE_SIZE, BATCH_SIZE, training=False, repeat=epochs)
     return lambda: count_dataset(dataset)
@@ -234,7 +234,7 @@ def ceiling_loader(folders, paths, labels, epochs):
     """e: decode_image on the JPEG bytes already in memory: no file, no parsing, same decode and map."""
     import tensorflow as tf
 
-    from trainer.images import decode_image
+    from trainer.data.decode import decode_image
 
     encoded = []
     for path in paths:
@@ -256,7 +256,7 @@ def objects_loader(images_url, paths, labels):
     import fsspec
     import tensorflow as tf
 
-    from trainer.images import decode_image
+    from trainer.data.decode import decode_image
 
     filesystem = fsspec.filesystem("gs")
     base = images_url[len("gs://"):]
@@ -285,7 +285,7 @@ def threaded_objects_loader(images_url, paths, labels, threads=32):
     import fsspec
     import tensorflow as tf
 
-    from trainer.images import decode_image
+    from trainer.data.decode import decode_image
 
     filesystem = fsspec.filesystem("gs")
     base = images_url[len("gs://"):]

@@ -17,13 +17,13 @@ interleaved over --rounds rounds; the medians are compared:
                    CPU 1: prepare has the same core in both, and the server does not take it
   *_half           the same on the first half of the images: the time the second half added gives
                    the rate per added image, start-up (imports, worker processes, listing) aside
-  ceiling_memory   the work prepare must do per image (trainer.encode: one full decode, re-encoding
+  ceiling_memory   the work prepare must do per image (trainer.formats.imagefiles: one full decode, re-encoding
                    where it must) on the same bytes already in memory, on a pool of as many
                    processes as cores: the in-memory limit
   beam_direct      SRC on local disk, Beam's DirectRunner with one worker process per core
   rerun_after_kill an uninterrupted run's time vs a rerun's after a SIGKILL at half the shards
   listing          listing 20,000 objects in 20 class folders on the GCS server at +20 ms a request:
-                   one listing (pages of 1,000 in a row) vs trainer.storage's, folder by folder
+                   one listing (pages of 1,000 in a row) vs trainer.infra.storage's, folder by folder
 
 Goals (issue 12): gcs_20ms / local >= 0.8 (also per added image), local / ceiling_memory
 >= 0.8, rerun <= 0.6 of a full run.
@@ -81,9 +81,9 @@ def prepare(source, output, *arguments, env=None, cpus=None):
 
 
 def _encode(data):
-    from trainer import encode
+    from trainer.formats import imagefiles
 
-    return "skip" not in encode.encode_or_skip(data)
+    return "skip" not in imagefiles.encode_or_skip(data)
 
 
 def ceiling(images, processes):
@@ -97,7 +97,7 @@ def ceiling(images, processes):
 
 def killed_then_rerun(source, output, arguments):
     """Seconds of a rerun after the command was SIGKILLed once half its shards had committed."""
-    from trainer import shards
+    from trainer.prepare import shards
 
     process = subprocess.Popen([sys.executable, "-m", "trainer.cli", "prepare", f"--source={source}",
                                 f"--output={output}", "--overwrite", *arguments],
@@ -143,25 +143,25 @@ def server_seconds(store):
     return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in (store.proxy.pid, store.server._process.pid))
 
 
-def time_listing(store, count, folders):
-    """Seconds to list `count` objects in `folders` class folders at +20 ms a request: one listing
-    (pages of 1,000 in a row) vs `storage.list_files` (folder by folder, side by side)."""
+def time_listing(store, count, class_folders):
+    """Seconds to list `count` objects in `class_folders` folders at +20 ms a request: one listing
+    (pages of 1,000 in a row) vs `folders.list_files` (folder by folder, side by side)."""
     import fsspec
 
-    from trainer import storage
+    from trainer.infra import folders
 
     store.set_delay(0)
     filesystem = fsspec.filesystem("gs")
-    filesystem.pipe({f"bench/listing/class{index % folders:03d}/{index:08d}.jpg": b"x" for index in range(count)})
+    filesystem.pipe({f"bench/listing/class{index % class_folders:03d}/{index:08d}.jpg": b"x" for index in range(count)})
     store.set_delay(20)
     started = time.perf_counter()
     one = filesystem.find("bench/listing")
     sequential = time.perf_counter() - started
     started = time.perf_counter()
-    parallel = storage.list_files("gs://bench/listing", with_md5=True)
+    parallel = folders.list_files("gs://bench/listing", with_md5=True)
     if len(one) != count or len(parallel) != count:
         raise RuntimeError(f"listed {len(one)} and {len(parallel)} of {count} objects")
-    return {"objects": count, "folders": folders, "one_listing": sequential,
+    return {"objects": count, "folders": class_folders, "one_listing": sequential,
             "folder_by_folder": time.perf_counter() - started}
 
 
@@ -181,15 +181,15 @@ def run(count, beam_count, rounds, num_shards, output, work_dir=None, listing_co
             write_kaggle_folder(beam_source, beam_count, seed=1)
             import fsspec
 
-            from trainer import storage
+            from trainer.infra import folders
 
             fsspec.filesystem("gs").mkdir("bench")
-            storage.copy_tree(source, "gs://bench/kaggle")
+            folders.copy_tree(source, "gs://bench/kaggle")
             half = os.path.join(temporary, "kaggle_half")  # the first half of the same images
             os.makedirs(half)
             for name in sorted(os.listdir(source), key=lambda name: int(name.split(".")[1]))[:count // 2]:
                 os.link(os.path.join(source, name), os.path.join(half, name))
-            storage.copy_tree(half, "gs://bench/kaggle_half")
+            folders.copy_tree(half, "gs://bench/kaggle_half")
             log(f"{count} images ({sum(map(len, images)) / len(images) / 1024:.0f} KiB mean) on disk and on the "
                 "GCS server")
             shard_arguments = [f"--num_shards={num_shards}"]
@@ -223,7 +223,7 @@ def run(count, beam_count, rounds, num_shards, output, work_dir=None, listing_co
                                                             for name, values in seconds.items()))
             full = prepare(source, os.path.join(temporary, "killed"), *shard_arguments)
             rerun = killed_then_rerun(source, os.path.join(temporary, "killed"), shard_arguments)
-            listing = time_listing(store, listing_count, folders=20)
+            listing = time_listing(store, listing_count, class_folders=20)
     finally:
         store.stop()
     median = {name: statistics.median(values) for name, values in seconds.items() if values}

@@ -69,7 +69,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench-sigterm-", dir=options.work_dir) as work:
         log(f"writing {options.images} photo-like JPEGs and preparing them")
         common.write_split_folders(os.path.join(work, "images"), options.images)
-        from trainer.prepare import prepare_dataset
+        from trainer.prepare.run import prepare_dataset
 
         prepare_dataset(os.path.join(work, "images"), os.path.join(work, "data"), num_shards=2)
         data = os.path.join(work, "data", "dataset.json")

@@ -38,7 +38,7 @@ def log(message):
 
 def prepare_shards(work_dir, images, max_side):
     """Photo-like JPEG folders -> shards (at full size, or with --max_side); returns the manifest path."""
-    from trainer.prepare import prepare_dataset
+    from trainer.prepare.run import prepare_dataset
 
     folders = os.path.join(work_dir, "images")
     common.write_split_folders(folders, images)
@@ -56,7 +56,7 @@ class StepTimer:
     """
 
     def __new__(cls, skip):
-        from trainer.kerasapi import keras
+        from trainer.infra.kerasapi import keras
 
         class _StepTimer(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
@@ -98,9 +98,10 @@ def run(images, rounds, steps, skip_steps, output, backbone, image_size, batch_s
         # decodes on the cores left over, as it does beside a GPU.
         tf.config.threading.set_intra_op_parallelism_threads(model_threads)
         tf.config.threading.set_inter_op_parallelism_threads(model_threads)
-    from trainer.data import make_dataset
-    from trainer.kerasapi import keras
-    from trainer.model import build_model, compile_model
+    from trainer.data.pipeline import make_dataset
+    from trainer.infra.kerasapi import keras
+    from trainer.train.model import build_model
+    from trainer.train.optimize import compile_model
 
     started = time.perf_counter()
     machine = common.describe_machine()
@@ -185,7 +186,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=common.positive_int, default=30, help="timed steps per fit")
     parser.add_argument("--skip_steps", type=common.positive_int, default=5,
                         help="untimed steps at the start of each fit")
-    parser.add_argument("--backbone", default="mobilenet_v2", help="trainer.model backbone (weights=None)")
+    parser.add_argument("--backbone", default="mobilenet_v2", help="trainer.train.model backbone (weights=None)")
     parser.add_argument("--image_size", type=common.positive_int, default=150)
     parser.add_argument("--batch_size", type=common.positive_int, default=64)
     parser.add_argument("--max_side", type=common.positive_int, default=None, help="prepare the shards with --max_side")

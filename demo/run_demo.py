@@ -54,8 +54,8 @@ def main():
     parser.add_argument("--output", default="demo_output", help="local folder for the results")
     options = parser.parse_args()
 
-    from trainer import storage
-    from trainer.localgcs import GCSServer
+    from trainer.infra import folders, storage
+    from trainer.infra.localgcs import GCSServer
 
     started = time.time()
     output = os.path.abspath(options.output)
@@ -70,7 +70,7 @@ def main():
         import fsspec
 
         fsspec.filesystem("gs", use_listings_cache=False).mkdir("demo")
-        storage.copy_tree(images, "gs://demo/images")
+        folders.copy_tree(images, "gs://demo/images")
         data, job = "gs://demo/data", "gs://demo/job"
         trainer("prepare", "--source=gs://demo/images", f"--output={data}", "--shard_size_mb=0.5")
         trainer("train", "--flagfile=configs/demo.flags", f"--data={data}/dataset.json", f"--job_dir={job}")
@@ -78,8 +78,8 @@ def main():
                 f"--output={job}/eval")
         trainer("predict", f"--model={job}/model", "--input=gs://demo/images/7/digit-00*.jpg",
                 f"--output={job}/predictions.csv")
-        storage.copy_tree(job, os.path.join(output, "job"))
-        storage.copy_tree(data, os.path.join(output, "data"))
+        folders.copy_tree(job, os.path.join(output, "job"))
+        folders.copy_tree(data, os.path.join(output, "data"))
         metrics = storage.read_json(os.path.join(output, "job", "eval", "metrics.json"))
     finally:
         server.stop()

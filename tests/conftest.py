@@ -22,7 +22,7 @@ def gcs_server():
     It honours generation preconditions, ranged reads and checksums. Starting it sets
     STORAGE_EMULATOR_HOST for this process and every subprocess a test starts.
     """
-    from trainer.localgcs import GCSServer
+    from trainer.infra.localgcs import GCSServer
 
     server = GCSServer().start()
     yield server.url

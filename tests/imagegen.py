@@ -1,4 +1,4 @@
-"""Generated test images, written to a local folder or any URL (gs://) through `trainer.storage`.
+"""Generated test images, written to a local folder or any URL (gs://) through `trainer.infra.storage`.
 
 Plain functions for every test that needs image files:
 
@@ -18,7 +18,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from trainer import storage
+from trainer.infra import storage
 
 LAYOUTS = ("class_dirs", "split_dirs", "filename_prefix")
 # fmt -> (file extension, what the file holds)

@@ -8,8 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from trainer import config, export, model
-from trainer.kerasapi import keras
+from trainer import config
+from trainer.infra.kerasapi import keras
+from trainer.serve.load import load_model
+from trainer.train import export, model, optimize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +88,7 @@ def test_headless_parameters_are_kerass_documented_figure_and_the_suggested_laye
 def test_one_of_each_family_has_its_documented_size_trains_a_step_and_unfreezes(backbone, size):
     classifier = model.build_model(backbone, 3, size, weights="none", head="avgpool", dense_units=8)
     check_base(backbone, classifier.get_layer("base"))
-    model.compile_model(classifier, 3, 1e-3)
+    optimize.compile_model(classifier, 3, 1e-3)
     images = np.random.default_rng(0).uniform(0, 255, (4, size, size, 3)).astype(np.float32)
     head_before = [weight.copy() for weight in classifier.get_layer("head").get_weights()]
     base_before = [weight.copy() for weight in classifier.get_layer("base").get_weights()]
@@ -104,7 +106,7 @@ def test_a_new_backbone_exports_and_serves_what_keras_predicts(tmp_path):
     classifier = model.build_model("mobilenet_v3_small", 2, 32, weights="none", head="avgpool", dense_units=8)
     images = np.random.default_rng(2).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
     export.export_model(classifier, ["a", "b"], 32, str(tmp_path / "model"), backbone="mobilenet_v3_small")
-    loaded, metadata = export.load_model(str(tmp_path / "model"))
+    loaded, metadata = load_model(str(tmp_path / "model"))
     scores = loaded.signatures["predict_images"](images=images)["probabilities"].numpy()
     np.testing.assert_allclose(scores[:, 1], classifier.predict(images, verbose=0)[:, 0], atol=1e-5)
     assert metadata["backbone"] == "mobilenet_v3_small"

@@ -16,10 +16,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from trainer import data, manifest, storage, tfrecord
-from trainer import records as records_lib
+from trainer.data import pipeline
+from trainer.data import records as records_lib
+from trainer.data.decode import decode_image
 from trainer.errors import UserError
-from trainer.images import decode_image
+from trainer.formats import manifest, tfrecord
+from trainer.infra import folders, storage
 
 CLASSES = ["cats", "dogs"]
 SIZE = 24
@@ -151,7 +153,7 @@ def write_json(path, value):
 
 
 def eval_dataset(location, split, batch_size=4, **options):
-    return data.make_dataset(location, split, SIZE, batch_size, training=False, **options)
+    return pipeline.make_dataset(location, split, SIZE, batch_size, training=False, **options)
 
 
 # --- the framing parser ----------------------------------------------------------------------------
@@ -204,20 +206,20 @@ def test_eval_yields_every_example_once_in_a_fixed_order(dataset):
 
 def test_training_shuffles_repeats_and_keeps_only_full_batches(dataset):
     folder, examples = dataset
-    once = data.make_dataset(folder, "train", SIZE, 6, training=True, seed=1, repeat=1)
+    once = pipeline.make_dataset(folder, "train", SIZE, 6, training=True, seed=1, repeat=1)
     images, labels, sizes = read_all(once)
     assert sizes == [6, 6, 6]  # 20 examples: the last 2 are dropped, not a short batch
-    assert once.options().autotune.enabled is False  # data.without_autotune: no stall when it is deleted
+    assert once.options().autotune.enabled is False  # pipeline.without_autotune: no stall when it is deleted
     found = identities(images)
     assert len(set(found)) == 18 and set(found) <= set(split_ids(examples, "train"))
     assert [examples[i]["label"] for i in found] == labels.tolist()
 
-    forever = data.make_dataset(folder, "train", SIZE, 6, training=True, seed=1, shuffle_buffer=10)
+    forever = pipeline.make_dataset(folder, "train", SIZE, 6, training=True, seed=1, shuffle_buffer=10)
     images, _, sizes = read_all(forever.take(10))
     assert sizes == [6] * 10  # 60 examples out of 20: it repeats
     assert set(identities(images)) <= set(split_ids(examples, "train"))
 
-    augmented = data.make_dataset(folder, "train", SIZE, 5, training=True, augment=True, seed=2, repeat=1)
+    augmented = pipeline.make_dataset(folder, "train", SIZE, 5, training=True, augment=True, seed=2, repeat=1)
     images, _, sizes = read_all(augmented)
     assert sizes == [5] * 4
     assert images.min() >= 0 and images.max() <= 255
@@ -229,9 +231,9 @@ def test_augmentation_draws_anew_every_epoch(dataset):
     # One shard and no shuffling: both epochs see the images in the same order. Seeded random ops
     # inside a per-shard pipeline would replay the same draws each time the shard is opened.
     folder, _ = dataset
-    augmented = data.make_dataset(folder, "test", SIZE, 5, training=True, augment=True, seed=7, shuffle_buffer=1,
+    augmented = pipeline.make_dataset(folder, "test", SIZE, 5, training=True, augment=True, seed=7, shuffle_buffer=1,
                                   repeat=2)
-    plain = data.make_dataset(folder, "test", SIZE, 5, training=True, seed=7, shuffle_buffer=1, repeat=2)
+    plain = pipeline.make_dataset(folder, "test", SIZE, 5, training=True, seed=7, shuffle_buffer=1, repeat=2)
     first, second = read_all(augmented)[0].reshape(2, 5, -1)
     plain_first, plain_second = read_all(plain)[0].reshape(2, 5, -1)
     np.testing.assert_array_equal(plain_first, plain_second)  # same order, same images
@@ -244,8 +246,8 @@ def test_input_pipelines_together_cover_every_example_once(dataset, split, pipel
     # train: 4 shards, divided by file; test: 1 shard and val: 2 shards < 3 pipelines, by record.
     folder, examples = dataset
     seen = []
-    for pipeline in range(pipelines):
-        context = tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=pipeline,
+    for pipeline_id in range(pipelines):
+        context = tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=pipeline_id,
                                              num_replicas_in_sync=pipelines)
         found = identities(read_all(eval_dataset(folder, split, batch_size=2, input_context=context))[0])
         assert found
@@ -256,14 +258,14 @@ def test_input_pipelines_together_cover_every_example_once(dataset, split, pipel
 def test_gcs_and_local_copies_yield_the_same_examples(dataset, gcs_bucket):
     folder, examples = dataset
     remote = storage.join(gcs_bucket, "data")
-    storage.copy_tree(folder, remote)
+    folders.copy_tree(folder, remote)
     assert not storage.tensorflow_can_read(remote)  # the emulator is reached through fsspec
     for split in ("train", "val"):
         local_images, local_labels, _ = read_all(eval_dataset(folder, split))
         remote_images, remote_labels, _ = read_all(eval_dataset(storage.join(remote, "dataset.json"), split))
         np.testing.assert_array_equal(local_images, remote_images)
         np.testing.assert_array_equal(local_labels, remote_labels)
-    training = data.make_dataset(remote, "train", SIZE, 8, training=True, seed=3)
+    training = pipeline.make_dataset(remote, "train", SIZE, 8, training=True, seed=3)
     images, labels, sizes = read_all(training.take(3))
     assert sizes == [8, 8, 8]
     assert [examples[i]["label"] for i in identities(images)] == labels.tolist()
@@ -279,7 +281,7 @@ def flipped(request, dataset, tmp_path):
     flip_byte(os.path.join(folder, "train-00002-of-00004.tfrecord"), 1)
     if request.param == "gcs":
         bucket = request.getfixturevalue("gcs_bucket")
-        storage.copy_tree(folder, storage.join(bucket, "data"))
+        folders.copy_tree(folder, storage.join(bucket, "data"))
         folder = storage.join(bucket, "data")
     return folder
 
@@ -289,7 +291,7 @@ def test_flipped_shard_fails_naming_the_shard(flipped):
     with pytest.raises(tf.errors.OpError, match=f"shard {shard} record 1 .* data checksum mismatch"):
         read_all(eval_dataset(flipped, "train"))
     with pytest.raises(UserError, match=f"^shard {shard} record 1 .* --skip_corrupt_shards"):
-        with data.translate_errors():
+        with pipeline.translate_errors():
             read_all(eval_dataset(flipped, "train"))
 
 
@@ -312,8 +314,8 @@ def test_flipped_shard_fails_naming_the_shard_in_training_too(flipped):
     # partial batch, which training drops, but only after checking it.
     shard = storage.join(flipped, "train-00002-of-00004.tfrecord")
     with pytest.raises(UserError, match=f"^shard {shard} record 1 .* data checksum mismatch"):
-        with data.translate_errors():
-            read_all(data.make_dataset(flipped, "train", SIZE, 18, training=True, seed=4, repeat=1))
+        with pipeline.translate_errors():
+            read_all(pipeline.make_dataset(flipped, "train", SIZE, 18, training=True, seed=4, repeat=1))
 
 
 def test_shard_truncated_at_a_record_boundary_fails_on_the_manifest(dataset, tmp_path):
@@ -331,7 +333,7 @@ def test_undecodable_image_fails_naming_the_file_and_is_never_blank(tmp_path):
     examples = write_dataset(folder, broken_image=22, wrong_label=29)  # val 20-26, test 27-31
     name = examples[22]["filename"]
     with pytest.raises(UserError, match=f"image '{name}' .* does not decode"):
-        with data.translate_errors():
+        with pipeline.translate_errors():
             read_all(eval_dataset(folder, "val", batch_size=1))
     damage = records_lib.DamageReport()
     pixels, _, _ = read_all(eval_dataset(folder, "val", skip_corrupt_shards=True, damage=damage))
@@ -342,7 +344,7 @@ def test_undecodable_image_fails_naming_the_file_and_is_never_blank(tmp_path):
 
     # A label outside the classes would only fail later, in the loss: it is named here instead.
     with pytest.raises(UserError, match=f"{examples[29]['filename']} .* has label \\[7\\], not one of 0..1"):
-        with data.translate_errors():
+        with pipeline.translate_errors():
             read_all(eval_dataset(folder, "test"))
     images, _, _ = read_all(eval_dataset(folder, "test", skip_corrupt_shards=True))
     assert sorted(identities(images)) == [27, 28, 30, 31]
@@ -409,7 +411,7 @@ def test_decode_image_scales_large_jpegs_while_decoding_and_small_ones_exactly()
 def test_max_side_shards_decode_exactly_as_serving_does(tmp_path):
     # Shards prepared with --max_side under 2 x the image size skip choosing a JPEG decode scale:
     # the pixels must still be exactly those of decode_image, which serving uses.
-    from trainer.prepare import prepare_dataset
+    from trainer.prepare.run import prepare_dataset
 
     source = tmp_path / "images"
     for split in ("train", "val", "test"):
@@ -424,7 +426,7 @@ def test_max_side_shards_decode_exactly_as_serving_does(tmp_path):
     dataset_manifest = manifest.load_manifest(location)
     size = 40
     assert dataset_manifest["max_side"] == 60 < 2 * size
-    images, _, _ = read_all(data.make_dataset(output, "train", size, 4, training=False), size)
+    images, _, _ = read_all(pipeline.make_dataset(output, "train", size, 4, training=False), size)
     [(shard, _, _)] = manifest.list_shards(dataset_manifest, "train", location)
     encoded = [tf.train.Example.FromString(record.numpy()).features.feature["image/encoded"].bytes_list.value[0]
                for record in tf.data.TFRecordDataset(shard)]

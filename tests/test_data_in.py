@@ -10,8 +10,9 @@ import imagegen
 import pytest
 from conftest import run_trainer
 
-from trainer import prepare, storage
 from trainer.errors import UserError
+from trainer.infra import storage
+from trainer.prepare import run as prepare
 
 
 def records_by_split(output):
@@ -185,7 +186,7 @@ def test_identical_files_land_in_one_split_and_are_counted(tmp_path):
     for copy, original in copies.items():
         assert split_of[copy] == split_of[original], (copy, original)
     # Planted across what would be different splits: by path (schema 1's rule) some pairs split.
-    from trainer import plan
+    from trainer.prepare import plan
 
     assert any(plan.assign_split(copy, 0.15, 0.15) != plan.assign_split(original, 0.15, 0.15)
                for copy, original in copies.items())
@@ -277,7 +278,7 @@ def test_flat_names_without_a_class_prefix_are_skipped_not_classes(tmp_path):
 
 
 def test_check_classes_directly():
-    from trainer import plan
+    from trainer.prepare import plan
 
     files = [plan.SourceFile(f"{c}/{i}", "", 1, c, "train", str(i)) for c in ("a", "b") for i in range(6)]
     assert plan.check_classes(files, ["a", "b"]) == []

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from trainer import distribute
 from trainer.errors import UserError
+from trainer.train import distribute
 
 
 def test_single_machine_has_no_cluster():
@@ -88,19 +88,20 @@ def test_plain_job_without_trainer_env_is_single_machine():
 def test_input_pipelines_and_per_replica_datasets_run_without_tf_data_autotuning(tmp_path):
     """In TensorFlow 2.21 deleting an autotuned iterator waits out its autotuning thread's sleep
     (up to 60 s, at the end of every fit): our pipelines turn autotuning off, and so do the small
-    datasets tf.distribute feeds each replica from (wrapped in trainer.distribute; this fails if a
+    datasets tf.distribute feeds each replica from (wrapped in trainer.train.distribute; this fails if a
     TensorFlow upgrade moves what is wrapped)."""
     import numpy as np
     import tensorflow as tf
 
-    from trainer import data, featurecache
+    from trainer.data import pipeline
+    from trainer.train import featurecache
 
     paths = (str(tmp_path / "features.npy"), str(tmp_path / "labels.npy"))
     np.save(paths[0], np.zeros([8, 3], np.float32))
     np.save(paths[1], np.arange(8, dtype=np.int32))
     cached = featurecache.cached_dataset(paths, 2, training=True, seed=0)
     assert cached.options().autotune.enabled is False
-    assert data.without_autotune(tf.data.Dataset.range(3)).options().autotune.enabled is False
+    assert pipeline.without_autotune(tf.data.Dataset.range(3)).options().autotune.enabled is False
 
     strategy, _ = distribute.make_strategy("mirrored")
     iterator = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.range(8).batch(2)))

@@ -15,7 +15,7 @@ import pytest
 from conftest import run_trainer
 from jobs import CLASSES, write_stripes
 
-from trainer import storage
+from trainer.infra import folders, storage
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_job_dir_holds_config_history_tensorboard_and_model(trained_job):
     assert [e["epoch"] for e in phases["head"]] == [1, 2]
     assert [e["epoch"] for e in phases["fine_tune"]] == [1, 2]
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(phases["fine_tune"][-1])
-    files = [name for name, _ in storage.list_files(job)]
+    files = [name for name, _ in folders.list_files(job)]
     assert any(name.startswith("tensorboard/") for name in files)
     assert "model/saved_model.pb" in files and "model/metadata.json" in files
     assert "DONE" in files
@@ -82,13 +82,13 @@ def test_evaluate_counts_every_test_example(trained_job):
     metrics = storage.read_json(f"{job}/eval/metrics.json")
     assert metrics["examples"] == manifest["splits"]["test"]["count"] > 0
     assert metrics["accuracy"] > 0.7, metrics  # stripes are easy: the model must have learned
-    files = {name for name, _ in storage.list_files(f"{job}/eval")}
+    files = {name for name, _ in folders.list_files(f"{job}/eval")}
     assert {"confusion_matrix.png", "roc_curve.png", "pr_curve.png", "training_curves.png"} <= files
 
 
 def test_export_scores_jpeg_bytes_in_a_process_without_trainer(trained_job, tmp_path):
     model_dir = tmp_path / "model"
-    storage.copy_tree(f"{trained_job['job']}/model", str(model_dir))
+    folders.copy_tree(f"{trained_job['job']}/model", str(model_dir))
     image = sorted((trained_job["images"] / "vertical").iterdir())[0]
     script = (
         "import json, sys, tensorflow as tf\n"

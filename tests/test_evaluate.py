@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import evaluate, gate, report, storage
 from trainer.errors import UserError
+from trainer.evaluate import gate, pictures, scoring
+from trainer.evaluate import metrics as metrics_lib
+from trainer.evaluate import run as evaluate
+from trainer.infra import folders, storage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -33,7 +36,7 @@ def binary_probabilities(positive):
 
 def test_perfect_binary_classifier():
     labels = [0, 1, 1, 0]
-    metrics = evaluate.compute_metrics(labels, one_hot_probabilities(labels, 2), ["cats", "dogs"])
+    metrics = metrics_lib.compute_metrics(labels, one_hot_probabilities(labels, 2), ["cats", "dogs"])
 
     assert metrics["examples"] == 4
     assert metrics["accuracy"] == 1.0
@@ -51,7 +54,7 @@ def test_perfect_binary_classifier():
 def test_known_confusion_matrix():
     labels = [0, 0, 0, 1, 1]
     predictions = [0, 0, 1, 1, 0]
-    metrics = evaluate.compute_metrics(labels, one_hot_probabilities(predictions, 2), ["cats", "dogs"])
+    metrics = metrics_lib.compute_metrics(labels, one_hot_probabilities(predictions, 2), ["cats", "dogs"])
 
     assert metrics["confusion_matrix"] == [[2, 1], [1, 1]]  # rows true, columns predicted
     assert metrics["accuracy"] == pytest.approx(3 / 5)
@@ -67,7 +70,7 @@ def test_known_confusion_matrix():
 def test_three_classes_have_no_aucs():
     labels = [0, 1, 2, 2]
     probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.2, 0.6], [0.0, 0.5, 0.5]])
-    metrics = evaluate.compute_metrics(labels, probabilities, ["a", "b", "c"])
+    metrics = metrics_lib.compute_metrics(labels, probabilities, ["a", "b", "c"])
 
     # The last row ties b and c: argmax takes the first, b.
     assert metrics["confusion_matrix"] == [[1, 0, 0], [0, 0, 1], [0, 1, 1]]
@@ -80,7 +83,7 @@ def test_three_classes_have_no_aucs():
 
 def test_auc_of_a_known_ranking():
     # scikit-learn's documented example: one of the four positive-negative pairs is out of order.
-    metrics = evaluate.compute_metrics([0, 0, 1, 1], binary_probabilities([0.1, 0.4, 0.35, 0.8]),
+    metrics = metrics_lib.compute_metrics([0, 0, 1, 1], binary_probabilities([0.1, 0.4, 0.35, 0.8]),
                                        ["no", "yes"])
 
     assert metrics["roc_auc"] == pytest.approx(0.75)
@@ -92,23 +95,23 @@ def test_auc_of_a_known_ranking():
 
 
 def test_one_class_present_leaves_aucs_undefined():
-    metrics = evaluate.compute_metrics([1, 1], binary_probabilities([0.8, 0.3]), ["no", "yes"])
+    metrics = metrics_lib.compute_metrics([1, 1], binary_probabilities([0.8, 0.3]), ["no", "yes"])
 
     assert metrics["roc_auc"] is None and metrics["pr_auc"] is None
     assert metrics["accuracy"] == 0.5
 
 
 def test_loss_is_clipped_like_keras():
-    metrics = evaluate.compute_metrics([1], binary_probabilities([0.0]), ["no", "yes"])
+    metrics = metrics_lib.compute_metrics([1], binary_probabilities([0.0]), ["no", "yes"])
 
-    assert metrics["loss"] == pytest.approx(-math.log(evaluate.EPSILON))
+    assert metrics["loss"] == pytest.approx(-math.log(metrics_lib.EPSILON))
 
 
 def test_rejects_mismatched_shapes_and_labels():
     with pytest.raises(ValueError, match="probabilities"):
-        evaluate.compute_metrics([0, 1], np.ones((2, 3)) / 3, ["a", "b"])
+        metrics_lib.compute_metrics([0, 1], np.ones((2, 3)) / 3, ["a", "b"])
     with pytest.raises(ValueError, match="labels"):
-        evaluate.compute_metrics([0, 2], binary_probabilities([0.1, 0.9]), ["a", "b"])
+        metrics_lib.compute_metrics([0, 2], binary_probabilities([0.1, 0.9]), ["a", "b"])
 
 
 # ---------------------------------------------------------------- pictures
@@ -138,10 +141,10 @@ def test_binary_pictures_are_real_pngs(tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 60)
     positive = np.clip(0.35 * labels + 0.65 * rng.random(60), 0, 1)
-    metrics = {"split": "test", **evaluate.compute_metrics(labels, binary_probabilities(positive),
+    metrics = {"split": "test", **metrics_lib.compute_metrics(labels, binary_probabilities(positive),
                                                            ["cats", "dogs"])}
 
-    urls = report.write_pictures(metrics, str(tmp_path / "eval"), history=HISTORY)
+    urls = pictures.write_pictures(str(tmp_path / "eval"), pictures.draw_pictures(metrics, history=HISTORY))
 
     names = [os.path.basename(url) for url in urls]
     assert names == ["confusion_matrix.png", "roc_curve.png", "pr_curve.png", "training_curves.png"]
@@ -154,22 +157,21 @@ def test_binary_pictures_are_real_pngs(tmp_path):
 def test_many_classes_get_a_larger_confusion_matrix(tmp_path):
     names = [f"class_{i:02d}" for i in range(20)]
     labels = np.arange(200) % 20
-    metrics = evaluate.compute_metrics(labels, one_hot_probabilities(labels[::-1], 20), names)
+    metrics = metrics_lib.compute_metrics(labels, one_hot_probabilities(labels[::-1], 20), names)
 
-    small = report.write_pictures(
-        evaluate.compute_metrics([0, 1, 2], one_hot_probabilities([0, 1, 2], 3), ["a", "b", "c"]),
-        str(tmp_path / "three"))
-    large = report.write_pictures(metrics, str(tmp_path / "twenty"))
+    small = pictures.write_pictures(str(tmp_path / "three"), pictures.draw_pictures(
+        metrics_lib.compute_metrics([0, 1, 2], one_hot_probabilities([0, 1, 2], 3), ["a", "b", "c"])))
+    large = pictures.write_pictures(str(tmp_path / "twenty"), pictures.draw_pictures(metrics))
 
     assert [os.path.basename(url) for url in small] == ["confusion_matrix.png"]  # no ROC for 3
     assert assert_png(large[0])[0] > 1.5 * assert_png(small[0])[0]
 
 
 def test_history_without_epochs_draws_no_training_curves(tmp_path):
-    metrics = evaluate.compute_metrics([0, 1], binary_probabilities([0.2, 0.9]), ["a", "b"])
+    metrics = metrics_lib.compute_metrics([0, 1], binary_probabilities([0.2, 0.9]), ["a", "b"])
     history = {"phases": [{"name": "head", "epochs": []}]}
 
-    urls = report.write_pictures(metrics, str(tmp_path), history=history)
+    urls = pictures.write_pictures(str(tmp_path), pictures.draw_pictures(metrics, history=history))
 
     assert "training_curves.png" not in [os.path.basename(url) for url in urls]
 
@@ -192,7 +194,7 @@ def fake_batches(pixel_values, labels, batch_size):
 def test_score_collects_every_batch_in_order():
     batches = fake_batches([0, 255, 51, 204, 255], [0, 1, 0, 1, 1], batch_size=2)
 
-    labels, probabilities = evaluate.score(fake_predict, batches, expected_examples=5, batch_size=2)
+    labels, probabilities = scoring.score(fake_predict, batches, expected_examples=5, batch_size=2)
 
     assert labels.tolist() == [0, 1, 0, 1, 1]
     assert probabilities[:, 1] == pytest.approx([0.0, 1.0, 0.2, 0.8, 1.0])
@@ -202,7 +204,7 @@ def test_score_refuses_a_shortfall():
     batches = fake_batches([0, 255, 51], [0, 1, 0], batch_size=2)
 
     with pytest.raises(UserError, match="scored 3 examples but the manifest lists 4"):
-        evaluate.score(fake_predict, batches, expected_examples=4, batch_size=2)
+        scoring.score(fake_predict, batches, expected_examples=4, batch_size=2)
 
 
 def test_history_defaults_to_the_job_dir(tmp_path):
@@ -218,10 +220,10 @@ def test_history_defaults_to_the_job_dir(tmp_path):
 
 def test_baseline_must_exist_and_hold_an_accuracy(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        evaluate.read_baseline(str(tmp_path / "missing.json"))
+        gate.read_metrics(str(tmp_path / "missing.json"), "--baseline")
     storage.write_json(str(tmp_path / "other.json"), {"loss": 0.1})
     with pytest.raises(UserError, match="accuracy"):
-        evaluate.read_baseline(str(tmp_path / "other.json"))
+        gate.read_metrics(str(tmp_path / "other.json"), "--baseline")
 
 
 def test_check_gate():
@@ -234,10 +236,10 @@ def test_check_gate():
 
 
 def test_summary_has_a_row_per_class():
-    metrics = {"split": "val", **evaluate.compute_metrics(
+    metrics = {"split": "val", **metrics_lib.compute_metrics(
         [0, 1, 2], one_hot_probabilities([0, 1, 1], 3), ["ants", "bees", "wasps"])}
 
-    lines = evaluate.format_summary(metrics).splitlines()
+    lines = metrics_lib.format_summary(metrics).splitlines()
 
     assert lines[0].startswith("val split: 3 examples, accuracy 0.6667")
     assert [line.split()[0] for line in lines[2:]] == ["ants", "bees", "wasps"]
@@ -309,8 +311,8 @@ def write_dataset(folder, examples, num_shards=2):
 def export_brightness_model(model_url, classes=CLASSES, bias=-5.0):
     """Exports, with the real export code, a model whose P(dogs) = sigmoid(10 mean/255 + bias)
     (the default: sigmoid(10 (mean/255 - 0.5)))."""
-    from trainer import export
-    from trainer.kerasapi import keras
+    from trainer.infra.kerasapi import keras
+    from trainer.train import export
 
     model = keras.Sequential([keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)),
                               keras.layers.GlobalAveragePooling2D(),
@@ -345,7 +347,7 @@ def last_line(result):
 
 def test_passing_gate_writes_the_report_to_the_gcs_server(job, gcs_bucket):
     data = f"{gcs_bucket}/data"
-    storage.copy_tree(os.path.dirname(job["data"]), data)
+    folders.copy_tree(os.path.dirname(job["data"]), data)
     output = f"{gcs_bucket}/eval"
     result = evaluate_command({**job, "data": f"{data}/dataset.json"}, output, "--min_accuracy=0.8",
                               f"--baseline={job['baseline']}", "--tolerance=0.05")
@@ -422,7 +424,7 @@ def test_compare_promotes_unless_significantly_worse_and_guards_each_class():
 
 
 def test_evaluate_with_production_scores_both_models_on_the_same_examples(job, tmp_path):
-    from trainer import promote
+    from trainer.release import promote
 
     production = str(tmp_path / "production")
     champion = tmp_path / "champion"
@@ -435,7 +437,7 @@ def test_evaluate_with_production_scores_both_models_on_the_same_examples(job, t
     assert result.returncode == 0, result.stderr[-3000:]
     comparison = storage.read_json(str(candidate_eval / "metrics.json"))["comparison"]
     assert comparison["production"]["version"] == version
-    assert comparison["production"]["model_id"] == storage.tree_digest(str(champion / "model"))
+    assert comparison["production"]["model_id"] == folders.tree_digest(str(champion / "model"))
     assert comparison["examples"] == len(TEST_EXAMPLES)
     assert comparison["candidate_accuracy"] == pytest.approx(ACCURACY)
     assert 0 <= comparison["p_value"] <= 1 and comparison["passed"]
@@ -443,8 +445,8 @@ def test_evaluate_with_production_scores_both_models_on_the_same_examples(job, t
 
     # The decision reaches promote through metrics.json, tied to the model it evaluated.
     candidate = tmp_path / "candidate"
-    storage.copy_tree(job["model"], str(candidate / "model"))
-    storage.copy_tree(str(candidate_eval), str(candidate / "eval"))
+    folders.copy_tree(job["model"], str(candidate / "model"))
+    folders.copy_tree(str(candidate_eval), str(candidate / "eval"))
     assert promote.promote(str(candidate), production) != version
 
 
@@ -454,7 +456,7 @@ def test_calibration_error_of_known_predictions():
     # Two bins used: confidence 0.9 with 80% right (gap 0.1), and 0.6 with 60% right (gap 0).
     probabilities = [[0.9, 0.1]] * 10 + [[0.4, 0.6]] * 10
     labels = [0] * 8 + [1] * 2 + [1] * 6 + [0] * 4
-    result = report.calibration(labels, probabilities, bins=10)
+    result = metrics_lib.calibration(labels, probabilities, bins=10)
     assert result["ece"] == pytest.approx(0.5 * 0.1 + 0.5 * 0.0)
     filled = [row for row in result["bins"] if row["count"]]
     assert [(row["count"], row["accuracy"]) for row in filled] == [(10, pytest.approx(0.6)), (10, pytest.approx(0.8))]
@@ -464,13 +466,13 @@ def test_long_names_sharing_a_prefix_stay_apart_and_cjk_names_render():
     import warnings
 
     names = ["golden_retriever_puppy_indoor", "golden_retriever_puppy_outdoor", "猫", "小狗", "강아지"]
-    shown = report.readable_names(names)
+    shown = pictures.readable_names(names)
     assert len(set(shown)) == 5 and all(len(name) <= 18 for name in shown)
-    metrics = evaluate.compute_metrics([0, 1, 2, 3, 4], np.eye(5), names)
-    metrics["calibration"] = report.calibration([0, 1, 2, 3, 4], np.eye(5))
+    metrics = metrics_lib.compute_metrics([0, 1, 2, 3, 4], np.eye(5), names)
+    metrics["calibration"] = metrics_lib.calibration([0, 1, 2, 3, 4], np.eye(5))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report.write_pictures(metrics, "/tmp/unused-cjk-report", mistakes=[])
+        pictures.draw_pictures(metrics, mistakes=[])
     assert not [w for w in caught if "missing from font" in str(w.message)], [str(w.message) for w in caught]
 
 
@@ -512,7 +514,7 @@ def test_report_html_renders_in_headless_chromium_with_every_picture(job, tmp_pa
 
 
 def test_confident_mistakes_keeps_the_most_confident_wrong_predictions_with_their_pixels():
-    mistakes = report.ConfidentMistakes(limit=2)
+    mistakes = scoring.ConfidentMistakes(limit=2)
     images = np.stack([np.full((4, 4, 3), value, np.float32) for value in (10, 20, 30)])
     mistakes.add(images, [0, 0, 1], [[0.2, 0.8], [0.4, 0.6], [0.1, 0.9]])  # two wrong: p 0.8, 0.6
     mistakes.add(images[:1] + 90, [1], [[0.95, 0.05]])  # wrong with p 0.95, the 4th example

@@ -1,4 +1,4 @@
-"""trainer.export: the SavedModel serves encoded bytes in a fresh process, locally and from gs://."""
+"""trainer.train.export: the SavedModel serves encoded bytes in a fresh process, locally and from gs://."""
 
 import json
 import subprocess
@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import export, model, storage
+from trainer.data.decode import decode_image
 from trainer.errors import UserError
-from trainer.images import decode_image
+from trainer.infra import storage
+from trainer.serve.load import load_model
+from trainer.train import export, model
 
 IMAGE_SIZE = 32
 
@@ -84,7 +86,7 @@ def test_export_of_many_classes_and_predict_images_signature(tmp_path):
     names = ["apple", "banana", "cherry"]
     export_dir = str(tmp_path / "model")
     export.export_model(classifier, names, IMAGE_SIZE, export_dir, backbone="tiny")
-    loaded, metadata = export.load_model(export_dir)
+    loaded, metadata = load_model(export_dir)
     assert metadata["classes"] == names and metadata["num_classes"] == 3
 
     images = np.random.RandomState(2).uniform(0, 255, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
@@ -108,7 +110,7 @@ def test_export_to_gcs_and_load_from_there(tmp_path, gcs_bucket):
     assert storage.exists(f"{url}/variables/variables.index")
     assert storage.read_json(f"{url}/metadata.json")["classes"] == ["cats", "dogs"]
 
-    loaded, metadata = export.load_model(url)
+    loaded, metadata = load_model(url)
     assert metadata["image_size"] == IMAGE_SIZE
     blobs = list(encoded_images().values())
     served = loaded.signatures["serving_default"](image_bytes=tf.constant(blobs))
@@ -118,7 +120,7 @@ def test_export_to_gcs_and_load_from_there(tmp_path, gcs_bucket):
     # Exporting again over the same folder replaces the model.
     retrained = make_classifier(2, seed=4)
     export.export_model(retrained, ["cats", "dogs"], IMAGE_SIZE, url, backbone="tiny")
-    loaded, _ = export.load_model(url)
+    loaded, _ = load_model(url)
     served = loaded.signatures["serving_default"](image_bytes=tf.constant(blobs))
     np.testing.assert_allclose(served["probabilities"].numpy()[:, 1],
                                keras_probabilities(retrained, blobs)[:, 0], atol=1e-4)
@@ -126,12 +128,12 @@ def test_export_to_gcs_and_load_from_there(tmp_path, gcs_bucket):
 
 def test_load_model_of_a_missing_or_unfinished_export_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no exported model at"):
-        export.load_model(str(tmp_path / "nowhere"))
+        load_model(str(tmp_path / "nowhere"))
     export_dir = str(tmp_path / "model")
     export.export_model(make_classifier(2), ["a", "b"], IMAGE_SIZE, export_dir)
     storage.remove(storage.join(export_dir, "metadata.json"))
     with pytest.raises(UserError, match="metadata.json"):
-        export.load_model(export_dir)
+        load_model(export_dir)
 
 
 def test_export_refuses_a_model_that_does_not_match_the_classes(tmp_path):

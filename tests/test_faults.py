@@ -16,7 +16,7 @@ from conftest import run_trainer
 from faultproxy import FaultProxy
 from jobs import TINY_JOB, write_stripes
 
-from trainer import storage
+from trainer.infra import folders
 
 HANG = 600  # seconds: a command still running after this is hung (the documented bound is far less)
 FAST_STORAGE = {"TRAINER_STORAGE_TIMEOUT_SECONDS": "2"}
@@ -31,7 +31,7 @@ def stored(tmp_path_factory, gcs_server):
     write_stripes(str(local / "images"), per_class=20)
     bucket = "gs://faults"
     fsspec.filesystem("gs", use_listings_cache=False).mkdir("faults")
-    storage.copy_tree(str(local / "images"), f"{bucket}/images")
+    folders.copy_tree(str(local / "images"), f"{bucket}/images")
     run_trainer("prepare", f"--source={bucket}/images", f"--output={bucket}/data", "--num_shards=2",
                 "--workers=1", check=True)
     run_trainer("train", f"--data={bucket}/data/dataset.json", f"--job_dir={bucket}/job", *TINY_JOB,

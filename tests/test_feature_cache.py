@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 from jobs import prepare_stripes
 
-from trainer import data, featurecache, jobdir, manifest, model, storage
+from trainer.data import pipeline
+from trainer.formats import jobdir, manifest
+from trainer.infra import storage
+from trainer.train import featurecache, model
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def test_head_on_cached_features_predicts_what_the_full_model_predicts(manifest_
     paths = extract(classifier, job, manifest_url, count, str(tmp_path / "scratch"))
     cached = featurecache.cached_dataset(paths, batch_size=8, training=False, seed=0)
     from_cache = classifier.get_layer("head").predict(cached, verbose=0)
-    images = data.make_dataset(manifest_url, "val", 32, 8, training=False)
+    images = pipeline.make_dataset(manifest_url, "val", 32, 8, training=False)
     from_images = classifier.predict(images, verbose=0)
     assert from_cache.shape == from_images.shape == (count, 1)
     np.testing.assert_allclose(from_cache, from_images, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_trainer
 from jobs import TINY_JOB, prepare_stripes, start_trainer, wait_until, write_stripes
 
-from trainer import storage
+from trainer.infra import storage
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +145,8 @@ def test_a_full_disk_is_one_line_and_exit_1(dataset, tmp_path):
 def test_the_lease_admits_restarts_of_its_run_and_expired_holders_only(tmp_path):
     import time
 
-    from trainer import jobdir
     from trainer.errors import UserError
+    from trainer.formats import jobdir
 
     job = jobdir.JobDir(str(tmp_path))
     lease_file = tmp_path / "LEASE"

@@ -20,7 +20,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from trainer import distribute, errors
+from trainer import errors
+from trainer.train import distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K8S = os.path.join(ROOT, "k8s")

@@ -1,11 +1,12 @@
-"""trainer.model: the seed's parameter counts, backbones, preprocessing inside, weights, head, fine-tuning."""
+"""trainer.train.model: the seed's parameter counts, backbones, preprocessing inside, weights, head, fine-tuning."""
 
 import numpy as np
 import pytest
 
-from trainer import model, storage
 from trainer.errors import UserError
-from trainer.kerasapi import keras
+from trainer.infra import storage
+from trainer.infra.kerasapi import keras
+from trainer.train import model, optimize
 
 
 def random_images(size, count=2, seed=0):
@@ -174,7 +175,7 @@ def test_binary_accuracy_compares_int_labels_with_the_sigmoid_column():
     inputs = keras.Input((1,))
     fixed = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(inputs))
     fixed.set_weights([np.array([[1.0]], "float32"), np.array([0.0], "float32")])
-    model.compile_model(fixed, 2, learning_rate=1e-3)
+    optimize.compile_model(fixed, 2, learning_rate=1e-3)
     features = np.array([[-10.0], [10.0], [10.0], [-10.0]], "float32")
     labels = np.array([0, 1, 0, 0], "int32")
     results = fixed.evaluate(features, labels, verbose=0, return_dict=True)
@@ -183,7 +184,7 @@ def test_binary_accuracy_compares_int_labels_with_the_sigmoid_column():
 
 def test_sparse_accuracy_for_more_classes():
     classifier = model.build_model("tiny", 3, 16, weights=None, head="avgpool", dense_units=0, dropout=0)
-    model.compile_model(classifier, 3, learning_rate=1e-3)
+    optimize.compile_model(classifier, 3, learning_rate=1e-3)
     images = random_images(16, count=6)
     predicted = classifier.predict(images, verbose=0).argmax(axis=1)
     labels = predicted.astype("int32")

@@ -11,8 +11,8 @@ import signal
 import pytest
 from jobs import TINY_JOB, fingerprints, free_ports, optimizer_steps, prepare_stripes, start_trainer, wait_until
 
-from trainer import storage
 from trainer.errors import EXIT_RETRYABLE
+from trainer.infra import folders, storage
 
 BATCH = 8
 
@@ -66,7 +66,7 @@ def test_keras_fits_under_multi_worker_mirrored_strategy(dataset, gcs_bucket, tm
     assert optimizer_steps(logs[0]) == {"head": 2 * dataset["steps"], "fine_tune": dataset["steps"]}
     assert "2 worker(s), 2 replicas in sync; global batch 8 = 4 per replica" in logs[0]
     # The chief exported once; the other worker left nothing in job_dir.
-    files = [name for name, _ in storage.list_files(job_dir)]
+    files = [name for name, _ in folders.list_files(job_dir)]
     assert "model/saved_model.pb" in files and "DONE" in files
     assert not [name for name in files if "worker" in name or "tmp" in name.lower()], files
 
@@ -103,9 +103,9 @@ def test_vertex_chief_and_worker_train_with_the_vertex_folders(dataset, gcs_buck
     job_dir = f"{base}/checkpoints"  # --job_dir defaults to AIP_CHECKPOINT_DIR
     assert storage.exists(f"{job_dir}/DONE")
     # The chief's export, copied where Vertex looks for it, and the event files for Vertex TensorBoard.
-    exported = dict(storage.list_files(f"{job_dir}/model"))
-    assert dict(storage.list_files(f"{base}/model")) == exported and "saved_model.pb" in exported
-    assert any(name.startswith("head/") for name, _ in storage.list_files(f"{base}/logs"))
+    exported = dict(folders.list_files(f"{job_dir}/model"))
+    assert dict(folders.list_files(f"{base}/model")) == exported and "saved_model.pb" in exported
+    assert any(name.startswith("head/") for name, _ in folders.list_files(f"{base}/logs"))
 
 
 def test_lost_worker_then_restart_of_both_completes(dataset, gcs_bucket, tmp_path):
@@ -148,7 +148,7 @@ def part_files(job_dir, split):
     import numpy as np
 
     parts = {}
-    for name, _ in storage.list_files(f"{job_dir}/features/{split}"):
+    for name, _ in folders.list_files(f"{job_dir}/features/{split}"):
         if name.endswith("/COMPLETE"):
             folder = name.rsplit("/", 1)[0]
             worker = int(folder.split("-")[1])
@@ -205,7 +205,7 @@ def test_feature_cache_across_two_workers_holds_every_example_once_and_resumes(d
     assert optimizer_steps(texts[0]) == optimizer_steps(texts[1]) == {"head": epochs * dataset["steps"]}
     assert fingerprints(texts[0]) == fingerprints(texts[1])
     # Only the chief wrote shared files; the parts went with the completed head phase.
-    files = [name for name, _ in storage.list_files(job_dir)]
+    files = [name for name, _ in folders.list_files(job_dir)]
     assert "DONE" in files and not [name for name in files if name.startswith("features/")]
 
 

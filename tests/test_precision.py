@@ -8,7 +8,7 @@ import pytest
 from conftest import run_trainer
 from jobs import TINY_JOB, prepare_stripes
 
-from trainer import storage
+from trainer.infra import storage
 
 
 @pytest.fixture(scope="module")

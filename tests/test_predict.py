@@ -9,10 +9,12 @@ import tensorflow as tf
 from conftest import run_trainer
 from PIL import Image
 
-from trainer import encode as prepare_encode
-from trainer import export, model, predict, storage
+from trainer.data.decode import decode_image
 from trainer.errors import UserError
-from trainer.images import decode_image
+from trainer.formats import imagefiles as prepare_encode
+from trainer.infra import folders, storage
+from trainer.serve import predict
+from trainer.train import export, model
 
 IMAGE_SIZE = 32
 CLASSES = ["cats", "dogs"]
@@ -105,7 +107,7 @@ def test_cli_predict_on_a_folder(tmp_path, exported):
 def test_cli_predict_on_a_gcs_glob(tmp_path, exported, gcs_bucket):
     export_dir, classifier = exported
     model_url = f"{gcs_bucket}/job/model"
-    storage.copy_tree(export_dir, model_url)
+    folders.copy_tree(export_dir, model_url)
     images = make_images()
     write_folder(f"{gcs_bucket}/images", images)
     output = f"{gcs_bucket}/predictions/preds.csv"

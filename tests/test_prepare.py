@@ -14,8 +14,10 @@ import pytest
 from conftest import run_trainer
 from PIL import ImageFile
 
-from trainer import plan, prepare, shards, storage
 from trainer.errors import UserError
+from trainer.infra import storage
+from trainer.prepare import plan, shards
+from trainer.prepare import run as prepare
 
 EXAMPLE_KEYS = {"image/encoded", "image/format", "image/class/label", "image/class/text",
                 "image/filename", "image/height", "image/width"}

@@ -17,8 +17,11 @@ import tensorflow as tf
 from conftest import run_trainer
 from test_prepare import assert_one_line_error
 
-from trainer import prepare, shards, storage, tfrecord
 from trainer.errors import RetryableError
+from trainer.formats import tfrecord
+from trainer.infra import folders, storage
+from trainer.prepare import run as prepare
+from trainer.prepare import runners, shards
 
 # What differs between two runs that wrote the same dataset.
 VOLATILE = ("created", "seconds")
@@ -163,7 +166,7 @@ def test_resume_on_gcs_rewrites_only_uncommitted_or_damaged_shards(gcs_bucket, t
     assert len(first) == 4 and len(written) == total - 2  # all but the two intact committed shards
     assert comparable(again) == comparable(expected)
     assert shard_bytes(output) == shard_bytes(reference)
-    assert sorted(name for name, _ in storage.list_files(output)) == sorted(["dataset.json", *shard_bytes(output)])
+    assert sorted(name for name, _ in folders.list_files(output)) == sorted(["dataset.json", *shard_bytes(output)])
 
 
 def test_bad_input_through_beam_is_the_same_one_line_error(tmp_path):
@@ -216,7 +219,7 @@ def test_readmes_dataflow_command_has_only_known_flags_and_beam_options():
     defined = source[source.index("def define_prepare_flags"):source.index("def run_prepare")]
     for word in ours[2:]:
         assert f'("{word.lstrip("-").split("=", 1)[0]}"' in defined, word
-    options = shards.beam_options("DataflowRunner", beam).get_all_options()
+    options = runners.beam_options("DataflowRunner", beam).get_all_options()
     for name in ("project", "region", "temp_location", "service_account_email", "machine_type",
                  "max_num_workers", "sdk_container_image"):
         assert options[name], name
@@ -228,7 +231,8 @@ def test_readmes_dataflow_command_has_only_known_flags_and_beam_options():
 NATIVE_READ = r"""
 import hashlib, json, sys
 import numpy as np
-from trainer import data, storage
+from trainer.data import pipeline
+from trainer.infra import storage
 import tensorflow as tf
 if sys.argv[1].startswith("gs://"):
     assert not storage.tensorflow_can_read(sys.argv[1])  # the emulator is set: fsspec by default
@@ -237,7 +241,7 @@ if sys.argv[1].startswith("gs://"):
 out = {}
 for split in ("train", "val", "test"):
     rows = []
-    for images, labels in data.make_dataset(sys.argv[1], split, 32, 4, training=False):
+    for images, labels in pipeline.make_dataset(sys.argv[1], split, 32, 4, training=False):
         for image, label in zip(images.numpy(), labels.numpy()):
             rows.append([int(label), hashlib.sha256(np.round(image, 3).tobytes()).hexdigest()])
     out[split] = rows
@@ -251,7 +255,7 @@ def test_tensorflows_own_gcs_filesystem_reads_shards_as_local_copies_give_them(g
     source, output = tmp_path / "photos", f"{gcs_bucket}/data"
     imagegen.write_images(str(source), "class_dirs", per_class=8, size=(40, 30), fmt=("jpeg", "png"))
     prepare.prepare_dataset(str(source), output, num_shards=2, workers=1)
-    storage.copy_tree(output, str(tmp_path / "local"))
+    folders.copy_tree(output, str(tmp_path / "local"))
     results = {}
     with TLSProxy(int(gcs_server.rsplit(":", 1)[1]), str(tmp_path)) as proxy:
         for name, manifest, env in (("native", f"{output}/dataset.json", proxy.environment()),

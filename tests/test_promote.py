@@ -11,8 +11,11 @@ import threading
 import pytest
 from conftest import run_trainer
 
-from trainer import gate, promote, storage
 from trainer.errors import RetryableError, UserError
+from trainer.evaluate import gate
+from trainer.formats import production as production_layout
+from trainer.infra import cas, folders, storage
+from trainer.release import promote
 
 
 def make_candidate(root, name, accuracy, versus=None, passed=True, classes=("cats", "dogs"), split="test"):
@@ -37,12 +40,12 @@ def make_candidate(root, name, accuracy, versus=None, passed=True, classes=("cat
                       for name in classes},
         "confusion_matrix": [[correct // 2, 50 - correct // 2], [50 - (correct - correct // 2),
                                                                  correct - correct // 2]],
-        "model": model, "data": storage.join(root, "data", "dataset.json"), "model_id": storage.tree_digest(model)}
+        "model": model, "data": storage.join(root, "data", "dataset.json"), "model_id": folders.tree_digest(model)}
     if versus:
         pointer = latest(versus)
         served = storage.join(versus, *pointer["model"].split("/"))
         metrics["comparison"] = {
-            "production": {"url": versus, "version": pointer["version"], "model_id": storage.tree_digest(served),
+            "production": {"url": versus, "version": pointer["version"], "model_id": folders.tree_digest(served),
                            "classes": storage.read_json(storage.join(served, "metadata.json"))["classes"]},
             "passed": passed, "reason": f"{'not ' if passed else ''}significantly worse: accuracy {accuracy:.4f} "
                                         "vs production's ... (McNemar p=0.01)"}
@@ -56,14 +59,14 @@ def latest(production):
 
 def versions(production):
     return sorted({relative.split("/")[0]
-                   for relative, _ in storage.list_files(storage.join(production, "versions"))})
+                   for relative, _ in folders.list_files(storage.join(production, "versions"))})
 
 
 def assert_model_copied_whole(candidate, production, version):
     source = storage.join(candidate, "model")
     target = storage.join(production, "versions", version, "model")
-    files = storage.list_files(source)
-    assert storage.list_files(target) == files
+    files = folders.list_files(source)
+    assert folders.list_files(target) == files
     for relative, _ in files:
         parts = relative.split("/")
         assert (storage.read_bytes(storage.join(target, *parts))
@@ -105,7 +108,7 @@ def test_promoting_the_production_candidate_again_changes_nothing(gcs_bucket):
     assert promote.promote(candidate + "/", production) == version  # e.g. a retried CronJob pod
     # The same model in another folder (`./jp` for `jp`, a copy) is the same candidate: its content decides.
     copy = storage.join(gcs_bucket, "copies", "once")
-    storage.copy_tree(candidate, copy)
+    folders.copy_tree(candidate, copy)
     assert promote.promote(copy, production) == version
     assert storage.read_bytes(storage.join(production, "LATEST")) == before
     assert versions(production) == [version]
@@ -174,7 +177,7 @@ def test_crash_after_copying_leaves_production_unchanged(gcs_bucket, monkeypatch
 
     # The rerun (a later second, hence a new version name) completes the promotion.
     monkeypatch.setattr(promote, "copy_model", real_copy_model)
-    monkeypatch.setattr(promote, "version_name", lambda model_id: "29990101T000000Z-rerun")
+    monkeypatch.setattr(production_layout, "version_name", lambda model_id: "29990101T000000Z-rerun")
     assert promote.promote(new, production) == "29990101T000000Z-rerun"
     assert latest(production)["version"] == "29990101T000000Z-rerun"
     assert_model_copied_whole(new, production, "29990101T000000Z-rerun")
@@ -189,7 +192,7 @@ def test_two_concurrent_promotions_cannot_both_win(gcs_bucket, monkeypatch):
     # Both promotions have read the same production and passed the gate against it before either
     # moves the pointer: exactly the race the compare-and-swap must settle.
     barrier = threading.Barrier(2, timeout=120)
-    real_write = storage.write_if_generation
+    real_write = cas.write_if_generation
     first_attempts, local = [], threading.local()
 
     def racing_write(location, data, generation):
@@ -202,7 +205,7 @@ def test_two_concurrent_promotions_cannot_both_win(gcs_bucket, monkeypatch):
             return won
         return real_write(location, data, generation)
 
-    monkeypatch.setattr(storage, "write_if_generation", racing_write)
+    monkeypatch.setattr(cas, "write_if_generation", racing_write)
     outcomes = {}
 
     def run(name, candidate):
@@ -273,10 +276,10 @@ def test_other_classes_replace_production_only_when_allowed(gcs_bucket):
 def test_write_if_generation_lets_exactly_one_racer_win(where, gcs_bucket, tmp_path):
     root = gcs_bucket if where == "gcs" else str(tmp_path)
     url = storage.join(root, "pointer")
-    assert storage.read_with_generation(url) == (None, 0)
-    assert storage.write_if_generation(url, b"v1", 0)
-    assert not storage.write_if_generation(url, b"again", 0)  # 0: only if absent
-    data, generation = storage.read_with_generation(url)
+    assert cas.read_with_generation(url) == (None, 0)
+    assert cas.write_if_generation(url, b"v1", 0)
+    assert not cas.write_if_generation(url, b"again", 0)  # 0: only if absent
+    data, generation = cas.read_with_generation(url)
     assert data == b"v1"
 
     barrier = threading.Barrier(4, timeout=60)
@@ -284,7 +287,7 @@ def test_write_if_generation_lets_exactly_one_racer_win(where, gcs_bucket, tmp_p
 
     def racer(index):
         barrier.wait()
-        results.append(storage.write_if_generation(url, f"v2 by {index}".encode(), generation))
+        results.append(cas.write_if_generation(url, f"v2 by {index}".encode(), generation))
 
     threads = [threading.Thread(target=racer, args=(index,)) for index in range(4)]
     for thread in threads:
@@ -292,9 +295,9 @@ def test_write_if_generation_lets_exactly_one_racer_win(where, gcs_bucket, tmp_p
     for thread in threads:
         thread.join(timeout=120)
     assert sorted(results) == [False, False, False, True]
-    data, newer = storage.read_with_generation(url)
+    data, newer = cas.read_with_generation(url)
     assert data.startswith(b"v2 by ") and newer != generation
-    assert not storage.write_if_generation(url, b"stale", generation)
+    assert not cas.write_if_generation(url, b"stale", generation)
 
 
 def test_promote_works_on_local_folders(tmp_path):
@@ -311,15 +314,16 @@ def test_version_names_sort_by_time_and_differ_by_model():
 
     morning = datetime.datetime(2026, 11, 28, 7, 0, 0, tzinfo=datetime.timezone.utc)
     evening = morning.replace(hour=19)
-    assert promote.version_name("0123456789abcdef", morning) == "20261128T070000Z-01234567"
-    assert promote.version_name("aaaaaaaa11", morning) != promote.version_name("bbbbbbbb11", morning)
-    assert promote.version_name("ffffffff", morning) < promote.version_name("00000000", evening)
+    assert production_layout.version_name("0123456789abcdef", morning) == "20261128T070000Z-01234567"
+    name = production_layout.version_name
+    assert name("aaaaaaaa11", morning) != name("bbbbbbbb11", morning)
+    assert production_layout.version_name("ffffffff", morning) < production_layout.version_name("00000000", evening)
 
 
 def test_version_already_claimed_is_retryable(gcs_bucket, monkeypatch):
     production = f"{gcs_bucket}/production"
     candidate = make_candidate(gcs_bucket, "claimed", 0.9)
-    monkeypatch.setattr(promote, "version_name", lambda model_id: "20260101T000000Z-taken")
+    monkeypatch.setattr(production_layout, "version_name", lambda model_id: "20260101T000000Z-taken")
     storage.write_bytes(f"{production}/versions/20260101T000000Z-taken/CLAIM", b"{}")
     with pytest.raises(RetryableError, match="already being written"):
         promote.promote(candidate, production)

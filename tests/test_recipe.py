@@ -8,9 +8,13 @@ import pytest
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
-from trainer import config, evaluate, model, train
+from trainer import config
+from trainer.data import augment
 from trainer.errors import UserError
-from trainer.kerasapi import keras
+from trainer.evaluate import metrics as metrics_lib
+from trainer.infra.kerasapi import keras
+from trainer.train import callbacks, optimize, phases
+from trainer.train import run as train
 
 
 def test_balanced_class_weights_are_scikit_learns_and_explicit_ones_fill_in_one():
@@ -42,42 +46,42 @@ def test_class_weighted_loss_is_the_hand_computed_weighted_mean():
     weights = {0: 0.25, 1: 3.0}
     features = np.array([[0.5], [-1.0], [2.0], [0.1]], np.float32)
     labels = np.array([0, 1, 1, 0], np.int32)
-    dataset = train.with_class_weights(tf.data.Dataset.from_tensors((features, labels)), weights)
+    dataset = augment.with_class_weights(tf.data.Dataset.from_tensors((features, labels)), weights)
     batch_x, batch_y, batch_w = next(iter(dataset))
     assert batch_w.numpy().tolist() == [0.25, 3.0, 3.0, 0.25]
 
     classifier = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, activation="sigmoid")])
     classifier.set_weights([np.array([[1.5]], np.float32), np.array([-0.2], np.float32)])
-    model.compile_model(classifier, 2, learning_rate=1e-3)
+    optimize.compile_model(classifier, 2, learning_rate=1e-3)
     loss = classifier.evaluate(dataset, verbose=0)[0]
 
     p = 1 / (1 + np.exp(-(1.5 * features[:, 0] - 0.2)))
     cross_entropy = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
     assert loss == pytest.approx(np.sum(batch_w.numpy() * cross_entropy) / len(labels), rel=1e-5)
-    assert train.with_class_weights(dataset, None) is dataset
+    assert augment.with_class_weights(dataset, None) is dataset
 
 
 def test_cosine_schedule_with_warmup_at_chosen_steps():
-    schedule = model.learning_rate_schedule(1e-3, "cosine", total_steps=110, warmup_steps=10)
+    schedule = optimize.learning_rate_schedule(1e-3, "cosine", total_steps=110, warmup_steps=10)
     values = {step: float(schedule(step)) for step in (0, 5, 10, 60, 110, 200)}
     assert values[0] == 0.0 and values[5] == pytest.approx(5e-4) and values[10] == pytest.approx(1e-3)
     assert values[60] == pytest.approx(5e-4)  # half-way through the cosine
     assert values[110] == pytest.approx(0.0, abs=1e-12) and values[200] == pytest.approx(0.0, abs=1e-12)
-    plain = model.learning_rate_schedule(2e-4, "cosine", total_steps=40)
+    plain = optimize.learning_rate_schedule(2e-4, "cosine", total_steps=40)
     assert float(plain(0)) == pytest.approx(2e-4) and float(plain(20)) == pytest.approx(1e-4)
-    assert model.learning_rate_schedule(1e-5) == 1e-5
+    assert optimize.learning_rate_schedule(1e-5) == 1e-5
 
 
 def test_optimizers_and_their_settings():
-    adamw = model.make_optimizer("adamw", 1e-3, weight_decay=0.05)
-    sgd = model.make_optimizer("sgd", 1e-2, momentum=0.8)
+    adamw = optimize.make_optimizer("adamw", 1e-3, weight_decay=0.05)
+    sgd = optimize.make_optimizer("sgd", 1e-2, momentum=0.8)
     assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == pytest.approx(0.05)
     assert isinstance(sgd, keras.optimizers.SGD) and sgd.momentum == pytest.approx(0.8) and sgd.nesterov
-    assert type(model.make_optimizer("adam", 1e-3)) is keras.optimizers.Adam
+    assert type(optimize.make_optimizer("adam", 1e-3)) is keras.optimizers.Adam
 
     # AdamW shrinks a weight with no gradient by lr x decay per step; Adam leaves it.
-    for optimizer, expected in ((model.make_optimizer("adamw", 0.1, weight_decay=0.5), 1.0 - 0.1 * 0.5),
-                                (model.make_optimizer("adam", 0.1), 1.0)):
+    for optimizer, expected in ((optimize.make_optimizer("adamw", 0.1, weight_decay=0.5), 1.0 - 0.1 * 0.5),
+                                (optimize.make_optimizer("adam", 0.1), 1.0)):
         variable = tf.Variable([1.0])
         optimizer.apply_gradients([(tf.constant([0.0]), variable)])
         assert float(variable.numpy()[0]) == pytest.approx(expected, rel=1e-5)
@@ -89,11 +93,11 @@ def test_label_smoothing_for_two_and_more_classes_matches_the_formula():
     smoothing = 0.1
     targets = np.eye(3)[labels] * (1 - smoothing) + smoothing / 3
     expected = np.mean(-np.sum(targets * np.log(probabilities), axis=1))
-    loss = model.SparseCrossentropyWithSmoothing(3, smoothing)
+    loss = optimize.SparseCrossentropyWithSmoothing(3, smoothing)
     assert float(loss(labels, probabilities)) == pytest.approx(expected, rel=1e-5)
 
     binary = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, activation="sigmoid")])
-    model.compile_model(binary, 2, 1e-3, label_smoothing=0.2)
+    optimize.compile_model(binary, 2, 1e-3, label_smoothing=0.2)
     assert binary.loss.get_config()["label_smoothing"] == pytest.approx(0.2)
 
 
@@ -101,12 +105,12 @@ def test_imbalanced_evaluation_reports_balanced_accuracy_and_macro_f1():
     # 8 cats, 2 dogs; the model says "cat" for everything but one dog.
     labels = np.array([0] * 8 + [1] * 2)
     probabilities = np.array([[0.9, 0.1]] * 9 + [[0.2, 0.8]], np.float32)
-    metrics = evaluate.compute_metrics(labels, probabilities, ["cats", "dogs"])
+    metrics = metrics_lib.compute_metrics(labels, probabilities, ["cats", "dogs"])
     assert metrics["accuracy"] == pytest.approx(0.9)
     assert metrics["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
     cat_f1, dog_f1 = 2 * 8 / (2 * 8 + 1), 2 * 1 / (2 * 1 + 1)
     assert metrics["macro_f1"] == pytest.approx((cat_f1 + dog_f1) / 2)
-    assert "balanced accuracy 0.7500" in evaluate.format_summary({**metrics, "split": "test"})
+    assert "balanced accuracy 0.7500" in metrics_lib.format_summary({**metrics, "split": "test"})
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -122,7 +126,7 @@ def test_bad_recipe_flags_answer_before_any_work(flags, message):
 
 
 def _early_stopping_run(tmp_path, recorded=()):
-    from trainer import jobdir
+    from trainer.formats import jobdir
 
     history = {"phases": [{"name": "head", "epochs": list(recorded)}]}
     return train.Run(config=config.TrainConfig(data="d", job_dir=str(tmp_path / "job")),
@@ -143,14 +147,14 @@ def _run_epochs(callback, classifier, losses, first=0):
 def test_early_stopping_stops_at_the_expected_epoch_and_keeps_the_best_weights(tmp_path):
     classifier = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     classifier.stop_training = False
-    callback = train.EarlyStopping(_early_stopping_run(tmp_path), "head", patience=2)
+    callback = callbacks.EarlyStopping(_early_stopping_run(tmp_path), "head", patience=2)
     callback.set_model(classifier)
     # Best at epoch 3 (0.5); epochs 4 and 5 do not improve on it: stop after epoch 5.
     stopped = _run_epochs(callback, classifier, [1.0, 0.7, 0.5, 0.6, 0.5, 0.1, 0.05])
     assert stopped == 5
     callback.restore_best(classifier)
     assert all(np.all(weight == 3) for weight in classifier.get_weights())
-    assert train.best_epoch({1: 0.5, 2: 0.4, 3: 0.4}) == 2
+    assert callbacks.best_epoch({1: 0.5, 2: 0.4, 3: 0.4}) == 2
 
 
 def test_a_resumed_run_makes_the_same_early_stopping_decision(tmp_path):
@@ -158,7 +162,7 @@ def test_a_resumed_run_makes_the_same_early_stopping_decision(tmp_path):
     # The first attempt ran epochs 1-3 (committing epoch 3's weights as the best) and was killed.
     first = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     first.stop_training = False
-    callback = train.EarlyStopping(_early_stopping_run(tmp_path), "head", patience=2)
+    callback = callbacks.EarlyStopping(_early_stopping_run(tmp_path), "head", patience=2)
     callback.set_model(first)
     assert _run_epochs(callback, first, losses[:3]) is None
     # A new node: history.json holds epochs 1-3; epoch 4 resumes from the backup, on a fresh scratch.
@@ -167,7 +171,7 @@ def test_a_resumed_run_makes_the_same_early_stopping_decision(tmp_path):
     resumed_run.scratch = str(tmp_path / "scratch-2")
     second = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     second.stop_training = False
-    resumed = train.EarlyStopping(resumed_run, "head", patience=2)
+    resumed = callbacks.EarlyStopping(resumed_run, "head", patience=2)
     resumed.set_model(second)
     assert not resumed.stopped()
     assert _run_epochs(resumed, second, losses[3:], first=3) == 5  # the same epoch as uninterrupted
@@ -175,13 +179,13 @@ def test_a_resumed_run_makes_the_same_early_stopping_decision(tmp_path):
     assert all(np.all(weight == 3) for weight in second.get_weights())
     # Killed after that decision but before the phase completed: the next attempt does not train on.
     recorded = [{"epoch": index + 1, "val_loss": loss} for index, loss in enumerate(losses)]
-    assert train.EarlyStopping(_early_stopping_run(tmp_path, recorded), "head", patience=2).stopped()
+    assert callbacks.EarlyStopping(_early_stopping_run(tmp_path, recorded), "head", patience=2).stopped()
 
 
 def test_randaugment_changes_training_images_differently_every_epoch():
     images = np.random.default_rng(0).uniform(0, 255, (6, 32, 32, 3)).astype(np.float32)
     labels = np.array([0, 1, 0, 1, 0, 1])
-    dataset = train.with_randaugment(tf.data.Dataset.from_tensors((images, labels)), magnitude=0.5, seed=0)
+    dataset = augment.with_randaugment(tf.data.Dataset.from_tensors((images, labels)), magnitude=0.5, seed=0)
     first, second = [next(iter(dataset)) for _ in range(2)]  # two passes: two epochs
     assert first[0].shape == images.shape and first[1].numpy().tolist() == labels.tolist()
     assert not np.allclose(first[0].numpy(), images) and not np.allclose(first[0].numpy(), second[0].numpy())
@@ -194,7 +198,7 @@ def test_a_run_with_randaugment_mixup_cutmix_and_two_replicas_streams_and_finish
     from conftest import run_trainer
     from jobs import TINY_JOB, prepare_stripes
 
-    from trainer import storage
+    from trainer.infra import storage
 
     url = prepare_stripes(tmp_path, per_class=16)
     job_dir = tmp_path / "job"
@@ -216,7 +220,8 @@ def test_mixup_and_cutmix_give_soft_labels_that_match_the_mixed_images(num_class
     images = np.stack([np.full((16, 16, 3), 40.0 * index, np.float32) for index in range(6)])
     labels = np.arange(6) % num_classes
     for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0), (0.4, 1.0)):
-        dataset = train.with_mixing(tf.data.Dataset.from_tensors((images, labels)), num_classes, mixup, cutmix, seed=1)
+        dataset = augment.with_mixing(tf.data.Dataset.from_tensors((images, labels)), num_classes, mixup,
+                                       cutmix, seed=1)
         (mixed, soft), (again, _) = [next(iter(dataset)) for _ in range(2)]
         soft = soft.numpy()
         if num_classes == 2:
@@ -232,21 +237,21 @@ def test_mixup_and_cutmix_give_soft_labels_that_match_the_mixed_images(num_class
 def test_soft_labels_train_with_the_loss_accuracy_and_class_weights_of_their_mixture():
     # Three classes: soft rows give the same loss as their hard labels when one-hot.
     probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
-    loss = model.SparseCrossentropyWithSmoothing(3, 0.0)
+    loss = optimize.SparseCrossentropyWithSmoothing(3, 0.0)
     assert float(loss(np.eye(3, dtype=np.float32)[[0, 2]], probabilities)) == pytest.approx(
         float(loss(np.array([0, 2]), probabilities)))
-    accuracy = model.dominant_class_accuracy(3)
+    accuracy = optimize.dominant_class_accuracy(3)
     accuracy.update_state(np.array([[0.6, 0.4, 0.0], [0.3, 0.3, 0.4]], np.float32), probabilities)
     assert float(accuracy.result()) == pytest.approx(1.0)
-    binary = model.dominant_class_accuracy(2)
+    binary = optimize.dominant_class_accuracy(2)
     binary.update_state(np.array([0.8, 0.3], np.float32), np.array([[0.9], [0.6]], np.float32))
     assert float(binary.result()) == pytest.approx(0.5)
     # A mixture weighs as its classes: 0.25 x 3 + 0.75 x 1.
     soft = tf.data.Dataset.from_tensors((np.zeros((2, 1), np.float32), np.array([0.75, 0.0], np.float32)))
-    _, _, weights = next(iter(train.with_class_weights(soft, {0: 3.0, 1: 1.0})))
+    _, _, weights = next(iter(augment.with_class_weights(soft, {0: 3.0, 1: 1.0})))
     assert weights.numpy().tolist() == pytest.approx([0.25 * 3 + 0.75 * 1, 3.0])
     rows = tf.data.Dataset.from_tensors((np.zeros((1, 1), np.float32), np.array([[0.5, 0.5, 0.0]], np.float32)))
-    _, _, weights = next(iter(train.with_class_weights(rows, {0: 2.0, 1: 4.0, 2: 8.0})))
+    _, _, weights = next(iter(augment.with_class_weights(rows, {0: 2.0, 1: 4.0, 2: 8.0})))
     assert weights.numpy().tolist() == pytest.approx([3.0])
 
     # Both head types fit on soft training labels and evaluate on hard ones.
@@ -255,7 +260,7 @@ def test_soft_labels_train_with_the_loss_accuracy_and_class_weights_of_their_mix
         output = (keras.layers.Dense(1, activation="sigmoid") if classes == 2
                   else keras.layers.Dense(3, activation="softmax"))
         head = keras.Sequential([keras.Input((4,)), output])
-        model.compile_model(head, classes, 1e-2, soft_labels=True)
+        optimize.compile_model(head, classes, 1e-2, soft_labels=True)
         head.fit(np.eye(4, dtype=np.float32), targets, epochs=2, verbose=0)
         assert set(head.evaluate(np.eye(4, dtype=np.float32), np.array([0, 1, 0, 1]), verbose=0, return_dict=True)) \
             == {"loss", "accuracy"}
@@ -263,7 +268,7 @@ def test_soft_labels_train_with_the_loss_accuracy_and_class_weights_of_their_mix
 
 def test_a_head_on_a_frozen_random_base_is_warned_about():
     def warning(**flags):
-        return train.random_frozen_base_warning(config.TrainConfig(data="d", job_dir="j", **flags))
+        return phases.random_frozen_base_warning(config.TrainConfig(data="d", job_dir="j", **flags))
 
     assert "frozen base of random weights" in warning(backbone="mobilenet_v2", weights="none")
     assert warning(backbone="mobilenet_v2", weights="imagenet") is None

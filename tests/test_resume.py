@@ -8,8 +8,9 @@ import pytest
 from conftest import run_trainer
 from jobs import TINY_JOB, optimizer_steps, prepare_stripes, start_trainer, wait_until
 
-from trainer import model, storage
 from trainer.errors import EXIT_RETRYABLE
+from trainer.infra import storage
+from trainer.train import optimize
 
 EPOCHS, FINE_TUNE_EPOCHS, BATCH = 8, 3, 8
 
@@ -70,7 +71,7 @@ def test_sigkill_mid_epoch_resumes_at_the_exact_step(dataset, gcs_bucket, tmp_pa
     assert [len(phase["epochs"]) for phase in history["phases"]] == [EPOCHS, FINE_TUNE_EPOCHS]
     steps = dataset["steps"]
     for phase, epochs, peak in (("head", EPOCHS, 1e-3), ("fine_tune", FINE_TUNE_EPOCHS, 1e-5)):
-        schedule = model.learning_rate_schedule(peak, "cosine" if recipe else "constant", epochs * steps,
+        schedule = optimize.learning_rate_schedule(peak, "cosine" if recipe else "constant", epochs * steps,
                                                 warmup_steps=steps if recipe else 0)
         recorded = next(entry for entry in history["phases"] if entry["name"] == phase)["epochs"]
         assert [entry["step"] for entry in recorded] == [steps * (index + 1) for index in range(epochs)]

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from trainer import storage
 from trainer.errors import UserError
+from trainer.infra import cas, folders, storage
 
 
 def test_written_files_follow_the_umask(tmp_path):
@@ -29,13 +29,13 @@ def test_listing_follows_folder_links_once_and_leaves_out_dangling_ones(tmp_path
     os.symlink(elsewhere, photos / "dogs")  # a class folder kept somewhere else
     os.symlink(photos, photos / "cats" / "loop")  # a link back up: listed once, not forever
     os.symlink(tmp_path / "gone.jpg", photos / "cats" / "dangling.jpg")
-    assert storage.list_files(str(photos)) == [("cats/1.jpg", 1), ("dogs/2.jpg", 2)]
+    assert folders.list_files(str(photos)) == [("cats/1.jpg", 1), ("dogs/2.jpg", 2)]
 
 
 def test_write_if_absent_has_exactly_one_winner_and_leaves_no_lock_file(tmp_path):
     target = str(tmp_path / "v1" / "CLAIM")
     results = []
-    threads = [threading.Thread(target=lambda i=i: results.append(storage.write_if_absent(target, f"{i}".encode())))
+    threads = [threading.Thread(target=lambda i=i: results.append(cas.write_if_absent(target, f"{i}".encode())))
                for i in range(8)]
     for thread in threads:
         thread.start()
@@ -50,7 +50,7 @@ def test_a_tilde_means_home_in_every_local_path(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     storage.write_text("~/photos/cats/a.txt", "x")
     assert (tmp_path / "photos" / "cats" / "a.txt").read_text() == "x"
-    assert storage.list_files("~/photos") == [("cats/a.txt", 1)]
+    assert folders.list_files("~/photos") == [("cats/a.txt", 1)]
     assert storage.exists("~/photos/cats/a.txt") and storage.read_text("~/photos/cats/a.txt") == "x"
 
 
@@ -74,7 +74,7 @@ def test_listing_an_object_store_folder_by_folder_finds_exactly_what_one_listing
         storage.write_bytes(f"{gcs_bucket}/root/{name}", b"x" * index)
     storage.write_bytes(f"{gcs_bucket}/rootless.jpg", b"not under root")
 
-    listed = storage.list_files(f"{gcs_bucket}/root", with_md5=True)
+    listed = folders.list_files(f"{gcs_bucket}/root", with_md5=True)
 
     found = fsspec.filesystem("gs").find(f"{gcs_bucket.removeprefix('gs://')}/root", detail=True)
     assert [(name, size) for name, size, _ in listed] == sorted((name, names.index(name)) for name in names)

@@ -6,7 +6,11 @@ import pytest
 from conftest import run_trainer
 from jobs import prepare_stripes
 
-from trainer import data, export, model, storage, tflite
+from trainer.data import pipeline
+from trainer.infra import storage
+from trainer.serve import tflite
+from trainer.serve.load import load_model
+from trainer.train import export, model, optimize
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +20,8 @@ def trained(tmp_path_factory):
     url = prepare_stripes(root, per_class=60)
     classes = storage.read_json(url)["classes"]
     classifier = model.build_model("tiny", 2, 32, weights="none", dense_units=16, dropout=0.0)
-    model.compile_model(classifier, 2, 3e-3)
-    classifier.fit(data.make_dataset(url, "train", 32, 16, training=True, seed=0), epochs=3, steps_per_epoch=20,
+    optimize.compile_model(classifier, 2, 3e-3)
+    classifier.fit(pipeline.make_dataset(url, "train", 32, 16, training=True, seed=0), epochs=3, steps_per_epoch=20,
                    verbose=0)
     export.export_model(classifier, classes, 32, str(root / "model"), backbone="tiny")
     result = run_trainer("tflite", f"--model={root / 'model'}", f"--output={root / 'tflite'}")
@@ -26,10 +30,10 @@ def trained(tmp_path_factory):
 
 
 def predictions(model_url, manifest_url):
-    loaded, _ = export.load_model(model_url)
+    loaded, _ = load_model(model_url)
     scores = [loaded.signatures["predict_images"](images=images)["probabilities"]
               for split in ("train", "val", "test")
-              for images, _ in data.make_dataset(manifest_url, split, 32, 16, training=False)]
+              for images, _ in pipeline.make_dataset(manifest_url, split, 32, 16, training=False)]
     return np.concatenate([np.asarray(batch) for batch in scores])
 
 
@@ -66,4 +70,4 @@ def test_bad_kinds_and_missing_files_are_user_errors(trained, tmp_path):
     with pytest.raises(UserError, match="--kinds must be some of float32, float16, int8"):
         tflite.convert(trained["model"], str(tmp_path), kinds=["int4"])
     with pytest.raises(UserError, match="no TFLite model at"):
-        export.load_model(str(tmp_path / "none.tflite"))
+        load_model(str(tmp_path / "none.tflite"))

@@ -10,18 +10,22 @@ import sys
 import pytest
 
 from trainer import config as config_lib
-from trainer import featurecache, jobdir, storage, train
+from trainer.config import TrainConfig
 from trainer.errors import UserError
+from trainer.formats import jobdir
+from trainer.infra import folders, storage
+from trainer.train import featurecache
+from trainer.train import run as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(**overrides):
-    return dataclasses.replace(train.TrainConfig(data="d", job_dir="j"), **overrides)
+    return dataclasses.replace(TrainConfig(data="d", job_dir="j"), **overrides)
 
 
 def test_defaults_are_the_seed_recipe():
-    seed = train.TrainConfig(data="d", job_dir="j")
+    seed = TrainConfig(data="d", job_dir="j")
     assert (seed.backbone, seed.image_size, seed.batch_size, seed.epochs, seed.learning_rate) == (
         "vgg16", 150, 64, 10, 1e-5)
     assert (seed.head, seed.dense_units, seed.dropout, seed.augment) == ("flatten", 256, 0.5, False)
@@ -81,7 +85,7 @@ def test_backup_commit_writes_index_last_and_drops_stale_files(tmp_path, remote_
     (local / "ckpt-2.data-00000-of-00001").write_bytes(b"d2")
     (local / "checkpoint").write_text('model_checkpoint_path: "ckpt-2"\n')
     job.commit_backup("head", str(local))
-    assert [name for name, _ in storage.list_files(remote)] == [
+    assert [name for name, _ in folders.list_files(remote)] == [
         "checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index"]
     restored = tmp_path / "restored"
     assert job.restore_backup("head", str(restored))

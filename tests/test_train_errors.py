@@ -7,7 +7,7 @@ import pytest
 from conftest import run_trainer
 from jobs import TINY_JOB, prepare_stripes
 
-from trainer import storage
+from trainer.infra import folders, storage
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_foreign_manifest(dataset, tmp_path):
 
 
 def test_weights_file_that_does_not_fit_the_backbone(dataset, tmp_path):
-    from trainer import model
+    from trainer.train import model
 
     other = model.build_base("mobilenet_v2", 32, weights=None)
     path = str(tmp_path / "mobilenet.weights.h5")
@@ -72,7 +72,7 @@ def test_split_absent(dataset, tmp_path):
 
 def test_corrupt_shard_found_during_training_names_the_shard(dataset, tmp_path):
     copy = tmp_path / "data"
-    storage.copy_tree(str(dataset / "data"), str(copy))
+    folders.copy_tree(str(dataset / "data"), str(copy))
     shard = sorted(name for name in os.listdir(copy) if name.startswith("train-"))[0]
     raw = bytearray((copy / shard).read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # flip a byte in the middle: same size, bad checksum
@@ -88,7 +88,7 @@ def test_corrupt_shard_found_during_training_names_the_shard(dataset, tmp_path):
 
 def test_corrupt_shard_found_while_caching_features_names_the_shard(dataset, tmp_path):
     copy = tmp_path / "data"
-    storage.copy_tree(str(dataset / "data"), str(copy))
+    folders.copy_tree(str(dataset / "data"), str(copy))
     shard = sorted(name for name in os.listdir(copy) if name.startswith("train-"))[1]
     raw = bytearray((copy / shard).read_bytes())
     raw[len(raw) // 3] ^= 0xFF
@@ -99,7 +99,7 @@ def test_corrupt_shard_found_while_caching_features_names_the_shard(dataset, tmp
 
 def flip_a_byte(dataset, tmp_path, which, where):
     copy = tmp_path / "data"
-    storage.copy_tree(str(dataset / "data"), str(copy))
+    folders.copy_tree(str(dataset / "data"), str(copy))
     shard = sorted(name for name in os.listdir(copy) if name.startswith("train-"))[which]
     raw = bytearray((copy / shard).read_bytes())
     raw[int(len(raw) * where)] ^= 0xFF
@@ -140,12 +140,12 @@ def test_a_misspelt_fine_tune_from_fails_before_the_head_phase(dataset, tmp_path
 def test_tensorflow_start_up_noise_is_silenced_and_verbosity_brings_it_back(tmp_path):
     import re
 
-    from trainer import cli
+    from trainer.infra import tfstart
 
     args = ["train", f"--data={tmp_path / 'none' / 'dataset.json'}", f"--job_dir={tmp_path / 'job'}"]
     quiet = run_trainer(*args)
     assert quiet.returncode == 1
-    assert not cli._TENSORFLOW_START_NOISE.search(quiet.stderr), quiet.stderr
+    assert not tfstart.TENSORFLOW_START_NOISE.search(quiet.stderr), quiet.stderr
     assert re.search(r"^error: no dataset manifest", quiet.stderr, re.M), quiet.stderr
     loud = run_trainer(*args, "--verbosity=1")
     assert loud.returncode == 1

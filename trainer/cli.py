@@ -6,14 +6,10 @@ one line on stderr and an exit code from `trainer.errors`; presets are absl flag
 (`--flagfile=configs/seed_vgg16.flags`), and later flags override a flagfile's values.
 """
 
-import importlib.abc
-import importlib.machinery
 import logging as std_logging
 import os
-import re
 import signal
 import sys
-import tempfile
 
 # Before TensorFlow is imported anywhere: keep its C++ INFO lines out of the user's terminal.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -21,7 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config, errors  # noqa: E402
-from trainer.manifest import LAYOUTS, SPLITS  # noqa: E402
+from trainer.formats.manifest import LAYOUTS, SPLITS  # noqa: E402
+from trainer.infra import faults, tfstart  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -53,7 +50,7 @@ def define_prepare_flags():
 
 
 def run_prepare(argv):
-    from trainer import prepare
+    from trainer.prepare import run as prepare
 
     _no_extra_args(argv, passthrough_allowed=True)
     prepare.prepare_dataset(
@@ -75,7 +72,7 @@ def run_train(argv):
     _no_extra_args(argv)
     train_config = config.with_launcher_defaults(config.TrainConfig.from_flags(FLAGS), os.environ)
     config.check_config(train_config)  # before TensorFlow loads: a bad value answers at once
-    from trainer import train
+    from trainer.train import run as train
 
     train.run(train_config)
 
@@ -101,7 +98,7 @@ def define_evaluate_flags():
 
 
 def run_evaluate(argv):
-    from trainer import evaluate
+    from trainer.evaluate import run as evaluate
 
     _no_extra_args(argv)
     evaluate.run(model_url=FLAGS.model, manifest_url=FLAGS.data, split=FLAGS.split,
@@ -120,7 +117,7 @@ def define_predict_flags():
 
 
 def run_predict(argv):
-    from trainer import predict
+    from trainer.serve import predict
 
     _no_extra_args(argv)
     predict.predict(model_url=FLAGS.model, input_location=FLAGS.input, output_url=FLAGS.output,
@@ -136,7 +133,7 @@ def define_promote_flags():
 
 
 def run_promote(argv):
-    from trainer import promote
+    from trainer.release import promote
 
     _no_extra_args(argv)
     promote.promote(candidate=FLAGS.candidate, production=FLAGS.production,
@@ -152,7 +149,7 @@ def define_tflite_flags():
 
 
 def run_tflite(argv):
-    from trainer import tflite
+    from trainer.serve import tflite
 
     _no_extra_args(argv)
     tflite.convert(FLAGS.model, FLAGS.output, kinds=FLAGS.kinds)
@@ -197,105 +194,26 @@ def _parse_flags(argv):
         sys.exit(errors.EXIT_BAD_INPUT)
 
 
-# What TensorFlow prints on every start (its C++ logging, before absl's is set up): none of it is
-# news on a CPU machine or a working GPU one. `--verbosity=1` shows it all.
-_TENSORFLOW_START_NOISE = re.compile(
-    r"All log messages before absl::InitializeLog|oneDNN custom operations are on|Could not find cuda drivers|"
-    r"failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered|"
-    r"This TensorFlow binary is optimized to use available CPU instructions|TF-TRT Warning|"
-    r"To enable the following instructions")
-_LIBRARY_FILES = re.compile(r"[/\\]site-packages[/\\](tensorflow|tf_keras|keras)[/\\]")
-
-
-def _quiet_tensorflow_start():
-    """When TensorFlow is first imported (only by commands that need it, and only once the flags
-    are checked), its start-up lines are filtered out of stderr (any other line it prints is kept);
-    the libraries' own INFO lines (checkpoint sharding, fingerprints, Keras's slow-callback warning)
-    stay out of the log. `--verbosity=1` or more keeps everything."""
-    if FLAGS.verbosity >= 1:
-        return
-    logging.get_absl_handler().addFilter(_drop_library_chatter)
-    sys.meta_path.insert(0, _QuietTensorFlowImport())
-
-
-class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
-    """Finds `tensorflow` as usual, with a loader that runs its import (and CUDA's initialisation,
-    which prints the last such line) with stderr captured and filtered."""
-
-    def find_spec(self, name, path, target=None):
-        if name != "tensorflow":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is not None:
-            spec.loader = _FilteredLoader(spec.loader)
-        return spec
-
-
-class _FilteredLoader(importlib.abc.Loader):
-    def __init__(self, loader):
-        self.loader = loader
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        sys.stderr.flush()
-        saved = os.dup(2)
-        with tempfile.TemporaryFile() as captured:
-            os.dup2(captured.fileno(), 2)
-            try:
-                self.loader.exec_module(module)
-                module.config.list_physical_devices("GPU")  # CUDA is initialised (or fails to be) here
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-                captured.seek(0)
-                for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True):
-                    if not _TENSORFLOW_START_NOISE.search(line):
-                        sys.stderr.write(line)
-
-
-def _drop_library_chatter(record):
-    if not _LIBRARY_FILES.search(record.pathname or ""):
-        return True
-    return record.levelno >= std_logging.WARNING and "is slow compared to the batch time" not in record.getMessage()
-
-
 def _run_safely(run):
     def main(argv):
         try:
-            _quiet_tensorflow_start()
+            if FLAGS.verbosity < 1:  # `--verbosity=1` or more keeps TensorFlow's start-up lines
+                tfstart.quiet_tensorflow_start()
+            faults.configure(os.environ)
             run(argv)
-        except (errors.UserError, app.UsageError) as error:
-            _exit(errors.EXIT_BAD_INPUT, f"error: {error}")
-        except errors.RetryableError as error:
-            _exit(errors.EXIT_RETRYABLE, f"retryable error: {error}")
+        except Exception as error:  # noqa: BLE001 - every error ends as one line and its exit status
+            code, message = errors.exit_status(error)
+            if code == errors.EXIT_SOFTWARE:
+                logging.exception("internal error")  # a bug: keep the traceback for the report
+            _exit(code, message)
         except KeyboardInterrupt:
             _exit(errors.EXIT_RETRYABLE, "interrupted")
-        except Exception as error:
-            if full := errors.disk_full(error):
-                _exit(errors.EXIT_BAD_INPUT, f"error: {full}")
-            translated = _from_data_pipeline(error)
-            if isinstance(translated, errors.RetryableError):
-                _exit(errors.EXIT_RETRYABLE, f"retryable error: {translated}")
-            if translated is not None:  # damaged data found inside tf.data (named shard or image)
-                _exit(errors.EXIT_BAD_INPUT, f"error: {translated}")
-            logging.exception("internal error")  # a bug: keep the traceback for the report
-            _exit(errors.EXIT_SOFTWARE, "internal error (the traceback is above)")
         _exit(errors.EXIT_OK)
 
     return main
 
 
 _exit = errors.exit_process
-
-
-def _from_data_pipeline(error):
-    """The UserError/RetryableError that TensorFlow wrapped while iterating a dataset, or None."""
-    if "tensorflow" not in sys.modules:
-        return None
-    return errors.from_tensorflow(error)
 
 
 def main(argv=None):
@@ -323,7 +241,7 @@ def main(argv=None):
     logging.set_verbosity(logging.INFO)
     # Our INFO lines, not TensorFlow's (it logs every cross-device reduction at INFO).
     std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
-    if name != "train":  # train backs up first (trainer.train.install_stop_handlers)
+    if name != "train":  # train backs up first (trainer.train.guards.install_stop_handlers)
         signal.signal(signal.SIGTERM, _interrupted)
         errors.exit_after_signal(signal.SIGTERM, SIGTERM_EXIT_SECONDS, errors.EXIT_RETRYABLE,
                                  "interrupted (SIGTERM); rerun to go on")

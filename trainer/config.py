@@ -47,7 +47,7 @@ BACKBONES = {
     "convnext_xlarge": ("ConvNeXtXLarge", "none", 32),
     "regnety_032": ("RegNetY032", "none", 32),
     "regnetx_032": ("RegNetX032", "none", 32),
-    "tiny": (None, "tf", 16),  # tests and the offline demo only: trainer.model builds it
+    "tiny": (None, "tf", 16),  # tests and the offline demo only: trainer.train.model builds it
 }
 HEADS = ("flatten", "avgpool")
 OPTIMIZERS = ("adam", "adamw", "sgd")

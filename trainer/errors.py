@@ -95,6 +95,32 @@ def disk_full(error, location=None):
     return None
 
 
+def exit_status(error):
+    """The exit status and one-line message that end a command after `error`.
+
+    Args:
+      error: any exception a command raised.
+
+    Returns:
+      `(code, message)`: EXIT_BAD_INPUT for a UserError, a usage error or a full disk;
+      EXIT_RETRYABLE for a RetryableError; a UserError/RetryableError that TensorFlow wrapped
+      inside a tf.data pipeline as the original would be; EXIT_SOFTWARE for anything else (a bug:
+      the caller logs its traceback).
+    """
+    from absl import app
+
+    if isinstance(error, (UserError, app.UsageError)):
+        return EXIT_BAD_INPUT, f"error: {error}"
+    if isinstance(error, RetryableError):
+        return EXIT_RETRYABLE, f"retryable error: {error}"
+    if full := disk_full(error):
+        return EXIT_BAD_INPUT, f"error: {full}"
+    translated = from_tensorflow(error) if "tensorflow" in sys.modules else None
+    if translated is not None:  # damaged data found inside tf.data (a named shard or image)
+        return exit_status(translated)
+    return EXIT_SOFTWARE, "internal error (the traceback is above)"
+
+
 def exit_process(code, message=None):
     """Prints the one-line reason (if any) and ends the process at once, from any thread.
 

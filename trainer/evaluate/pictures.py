@@ -1,0 +1,252 @@
+"""The pictures of an evaluation (`trainer evaluate` writes them next to metrics.json): confusion
+matrix, ROC and PR curves, training curves, a reliability diagram, the most confident mistakes.
+
+Class names stay readable: long names are shortened in the middle, so names that share a prefix
+stay apart, and text falls back to IPAex Gothic (the matplotlib-fontja package: Japanese and most
+Chinese characters) and Nanum Gothic (koreanize-matplotlib: Hangul), which DejaVu Sans lacks.
+"""
+
+import functools
+import io
+import os
+
+import numpy as np
+from absl import logging
+
+from trainer.infra import storage
+
+# Fallback fonts for class names DejaVu Sans cannot draw: (package, font file, family). They are
+# found without importing the packages (importing them makes their font the only one).
+FALLBACK_FONTS = (("matplotlib_fontja", "ipaexg.ttf", "IPAexGothic"),  # Japanese, most Chinese
+                  ("koreanize_matplotlib", "NanumGothic.ttf", "NanumGothic"))  # Hangul
+
+
+@functools.cache
+def _use_fonts():
+    """DejaVu Sans, falling back to the CJK fonts of FALLBACK_FONTS for characters it lacks."""
+    import importlib.util
+
+    import matplotlib
+    from matplotlib import font_manager
+
+    families = ["DejaVu Sans"]
+    for package, file_name, family in FALLBACK_FONTS:
+        spec = importlib.util.find_spec(package)
+        if spec is not None:  # without it the report still renders; those names show as boxes
+            font_manager.fontManager.addfont(os.path.join(spec.submodule_search_locations[0], "fonts", file_name))
+            families.append(family)
+    matplotlib.rcParams["font.family"] = families
+
+
+def draw_pictures(metrics, roc_data=None, history=None, mistakes=None):
+    """Draws the PNG pictures of an evaluation.
+
+    Args:
+      metrics: a metrics.json dict (optionally with "split", "calibration", "comparison").
+      roc_data: the "curves" of `metrics.compute_metrics` (default: `metrics["curves"]`); with it,
+        two classes also get roc_curve.png and pr_curve.png.
+      history: a job's history.json dict; with it, training_curves.png.
+      mistakes: the most confident mistakes (`scoring.ConfidentMistakes.kept`); with it, mistakes.png.
+
+    Returns:
+      `{file name: PNG bytes}`: confusion_matrix.png, then roc_curve.png, pr_curve.png,
+      training_curves.png, reliability.png, mistakes.png when their data is there.
+    """
+    _use_fonts()
+    roc_data = roc_data if roc_data is not None else metrics.get("curves")
+    figures = {"confusion_matrix.png": _draw_confusion_matrix(metrics)}
+    if roc_data is not None and metrics.get("roc_auc") is not None:
+        figures["roc_curve.png"] = _draw_roc_curve(metrics, roc_data["roc"])
+        figures["pr_curve.png"] = _draw_pr_curve(metrics, roc_data["pr"])
+    if history is not None:
+        figure = _draw_training_curves(history)
+        if figure is None:
+            logging.warning("history has no epochs: no training_curves.png")
+        else:
+            figures["training_curves.png"] = figure
+    if metrics.get("calibration"):
+        figures["reliability.png"] = _draw_reliability(metrics)
+    if mistakes is not None:
+        figures["mistakes.png"] = _draw_mistakes(mistakes, metrics["classes"])
+    return {name: _to_png(figure) for name, figure in figures.items()}
+
+
+def write_pictures(output_url, pictures):
+    """Writes `{file name: PNG bytes}` into the folder `output_url`; returns the URLs written."""
+    urls = []
+    for name, png in pictures.items():
+        urls.append(storage.join(output_url, name))
+        storage.write_bytes(urls[-1], png)
+    return urls
+
+
+def _new_figure(width, height, columns=1):
+    # A Figure on its own Agg canvas: no pyplot, so no global state and no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, columns)
+    return figure, axes
+
+
+def _to_png(figure):
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _short(name, limit=18):
+    """`name` within `limit` characters: the start, an ellipsis, and the end (where names that
+    share a prefix differ: `golden_retriever_adult` and `golden_retriever_puppy` stay apart)."""
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return name[:head] + "…" + name[-(limit - 1 - head):]
+
+
+def readable_names(names, limit=18):
+    """`_short` names, lengthened until no two are the same."""
+    for width in range(limit, max(map(len, names), default=0) + 1):
+        shown = [_short(name, width) for name in names]
+        if len(set(shown)) == len(set(names)):
+            return shown
+    return list(names)
+
+
+def _draw_confusion_matrix(metrics):
+    """Counts in the cells; colour is the share of the true class, so small classes still show."""
+    counts = np.asarray(metrics["confusion_matrix"])
+    names = readable_names(metrics["classes"])
+    num_classes = len(names)
+    size = max(4.5, 1.5 + 0.5 * num_classes)
+    figure, axes = _new_figure(size + 1.2, size)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    colorbar = figure.colorbar(image, ax=axes, shrink=0.8)
+    colorbar.set_label("share of the true class")
+    font_size = max(8, 12 - 0.2 * num_classes)
+    for row in range(num_classes):
+        for column in range(num_classes):
+            # Zeros fade so that the mistakes stand out in a large matrix.
+            color = "white" if shares[row, column] > 0.5 else "black" if counts[row, column] else "silver"
+            axes.text(column, row, str(counts[row, column]), ha="center", va="center",
+                      color=color, fontsize=font_size)
+    axes.set_xticks(range(num_classes), names, rotation=45 if num_classes > 3 else 0,
+                    ha="right" if num_classes > 3 else "center", fontsize=font_size)
+    axes.set_yticks(range(num_classes), names, fontsize=font_size)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(f"{_title_prefix(metrics)}accuracy {metrics['accuracy']:.2%} "
+                   f"on {metrics['examples']} images")
+    return figure
+
+
+def _title_prefix(metrics):
+    return f"{metrics['split']} split: " if metrics.get("split") else ""
+
+
+def _draw_roc_curve(metrics, roc):
+    figure, axes = _new_figure(5, 5)
+    axes.plot(roc["false_positive_rate"], roc["true_positive_rate"], linewidth=2,
+              label=f"ROC AUC = {metrics['roc_auc']:.4f}")
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    _finish_unit_square(axes, "false positive rate", "true positive rate", "lower right")
+    axes.set_title(f"{_title_prefix(metrics)}ROC curve (positive: {_short(metrics['classes'][1])})")
+    return figure
+
+
+def _draw_pr_curve(metrics, pr):
+    figure, axes = _new_figure(5, 5)
+    axes.step(pr["recall"], pr["precision"], where="post", linewidth=2,
+              label=f"PR AUC (average precision) = {metrics['pr_auc']:.4f}")
+    # A classifier that guesses scores the positive class's share at every recall.
+    positives = metrics["per_class"][metrics["classes"][1]]["support"] / metrics["examples"]
+    axes.axhline(positives, linestyle="--", color="grey", label=f"chance ({positives:.2f})")
+    _finish_unit_square(axes, "recall", "precision", "lower left")
+    axes.set_title(f"{_title_prefix(metrics)}precision-recall "
+                   f"(positive: {_short(metrics['classes'][1])})")
+    return figure
+
+
+def _finish_unit_square(axes, xlabel, ylabel, legend_location):
+    axes.set_xlim(-0.01, 1.01)
+    axes.set_ylim(-0.01, 1.01)
+    axes.set_aspect("equal")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(loc=legend_location)
+
+
+def _draw_training_curves(history):
+    """Loss and accuracy per epoch over all phases on one epoch axis; fine-tuning is shaded."""
+    epochs, phase_starts = [], []
+    for phase in history.get("phases", []):
+        if phase.get("epochs"):
+            phase_starts.append((phase.get("name", "?"), len(epochs) + 1))
+            epochs.extend(phase["epochs"])
+    if not epochs:
+        return None
+    x = np.arange(1, len(epochs) + 1)
+    figure, (loss_axes, accuracy_axes) = _new_figure(11, 4.2, columns=2)
+    for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
+        for key, style, label in ((metric, "-o", "train"), (f"val_{metric}", "--s", "validation")):
+            values = np.array([epoch.get(key, np.nan) for epoch in epochs], dtype=np.float64)
+            if np.isfinite(values).any():
+                axes.plot(x, values, style, markersize=4, label=label)
+        for index, (name, start) in enumerate(phase_starts):
+            if index > 0:  # every phase after the first (the fine-tuning) gets a band and a label
+                end = phase_starts[index + 1][1] if index + 1 < len(phase_starts) else len(epochs) + 1
+                axes.axvspan(start - 0.5, end - 0.5, color="orange", alpha=0.12)
+                axes.axvline(start - 0.5, color="orange", linestyle=":")
+                axes.text(start - 0.4, 0.98, name.replace("_", "-"), transform=axes.get_xaxis_transform(),
+                          va="top", color="darkorange")
+        axes.set_xlabel("epoch (all phases)")
+        axes.set_ylabel(metric)
+        axes.set_title(metric)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    return figure
+
+
+def _draw_reliability(metrics):
+    rows = metrics["calibration"]["bins"]
+    figure, (axes, counts) = _new_figure(10, 4.5, columns=2)
+    centers = [(row["lower"] + row["upper"]) / 2 for row in rows]
+    width = rows[0]["upper"] - rows[0]["lower"]
+    filled = [(center, row) for center, row in zip(centers, rows, strict=True) if row["count"]]
+    axes.bar([c for c, _ in filled], [row["accuracy"] for _, row in filled], width=width * 0.9,
+             edgecolor="navy", alpha=0.7, label="accuracy in the bin")
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    axes.plot([c for c, _ in filled], [row["confidence"] for _, row in filled], "o", color="darkorange",
+              label="mean confidence")
+    _finish_unit_square(axes, "confidence (top probability)", "accuracy", "upper left")
+    axes.set_title(f"reliability: ECE {metrics['calibration']['ece']:.4f}")
+    counts.bar(centers, [row["count"] for row in rows], width=width * 0.9, color="grey")
+    counts.set_xlabel("confidence (top probability)")
+    counts.set_ylabel("images")
+    counts.set_title("how confident the model is")
+    return figure
+
+
+def _draw_mistakes(mistakes, class_names):
+    """A contact sheet: the most confident mistakes, each with its true and predicted class."""
+    columns = 4
+    rows = max(1, -(-len(mistakes) // columns))
+    figure, axes = _new_figure(2.6 * columns, 2.9 * rows + 0.4, columns=columns * rows)
+    axes = np.atleast_1d(axes)
+    names = readable_names(class_names, limit=16)
+    for index, panel in enumerate(axes):
+        panel.set_axis_off()
+        if index < len(mistakes):
+            mistake = mistakes[index]
+            panel.imshow(mistake["image"])
+            panel.set_title(f"true: {names[mistake['label']]}\npredicted: {names[mistake['predicted']]}\n"
+                            f"p = {mistake['confidence']:.3f}", fontsize=9)
+    if not mistakes:
+        axes[0].text(0.5, 0.5, "no mistakes", ha="center", va="center", fontsize=14)
+    figure.suptitle("the most confident mistakes")
+    return figure

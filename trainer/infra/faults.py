@@ -1,0 +1,121 @@
+"""What a storage request may cost and what its failure means: the deadlines, and every client's
+errors mapped to the exit-code protocol (trainer.errors) in one place.
+
+Deadlines (docs/faults.md): every request to an object store gives up when connecting, or waiting
+for the next bytes of an answer, takes longer than `request_timeout_seconds()`; the clients retry
+a failed request a bounded number of times (gcsfs: ATTEMPTS in all, with 1-16 s of backoff between
+them), so a stalled or unreachable store ends an operation within about ATTEMPTS x TIMEOUT + 40 s
+(2.7 min by default).
+
+`configure(environ)` is the one step that reads TRAINER_STORAGE_TIMEOUT_SECONDS and writes the
+environment the clients read (TensorFlow's own gs:// client, gcsfs against an emulator); the
+command line calls it before any work. Nothing here runs at import time.
+"""
+
+import contextlib
+import logging
+
+from trainer.errors import RetryableError, UserError, disk_full, first_line
+
+DEFAULT_TIMEOUT_SECONDS = 20.0
+TIMEOUT_VARIABLE = "TRAINER_STORAGE_TIMEOUT_SECONDS"
+ATTEMPTS = 6  # gcsfs's own (GCSFileSystem.retries); the other clients are given the same
+# What a storage client raises when the service cannot be reached (after its own retries).
+UNREACHABLE = (ConnectionError, TimeoutError)
+
+_settings = {"timeout": DEFAULT_TIMEOUT_SECONDS}
+
+
+def request_timeout_seconds():
+    return _settings["timeout"]
+
+
+def client_deadline_seconds():
+    """google-cloud-storage (the compare-and-swap writes): the deadline of a call's retries together."""
+    return ATTEMPTS * request_timeout_seconds() + 40
+
+
+def tensorflow_gcs_environment(timeout):
+    """TensorFlow's own gs:// client (training reads on real GCS) waits up to an hour per request by
+    default; these environment variables (read when TensorFlow first touches gs://) bring it in line."""
+    return {
+        "GCS_REQUEST_CONNECTION_TIMEOUT_SECS": timeout,
+        "GCS_REQUEST_IDLE_TIMEOUT_SECS": timeout,
+        "GCS_METADATA_REQUEST_TIMEOUT_SECS": timeout,
+        "GCS_READ_REQUEST_TIMEOUT_SECS": ATTEMPTS * timeout,
+        "GCS_WRITE_REQUEST_TIMEOUT_SECS": ATTEMPTS * timeout,
+        "GCS_RETRY_CONFIG_MAX_RETRIES": ATTEMPTS,
+    }
+
+
+def configure(environ):
+    """Reads the storage settings from `environ` and writes what the clients read there.
+
+    Raises:
+      UserError: TRAINER_STORAGE_TIMEOUT_SECONDS is not a positive number of seconds.
+    """
+    text = environ.get(TIMEOUT_VARIABLE, "")
+    try:
+        timeout = float(text) if text else DEFAULT_TIMEOUT_SECONDS
+    except ValueError:
+        timeout = float("nan")
+    if not timeout > 0 or timeout == float("inf"):
+        raise UserError(f"{TIMEOUT_VARIABLE}={text!r} is not a positive number of seconds "
+                        f"(default {DEFAULT_TIMEOUT_SECONDS:g})")
+    _settings["timeout"] = timeout
+    for name, value in tensorflow_gcs_environment(timeout).items():
+        environ.setdefault(name, str(int(value)))
+    # gcsfs otherwise probes for hierarchical-namespace buckets over gRPC, which an emulator never
+    # answers: each bucket would cost a 60 s timeout. Real GCS keeps the library default.
+    if environ.get("STORAGE_EMULATOR_HOST"):
+        environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    # gcsfs logs a full traceback for every request it gives up on (dozens when many reads fail at
+    # once); the command's one-line message says what failed.
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def translate_errors(location, remote):
+    """fsspec's (and the local filesystem's) errors as UserError or RetryableError.
+
+    Args:
+      location: what was being accessed, for the message.
+      remote: whether it is an object store (an OSError there is transient, locally it is not).
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except UNREACHABLE as error:
+        reason = first_line(error) if str(error) else f"no answer within {request_timeout_seconds():g} s"
+        raise RetryableError(f"storage unreachable at {location}: {reason}") from error
+    except OSError as error:
+        # A full disk, or a permission problem, is the user's to fix; aiohttp's connection errors
+        # are OSErrors too, and transient.
+        if disk_full(error, location):
+            raise UserError(disk_full(error, location)) from error
+        if str(error).startswith("Forbidden") or isinstance(error, PermissionError):
+            raise UserError(f"no permission for {location}: {first_line(error)}") from error
+        if remote:
+            raise RetryableError(f"storage error at {location}: {first_line(error)}") from error
+        raise UserError(f"cannot access {location}: {error}") from error
+
+
+@contextlib.contextmanager
+def translate_gcs_errors(location):
+    """google-cloud-storage's own errors: server-side failures (after its retries) are transient."""
+    from google.api_core import exceptions
+
+    with translate_errors(location, remote=True):
+        try:
+            yield
+        except exceptions.RetryError as error:
+            cause = f" (last: {first_line(error.cause)})" if error.cause else ""
+            raise RetryableError(f"storage unreachable at {location}: no answer within "
+                                 f"{client_deadline_seconds():g} s of retries{cause}") from error
+        except exceptions.ServerError as error:
+            raise RetryableError(f"storage error at {location}: {first_line(error)}") from error
+        except exceptions.Forbidden as error:
+            raise UserError(f"no permission for {location}: {first_line(error)}") from error
+        except exceptions.NotFound as error:  # writing into a bucket that does not exist
+            raise UserError(f"cannot write {location}: {first_line(error)}") from error

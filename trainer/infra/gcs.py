@@ -1,0 +1,37 @@
+"""The google-cloud-storage client (one per process): for what gcsfs cannot do in one request,
+compare-and-swap writes (trainer.infra.cas) and a bucket's existence."""
+
+import functools
+import os
+
+from trainer.infra import faults
+
+
+@functools.cache
+def client():
+    """One google-cloud-storage client per process (anonymous against an emulator)."""
+    from google.cloud import storage as gcs
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return gcs.Client.create_anonymous_client()
+    return gcs.Client()
+
+
+def blob(location):
+    bucket, _, name = location[len("gs://"):].partition("/")
+    return client().bucket(bucket).blob(name)
+
+
+def call_options():
+    """Per-request timeout and the deadline of the retries for google-cloud-storage calls."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    timeout = faults.request_timeout_seconds()
+    return {"timeout": (timeout, timeout), "retry": DEFAULT_RETRY.with_timeout(faults.client_deadline_seconds())}
+
+
+def bucket_exists(location):
+    """Whether the bucket of a gs:// location exists (and this account can see it): one request."""
+    bucket = location[len("gs://"):].split("/", 1)[0]
+    with faults.translate_gcs_errors(location):
+        return client().lookup_bucket(bucket, **call_options()) is not None

@@ -1,9 +1,0 @@
-"""The one place that chooses which Keras the trainer uses.
-
-Keras 2 (`tf_keras`) and not Keras 3: with TensorFlow 2.21, Keras 3's `model.fit` fails under
-MultiWorkerMirroredStrategy (keras-team/keras#20585), and its `BackupAndRestore` replays an
-interrupted epoch from its first batch, while tf_keras resumes at the exact step. Everything else
-imports `keras` from here, so switching back is this one line.
-"""
-
-import tf_keras as keras  # noqa: F401

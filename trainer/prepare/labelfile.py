@@ -1,0 +1,146 @@
+"""Label files: the Vertex AI image-classification import formats, for `trainer prepare --labels`.
+
+CSV, one image per row (https://cloud.google.com/vertex-ai/docs/image-data/classification/prepare-data):
+
+    [ML_USE,]IMAGE_URI,LABEL          e.g.  training,gs://bucket/flowers/1.jpg,daisy
+                                            gs://bucket/flowers/2.jpg,tulip
+
+JSON Lines, one object per line:
+
+    {"imageGcsUri": "gs://bucket/flowers/1.jpg",
+     "classificationAnnotation": {"displayName": "daisy"},
+     "dataItemResourceLabels": {"aiplatform.googleapis.com/ml_use": "training"}}
+
+ML_USE is training, validation, test or unassigned (any case); a row without one, or unassigned,
+gets the stable hash split. IMAGE_URI is any location fsspec reaches (gs://, another bucket, a
+local path); a relative one is relative to the label file's folder. Every bad row (an unknown
+ML_USE, an empty label or URI, a malformed line) is reported with its line number, and an image
+with more than one label is refused: this trainer gives each image one class.
+"""
+
+import csv
+import io
+import json
+
+from trainer.errors import UserError
+from trainer.infra import storage
+
+ML_USE = {"training": "train", "validation": "val", "test": "test", "unassigned": None}
+VERTEX_ML_USE_KEY = "aiplatform.googleapis.com/ml_use"
+PROBLEMS_SHOWN = 5
+
+Row = tuple  # (line number, image location, label, split or None)
+
+
+def read_label_file(url):
+    """The rows of a Vertex CSV or JSONL label file: [(line, location, label, split or None)].
+
+    Raises:
+      UserError: the file is missing, or has bad rows (each named with its line number), or gives
+        one image several labels.
+    """
+    try:
+        text = storage.read_text(url)
+    except FileNotFoundError:
+        raise UserError(f"label file not found: {url}") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"label file {url} is not UTF-8 text: {error}") from None
+    folder = storage.dirname(url)
+    jsonl = url.lower().endswith((".jsonl", ".json"))
+    rows, problems = (_parse_jsonl if jsonl else _parse_csv)(text)
+    located = []
+    for line, uri, label, split in rows:
+        location = uri if "://" in uri or uri.startswith("/") else storage.join(folder, *uri.split("/"))
+        located.append((line, location, label, split))
+    problems += _multi_label(located)
+    if problems:
+        shown = "; ".join(problems[:PROBLEMS_SHOWN])
+        more = f" (and {len(problems) - PROBLEMS_SHOWN} more)" if len(problems) > PROBLEMS_SHOWN else ""
+        raise UserError(f"{url}: {len(problems)} bad rows: {shown}{more}")
+    if not located:
+        raise UserError(f"{url} lists no images")
+    return located
+
+
+def _split_of(value, line):
+    """(split or None, problem or None) for an ML_USE value."""
+    key = value.strip().lower()
+    if key not in ML_USE:
+        return None, f"line {line}: unknown ML_USE {value!r} (training, validation, test or unassigned)"
+    return ML_USE[key], None
+
+
+def _parse_csv(text):
+    rows, problems = [], []
+    for line, fields in enumerate(csv.reader(io.StringIO(text)), start=1):
+        fields = [field.strip() for field in fields]
+        if not any(fields):
+            continue
+        if len(fields) == 2:
+            (uri, label), split = fields, None
+        elif len(fields) == 3:
+            ml_use, uri, label = fields
+            split, problem = _split_of(ml_use, line)
+            if problem:
+                problems.append(problem)
+                continue
+        else:
+            problems.append(f"line {line}: {len(fields)} fields, expected [ML_USE,]IMAGE_URI,LABEL")
+            continue
+        _add_row(rows, problems, line, uri, label, split, "image URI", "label")
+    return rows, problems
+
+
+def _add_row(rows, problems, line, uri, label, split, uri_field, label_field):
+    """Appends the row, or the problem with it (no URI, an empty label)."""
+    if not uri:
+        problems.append(f"line {line}: no {uri_field}")
+    elif not label:
+        problems.append(f"line {line}: empty {label_field} for {uri}")
+    else:
+        rows.append((line, uri, label, split))
+
+
+def _parse_jsonl(text):
+    rows, problems = [], []
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            item = json.loads(raw)
+        except ValueError as error:
+            problems.append(f"line {line}: not JSON ({error})")
+            continue
+        if not isinstance(item, dict):
+            problems.append(f"line {line}: not a JSON object")
+            continue
+        uri = str(item.get("imageGcsUri") or "").strip()
+        if "classificationAnnotations" in item:  # Vertex's multi-label form
+            problems.append(f"line {line}: classificationAnnotations (multi-label) for {uri or 'an image'}: "
+                            "this trainer gives each image one class")
+            continue
+        annotation = item.get("classificationAnnotation") or {}
+        label = str(annotation.get("displayName") or "").strip() if isinstance(annotation, dict) else ""
+        ml_use = (item.get("dataItemResourceLabels") or {}).get(VERTEX_ML_USE_KEY)
+        split, problem = (None, None) if ml_use is None else _split_of(str(ml_use), line)
+        if problem:
+            problems.append(problem)
+        else:
+            _add_row(rows, problems, line, uri, label, split, "imageGcsUri", "classificationAnnotation.displayName")
+    return rows, problems
+
+
+def _multi_label(rows):
+    """A problem for every image that a later row gives another label (or lists again)."""
+    first, problems = {}, []
+    for line, location, label, _ in rows:
+        if location not in first:
+            first[location] = (line, label)
+            continue
+        earlier, earlier_label = first[location]
+        if label != earlier_label:
+            problems.append(f"line {line}: a second label {label!r} for {location} (line {earlier}: "
+                            f"{earlier_label!r}): multi-label images are not supported, one class per image")
+        else:
+            problems.append(f"line {line}: {location} again (as on line {earlier})")
+    return problems
