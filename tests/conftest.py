@@ -1,7 +1,6 @@
 """Shared fixtures: a real GCS JSON-API server on loopback, buckets, and a quiet TensorFlow."""
 
 import os
-import subprocess
 import sys
 import uuid
 
@@ -40,18 +39,19 @@ def gcs_bucket(gcs_server):
     yield f"gs://{name}"
 
 
-def run_trainer(*args, check=False, env=None, timeout=900):
-    """Runs the real `trainer` command line in a subprocess; returns the CompletedProcess."""
-    command = [sys.executable, "-m", "trainer.cli", *args]
-    result = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} exited {result.returncode}\nstdout:\n{result.stdout}\n"
-            f"stderr:\n{result.stderr[-5000:]}"
-        )
-    return result
+# The modules that take longest, first: `make test` spreads modules over the workers in the order
+# they are collected (pytest-xdist's loadscope), so the long ones start at once and the workers
+# finish together instead of one of them running a long module alone at the end.
+LONGEST_FIRST = ("test_faults.py", "test_multiworker.py", "test_bench.py", "test_resume.py", "test_end_to_end.py",
+                 "test_jobdir_runs.py", "test_prepare_scale.py", "test_tflite.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a module, tests keep their order
 
 
 _exit_status = {}

@@ -6,9 +6,9 @@ import json
 import uuid
 
 import fsspec
-import imagegen
+import helpers
 import pytest
-from conftest import run_trainer
+from helpers import run_trainer
 
 from trainer.errors import UserError
 from trainer.infra import storage
@@ -56,7 +56,7 @@ def write_flowers(first, second):
     for index in range(6):
         for name, bucket in (("daisy", first), ("tulip", second)):
             uri = f"{bucket}/flowers/{name}-{index}.jpg"
-            storage.write_bytes(uri, imagegen.image_bytes(class_index=int(name == "tulip"), seed=index))
+            storage.write_bytes(uri, helpers.image_bytes(class_index=int(name == "tulip"), seed=index))
             uris[name].append(uri)
     return uris
 
@@ -136,7 +136,7 @@ def test_bad_jsonl_rows_are_reported_with_their_line(tmp_path, lines, message):
 
 def test_a_row_naming_a_missing_image_is_reported_with_its_line(tmp_path):
     images = tmp_path / "images"
-    imagegen.write_images(str(images), "class_dirs", per_class=2, size=(16, 12))
+    helpers.write_images(str(images), "class_dirs", per_class=2, size=(16, 12))
     rows = ["cats/cats_0000.jpg,cats", "dogs/dogs_0000.jpg,dogs", "cats/gone.jpg,cats", "dogs/dogs_0001.jpg,dogs"]
     (images / "labels.csv").write_text("\n".join(rows) + "\n")  # relative URIs: next to the label file
     error = last_error(run_trainer("prepare", f"--labels={images / 'labels.csv'}", f"--output={tmp_path / 'd'}"))
@@ -154,9 +154,9 @@ def test_source_and_labels_together_are_refused(tmp_path):
 
 def test_a_kaggle_folder_with_stray_files_prepares_the_two_classes_and_lists_the_rest(tmp_path):
     source = tmp_path / "kaggle"
-    imagegen.write_images(str(source), "filename_prefix", classes=("cat", "dog"), per_class=5, size=(16, 12))
+    helpers.write_images(str(source), "filename_prefix", classes=("cat", "dog"), per_class=5, size=(16, 12))
     for name in ("README.md", "notes.txt", "labels.csv", "LICENSE", "Thumbs.db"):
-        imagegen.write_file(str(source), name, b"not an image")
+        helpers.write_file(str(source), name, b"not an image")
     result = run_trainer("prepare", f"--source={source}", f"--output={tmp_path / 'data'}", "--workers=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ignored 5 files that are not images by name" in result.stderr
@@ -171,13 +171,13 @@ def test_a_kaggle_folder_with_stray_files_prepares_the_two_classes_and_lists_the
 
 def test_identical_files_land_in_one_split_and_are_counted(tmp_path):
     source = tmp_path / "photos"
-    written = imagegen.write_images(str(source), "class_dirs", per_class=30, size=(16, 12))
+    written = helpers.write_images(str(source), "class_dirs", per_class=30, size=(16, 12))
     # Copies of ten images under other names (Kaggle's dogs-vs-cats has such): by path they would
     # hash into different splits; by content they must share one. One copy carries the other label.
     copies = {}
     for index, original in enumerate(sorted(written)[:10]):
         name = f"{'dogs' if index == 0 else original.split('/')[0]}/copy_{index}.jpg"
-        imagegen.write_file(str(source), name, (source / original).read_bytes())
+        helpers.write_file(str(source), name, (source / original).read_bytes())
         copies[name] = original
     manifest, records = records_by_split(prepare.prepare_dataset(str(source), str(tmp_path / "data"), workers=1)
                                          and str(tmp_path / "data"))
@@ -199,9 +199,9 @@ def test_identical_files_land_in_one_split_and_are_counted(tmp_path):
 
 def test_split_folders_holding_copies_keep_them_out_of_test(tmp_path):
     source = tmp_path / "photos"
-    written = imagegen.write_images(str(source), "split_dirs", per_class=4, size=(16, 12))
+    written = helpers.write_images(str(source), "split_dirs", per_class=4, size=(16, 12))
     train_image = next(path for path in sorted(written) if path.startswith("train/cats/"))
-    imagegen.write_file(str(source), "test/cats/leaked.jpg", (source / train_image).read_bytes())
+    helpers.write_file(str(source), "test/cats/leaked.jpg", (source / train_image).read_bytes())
     manifest, records = records_by_split(prepare.prepare_dataset(str(source), str(tmp_path / "data"), workers=1)
                                          and str(tmp_path / "data"))
     split_of = {filename: split for split, found in records.items() for filename, _ in found}
@@ -211,11 +211,11 @@ def test_split_folders_holding_copies_keep_them_out_of_test(tmp_path):
 
 def test_adding_a_copy_never_moves_an_existing_image(tmp_path):
     source = tmp_path / "photos"
-    written = imagegen.write_images(str(source), "class_dirs", per_class=20, size=(16, 12))
+    written = helpers.write_images(str(source), "class_dirs", per_class=20, size=(16, 12))
     before = records_by_split(prepare.prepare_dataset(str(source), str(tmp_path / "a"), workers=1)
                               and str(tmp_path / "a"))[1]
     for index, original in enumerate(sorted(written)[:5]):
-        imagegen.write_file(str(source), f"cats/again_{index}.jpg", (source / original).read_bytes())
+        helpers.write_file(str(source), f"cats/again_{index}.jpg", (source / original).read_bytes())
     after = records_by_split(prepare.prepare_dataset(str(source), str(tmp_path / "b"), workers=1)
                              and str(tmp_path / "b"))[1]
     split_before = {filename: split for split, found in before.items() for filename, _ in found}
@@ -228,7 +228,7 @@ def test_adding_a_copy_never_moves_an_existing_image(tmp_path):
 def write_named(source, names):
     """Writes a distinct small JPEG (no two alike) at each relative path."""
     for index, name in enumerate(names):
-        imagegen.write_file(str(source), name, imagegen.image_bytes(size=(16, 12), seed=index))
+        helpers.write_file(str(source), name, helpers.image_bytes(size=(16, 12), seed=index))
 
 
 @pytest.mark.parametrize("names, kind, fragment", [

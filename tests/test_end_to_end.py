@@ -12,8 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_trainer
-from jobs import CLASSES, write_stripes
+from helpers import CLASSES, run_trainer, write_stripes
 
 from trainer.infra import folders, storage
 

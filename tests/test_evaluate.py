@@ -335,7 +335,7 @@ def job(tmp_path_factory):
 
 
 def evaluate_command(job, output, *flags):
-    from conftest import run_trainer
+    from helpers import run_trainer
 
     return run_trainer("evaluate", f"--model={job['model']}", f"--data={job['data']}", "--split=test",
                        f"--output={output}", "--batch_size=3", *flags)

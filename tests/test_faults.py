@@ -12,9 +12,8 @@ import sys
 import time
 
 import pytest
-from conftest import run_trainer
 from faultproxy import FaultProxy
-from jobs import TINY_JOB, write_stripes
+from helpers import TINY_JOB, run_trainer, write_stripes
 
 from trainer.infra import folders
 
@@ -91,22 +90,35 @@ def assert_one_line(stderr, expected):
     return last
 
 
-@pytest.mark.parametrize("fault", ["stall", "refuse"])
-def test_an_unreachable_store_ends_every_command_in_exit_75(stored, proxy, tmp_path, fault):
-    proxy.mode = fault
-    commands = every_command(stored, tmp_path, fault)
-    started = time.monotonic()
-    processes = {name: start(proxy, *args) for name, args in commands.items()}
-    for name, process in processes.items():
-        code, stderr = finish(process, started)
-        assert code == 75, (name, stderr[-3000:])
-        last = assert_one_line(stderr, "retryable error: storage")
-        assert "gs://faults" in last or "127.0.0.1" in last, (name, last)
-    proxy.mode = "pass"
-    # Nothing half-written stands in the way of a rerun once the store is back.
-    for name, args in commands.items():
-        if name != "predict":
-            run_trainer(*args, check=True, env={"STORAGE_EMULATOR_HOST": proxy.url})
+def test_an_unreachable_store_ends_every_command_in_exit_75(stored, gcs_server, tmp_path):
+    """A store that stalls (accepts, never answers) and one that refuses (nothing listens): every
+    command ends in 75, all of them at once (they wait on their deadlines side by side)."""
+    proxies = {fault: FaultProxy(gcs_server) for fault in ("stall", "refuse")}
+    try:
+        commands = {}
+        for fault, proxy in proxies.items():
+            proxy.mode = fault
+            (tmp_path / fault).mkdir()
+            commands.update({(fault, name): (proxy, args)
+                             for name, args in every_command(stored, tmp_path / fault, fault).items()})
+        started = time.monotonic()
+        processes = {key: start(proxy, *args) for key, (proxy, args) in commands.items()}
+        for key, process in processes.items():
+            code, stderr = finish(process, started)
+            assert code == 75, (key, stderr[-3000:])
+            last = assert_one_line(stderr, "retryable error: storage")
+            assert "gs://faults" in last or "127.0.0.1" in last, (key, last)
+        # Nothing half-written stands in the way of a rerun once the store is back (the stall is
+        # the case that leaves requests half done).
+        proxies["stall"].mode = "pass"
+        reruns = {name: start(proxy, *args) for (fault, name), (proxy, args) in commands.items()
+                  if fault == "stall" and name != "predict"}
+        for name, process in reruns.items():
+            code, stderr = finish(process)
+            assert code == 0, (name, stderr[-3000:])
+    finally:
+        for proxy in proxies.values():
+            proxy.close()
 
 
 def test_a_missing_output_bucket_is_one_line_and_exit_1_before_any_work(stored, proxy, tmp_path):
@@ -114,10 +126,12 @@ def test_a_missing_output_bucket_is_one_line_and_exit_1_before_any_work(stored, 
     outputs = {"prepare": "--output=gs://no-such-bucket/data", "train": "--job_dir=gs://no-such-bucket/job",
                "evaluate": "--output=gs://no-such-bucket/eval", "predict": "--output=gs://no-such-bucket/p.csv",
                "promote": "--production=gs://no-such-bucket/production"}
+    processes = {}
     for name, args in commands.items():
         flag = outputs[name].split("=", 1)[0]
-        args = [arg for arg in args if not arg.startswith(flag + "=")] + [outputs[name]]
-        code, stderr = finish(start(proxy, *args))
+        processes[name] = start(proxy, *[arg for arg in args if not arg.startswith(flag + "=")], outputs[name])
+    for name, process in processes.items():
+        code, stderr = finish(process)
         assert code == 1, (name, stderr[-3000:])
         last = assert_one_line(stderr, "error: bucket gs://no-such-bucket does not exist")
         assert "gs://no-such-bucket" in last
@@ -146,6 +160,17 @@ def test_sigterm_during_a_stall_exits_75_within_the_grace_period_and_the_rerun_r
     assert code == 75, text[-3000:]
     assert text.strip().splitlines()[-1].startswith("retryable error: preempted (SIGTERM), and no step ended"), \
         text[-2000:]
+    # Once the store is back, the same command resumes from the backup committed before the stall
+    # (stopped there by another SIGTERM: the rest of its epochs would prove nothing more).
     proxy.mode = "pass"
-    result = run_trainer(*args, env={"STORAGE_EMULATOR_HOST": proxy.url}, check=True)
-    assert "resuming from the backup" in result.stderr
+    rerun_log = tmp_path / "rerun.log"
+    with open(rerun_log, "w") as handle:
+        rerun = subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], stdout=handle, stderr=handle,
+                                 text=True, env={**os.environ, "STORAGE_EMULATOR_HOST": proxy.url})
+    while "resuming from the backup" not in rerun_log.read_text() and rerun.poll() is None and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    rerun.send_signal(signal.SIGTERM)
+    code, _ = finish(rerun)
+    text = rerun_log.read_text()
+    assert "resuming from the backup" in text and code == 75, text[-3000:]

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from jobs import prepare_stripes
+from helpers import prepare_stripes
 
 from trainer.data import pipeline
 from trainer.formats import jobdir, manifest

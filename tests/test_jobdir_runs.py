@@ -1,15 +1,29 @@
 """One job_dir, one run: restarts must ask for the same run, two runs at once are refused, and
-damaged job_dir state gives a clear message (or is recovered) instead of a traceback."""
+damaged job_dir state gives a clear message (or is recovered) instead of a traceback.
+
+The runs whose process is signalled, killed or given a small disk are real processes; the restarts
+that follow them run in this process (`train_in_process`).
+"""
 
 import json
+import logging
 import os
 import signal
 
 import pytest
-from conftest import run_trainer
-from jobs import TINY_JOB, prepare_stripes, start_trainer, wait_until, write_stripes
+from helpers import (
+    TINY_JOB,
+    assert_fails_as,
+    prepare_stripes,
+    start_trainer,
+    train_in_process,
+    wait_until,
+    write_stripes,
+)
 
+from trainer.errors import EXIT_RETRYABLE
 from trainer.infra import storage
+from trainer.prepare.run import prepare_dataset
 
 
 @pytest.fixture(scope="module")
@@ -23,26 +37,27 @@ def train(dataset, job_dir, *extra, epochs=1):
             f"--epochs={epochs}", "--fine_tune_epochs=0", "--learning_rate=1e-3", *extra]
 
 
+def restart(dataset, job_dir, *extra, epochs=1):
+    """The same command again, in this process."""
+    return lambda: train_in_process(*train(dataset, job_dir, *extra, epochs=epochs)[1:])
+
+
 @pytest.fixture(scope="module")
 def finished(dataset, tmp_path_factory):
     job_dir = str(tmp_path_factory.mktemp("runs-job") / "job")
-    run_trainer(*train(dataset, job_dir), check=True)
+    restart(dataset, job_dir)()
     return job_dir
 
 
 def test_a_restart_with_other_run_settings_is_refused_naming_them(dataset, finished):
-    result = run_trainer(*train(dataset, finished, "--learning_rate=0.01", "--dense_units=16"))
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
+    last = assert_fails_as(restart(dataset, finished, "--learning_rate=0.01", "--dense_units=16"))
     assert "--learning_rate=0.001 (now: 0.01)" in last and "--dense_units=32 (now: 16)" in last, last
-    assert "new --job_dir" in last and "Traceback" not in result.stderr
+    assert "new --job_dir" in last
 
 
-def test_settings_that_do_not_change_the_result_may_change(dataset, finished):
-    result = run_trainer(*train(dataset, finished, "--backup_every_steps=7", "--cpu_replicas=2",
-                                "--feature_cache=off"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "already complete" in result.stdout
+def test_settings_that_do_not_change_the_result_may_change(dataset, finished, capsys):
+    restart(dataset, finished, "--backup_every_steps=7", "--cpu_replicas=2", "--feature_cache=off")()
+    assert "already complete" in capsys.readouterr().out
     # config.json keeps the first start's record.
     assert storage.read_json(os.path.join(finished, "config.json"))["backup_every_steps"] == 100
 
@@ -50,53 +65,50 @@ def test_settings_that_do_not_change_the_result_may_change(dataset, finished):
 def test_a_finished_run_says_when_its_dataset_has_changed(tmp_path):
     own = {"folder": tmp_path, "url": prepare_stripes(tmp_path, per_class=24, num_shards=2)}
     job_dir = str(tmp_path / "job")
-    run_trainer(*train(own, job_dir), check=True)
+    restart(own, job_dir)()
     # The dataset is prepared again, in the same place, after more images arrived.
     write_stripes(str(tmp_path / "images"), per_class=30)
-    run_trainer("prepare", f"--source={tmp_path / 'images'}", f"--output={tmp_path / 'data'}", "--workers=1",
-                "--num_shards=2", "--overwrite", check=True)
-    result = run_trainer(*train(own, job_dir))
-    assert result.returncode == 1, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
+    prepare_dataset(str(tmp_path / "images"), str(tmp_path / "data"), workers=1, num_shards=2, overwrite=True)
+    last = assert_fails_as(restart(own, job_dir))
     assert "is complete: it was trained on" in last and own["url"] in last, last
     assert "has changed since" in last and "new --job_dir" in last, last
 
 
-def test_a_second_run_on_a_busy_job_dir_is_refused_and_the_first_finishes(dataset, tmp_path):
+def test_a_second_run_on_a_busy_job_dir_is_refused_and_the_first_goes_on(dataset, tmp_path):
     job_dir = str(tmp_path / "job")
     first = start_trainer(train(dataset, job_dir, epochs=30), log_path=tmp_path / "first.log")
     assert wait_until(lambda: os.path.exists(os.path.join(job_dir, "history.json")) or first.poll() is not None,
                       timeout=600)
     assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
-    second = run_trainer(*train(dataset, job_dir, epochs=30))
-    assert second.returncode == 1
-    assert "another run is using this job_dir" in second.stderr.strip().splitlines()[-1]
-    assert first.wait(timeout=900) == 0, (tmp_path / "first.log").read_text()[-3000:]
-    assert not os.path.exists(os.path.join(job_dir, "LEASE"))  # released at the end
+    assert_fails_as(restart(dataset, job_dir, epochs=30), "another run is using this job_dir")
+    # The first run goes on undisturbed; stopped now (the rest of its epochs prove nothing more),
+    # it releases the lease on its way out.
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) == EXIT_RETRYABLE, (tmp_path / "first.log").read_text()[-3000:]
+    assert not os.path.exists(os.path.join(job_dir, "LEASE"))
 
 
-def test_a_killed_run_does_not_block_its_restart(dataset, tmp_path):
+def test_a_killed_run_does_not_block_its_restart(dataset, tmp_path, capsys):
     job_dir = str(tmp_path / "job")
-    first = start_trainer(train(dataset, job_dir, epochs=30), log_path=tmp_path / "first.log")
+    first = start_trainer(train(dataset, job_dir, epochs=3), log_path=tmp_path / "first.log")
     assert wait_until(lambda: os.path.exists(os.path.join(job_dir, "LEASE")) or first.poll() is not None,
                       timeout=600)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
     held = json.loads(open(os.path.join(job_dir, "LEASE")).read())
     assert held["pid"] == first.pid  # left behind by the dead run
-    result = run_trainer(*train(dataset, job_dir, epochs=30), check=True)
-    assert "already complete" not in result.stdout
+    restart(dataset, job_dir, epochs=3)()
+    assert "already complete" not in capsys.readouterr().out
+    assert os.path.exists(os.path.join(job_dir, "DONE")) and not os.path.exists(os.path.join(job_dir, "LEASE"))
 
 
 def test_damaged_history_is_named(dataset, tmp_path):
     job_dir = tmp_path / "job"
-    run_trainer(*train(dataset, str(job_dir), "--steps_per_epoch=1", epochs=2), check=True)
+    restart(dataset, str(job_dir), "--steps_per_epoch=1", epochs=2)()
     (job_dir / "DONE").unlink()
     (job_dir / "history.json").write_text("{not json")
-    result = run_trainer(*train(dataset, str(job_dir), "--steps_per_epoch=1", epochs=2))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert "history.json is damaged" in last, last
+    assert_fails_as(restart(dataset, str(job_dir), "--steps_per_epoch=1", epochs=2), "history.json is damaged")
 
 
 def test_a_truncated_backup_is_named_with_the_way_out(dataset, tmp_path):
@@ -109,20 +121,19 @@ def test_a_truncated_backup_is_named_with_the_way_out(dataset, tmp_path):
     first.wait(timeout=60)
     data = next((job_dir / "backup" / "head").glob("*.data-*"))
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
-    result = run_trainer(*train(dataset, str(job_dir), "--backup_every_steps=1", epochs=30))
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert "backup" in last and "is damaged" in last and "delete that folder" in last, last
+    assert_fails_as(restart(dataset, str(job_dir), "--backup_every_steps=1", epochs=30),
+                    "backup", "is damaged", "delete that folder")
 
 
-def test_a_deleted_model_of_a_finished_run_is_exported_again(dataset, finished, tmp_path):
+def test_a_deleted_model_of_a_finished_run_is_exported_again(dataset, finished, tmp_path, caplog):
     import shutil
 
     job_dir = tmp_path / "job"
     shutil.copytree(finished, job_dir)
     shutil.rmtree(job_dir / "model")
-    result = run_trainer(*train(dataset, str(job_dir)), check=True)
-    assert "exporting it again" in result.stderr
+    with caplog.at_level(logging.INFO, logger="absl"):
+        restart(dataset, str(job_dir))()
+    assert "exporting it again" in caplog.text
     assert (job_dir / "model" / "saved_model.pb").exists() and (job_dir / "DONE").exists()
 
 

@@ -9,7 +9,7 @@ import json
 import signal
 
 import pytest
-from jobs import TINY_JOB, fingerprints, free_ports, optimizer_steps, prepare_stripes, start_trainer, wait_until
+from helpers import TINY_JOB, fingerprints, free_ports, optimizer_steps, prepare_stripes, start_trainer, wait_until
 
 from trainer.errors import EXIT_RETRYABLE
 from trainer.infra import folders, storage
@@ -235,7 +235,7 @@ def test_feature_cache_killed_during_extraction_completes_with_the_exact_step_co
 def test_one_worker_and_two_workers_train_the_same_recipe_equally(dataset, tmp_path):
     """Same dataset and flags, cache on: one machine with 2 replicas and two 1-replica workers make
     the same number of optimizer steps and reach models of equal quality (noise aside)."""
-    from conftest import run_trainer
+    from helpers import run_trainer
 
     epochs = 8
     flags = ["--data=" + dataset["url"], *TINY_JOB, f"--batch_size={BATCH}", "--learning_rate=1e-3",

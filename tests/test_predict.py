@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_trainer
+from helpers import run_trainer
 from PIL import Image
 
 from trainer.data.decode import decode_image

@@ -9,9 +9,9 @@ import os
 import random
 import threading
 
-import imagegen
+import helpers
 import pytest
-from conftest import run_trainer
+from helpers import assert_one_line_error, run_trainer
 from PIL import ImageFile
 
 from trainer.errors import UserError
@@ -21,8 +21,8 @@ from trainer.prepare import run as prepare
 
 EXAMPLE_KEYS = {"image/encoded", "image/format", "image/class/label", "image/class/text",
                 "image/filename", "image/height", "image/width"}
-# Every format imagegen writes; cycled per image, so each class holds each format once.
-ALL_FORMATS = tuple(imagegen.FORMATS)
+# Every format helpers.write_images writes; cycled per image, so each class holds each format once.
+ALL_FORMATS = tuple(helpers.FORMATS)
 BAD_REASONS = {
     "bad_truncated_jpeg.jpg": "truncated image",
     "bad_truncated_png.png": "truncated image",
@@ -93,26 +93,16 @@ def split_of_files(records):
     return {record["filename"]: split for split, split_records in records.items() for record in split_records}
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    assert result.stderr.rstrip().splitlines()[-1] == errors[0]
-    for fragment in fragments:
-        assert fragment in errors[0]
-
-
 # ----------------------------------------------------------------------------------------------
 # The real command, one test per layout.
 
 
 def test_class_dirs_local_every_format_and_bad_files(tmp_path):
     source, output = tmp_path / "photos", tmp_path / "data"
-    written = imagegen.write_images(str(source), "class_dirs", per_class=len(ALL_FORMATS), fmt=ALL_FORMATS)
-    bad = imagegen.write_bad_files(str(source), "cats")
-    imagegen.write_file(str(source), ".DS_Store", b"finder")
-    imagegen.write_file(str(source), "dogs/.hidden.jpg", imagegen.image_bytes())
+    written = helpers.write_images(str(source), "class_dirs", per_class=len(ALL_FORMATS), fmt=ALL_FORMATS)
+    bad = helpers.write_bad_files(str(source), "cats")
+    helpers.write_file(str(source), ".DS_Store", b"finder")
+    helpers.write_file(str(source), "dogs/.hidden.jpg", helpers.image_bytes())
 
     result = run_trainer("prepare", f"--source={source}", f"--output={output}", "--workers=2")
 
@@ -152,7 +142,7 @@ def test_class_dirs_local_every_format_and_bad_files(tmp_path):
 
 def test_split_dirs_local(tmp_path):
     source, output = tmp_path / "seed", tmp_path / "data"
-    written = imagegen.write_images(str(source), "split_dirs", per_class=3, fmt=("jpeg", "png"))
+    written = helpers.write_images(str(source), "split_dirs", per_class=3, fmt=("jpeg", "png"))
 
     result = run_trainer("prepare", f"--source={source}", f"--output={output}", "--workers=2")
 
@@ -169,7 +159,7 @@ def test_split_dirs_local(tmp_path):
 
 def test_filename_prefix_local_hash_split_and_mixed_shards(tmp_path):
     source, output = tmp_path / "kaggle", tmp_path / "data"
-    written = imagegen.write_images(str(source), "filename_prefix", classes=("cat", "dog"), per_class=30,
+    written = helpers.write_images(str(source), "filename_prefix", classes=("cat", "dog"), per_class=30,
                                     size=(24, 18))
 
     result = run_trainer("prepare", f"--source={source}", f"--output={output}", "--workers=2",
@@ -196,8 +186,8 @@ def test_filename_prefix_local_hash_split_and_mixed_shards(tmp_path):
 
 def test_gcs_source_and_output(gcs_bucket, tmp_path):
     source, output = f"{gcs_bucket}/photos", f"{gcs_bucket}/datasets/pets"
-    written = imagegen.write_images(source, "class_dirs", per_class=5, fmt=("jpeg", "png", "cmyk"))
-    bad = imagegen.write_bad_files(source, "dogs", kinds=("truncated_jpeg", "not_image"))
+    written = helpers.write_images(source, "class_dirs", per_class=5, fmt=("jpeg", "png", "cmyk"))
+    bad = helpers.write_bad_files(source, "dogs", kinds=("truncated_jpeg", "not_image"))
 
     result = run_trainer("prepare", f"--source={source}", f"--output={output}", "--workers=2",
                          "--num_shards=2")
@@ -219,7 +209,7 @@ def test_gcs_source_and_output(gcs_bucket, tmp_path):
 
 def test_rerun_is_identical_and_added_files_keep_their_split(tmp_path):
     source = tmp_path / "photos"
-    imagegen.write_images(str(source), "class_dirs", per_class=20, size=(16, 12))
+    helpers.write_images(str(source), "class_dirs", per_class=20, size=(16, 12))
     first = prepare.prepare_dataset(str(source), str(tmp_path / "one"), num_shards=2, workers=1)
     second = prepare.prepare_dataset(str(source), str(tmp_path / "two"), num_shards=2, workers=1)
 
@@ -230,7 +220,7 @@ def test_rerun_is_identical_and_added_files_keep_their_split(tmp_path):
                 tmp_path / "two" / shard["file"]).read_bytes()
     _, before = read_records(str(tmp_path / "one"), tmp_path)
 
-    imagegen.write_images(str(source), "class_dirs", per_class=10, size=(16, 12), start=20)
+    helpers.write_images(str(source), "class_dirs", per_class=10, size=(16, 12), start=20)
     grown = prepare.prepare_dataset(str(source), str(tmp_path / "three"), num_shards=2, workers=1)
     _, after = read_records(str(tmp_path / "three"), tmp_path)
 
@@ -257,8 +247,8 @@ def test_assign_split_is_a_fixed_function_of_seed_and_path():
 
 def test_max_side_shrinks_large_images_only(tmp_path):
     source, output = tmp_path / "photos", tmp_path / "data"
-    large = imagegen.write_images(str(source), "class_dirs", per_class=2, size=(120, 90), fmt=("jpeg", "png"))
-    small = imagegen.write_images(str(source), "class_dirs", per_class=1, size=(20, 15), start=2)
+    large = helpers.write_images(str(source), "class_dirs", per_class=2, size=(120, 90), fmt=("jpeg", "png"))
+    small = helpers.write_images(str(source), "class_dirs", per_class=1, size=(20, 15), start=2)
 
     manifest = prepare.prepare_dataset(str(source), str(output), max_side=32, val_fraction=0,
                                        test_fraction=0, workers=1)
@@ -279,8 +269,8 @@ def test_max_side_shrinks_large_images_only(tmp_path):
 def test_truncated_images_are_skipped_even_when_pillow_would_pad_them(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     source = tmp_path / "photos"
-    imagegen.write_images(str(source), "class_dirs", per_class=2, size=(16, 12))
-    imagegen.write_bad_files(str(source), "dogs", kinds=("truncated_jpeg", "truncated_png"))
+    helpers.write_images(str(source), "class_dirs", per_class=2, size=(16, 12))
+    helpers.write_bad_files(str(source), "dogs", kinds=("truncated_jpeg", "truncated_png"))
 
     manifest = prepare.prepare_dataset(str(source), str(tmp_path / "data"), workers=1)
 
@@ -340,8 +330,8 @@ def test_detect_layout_refuses_ambiguous(paths):
 
 def test_explicit_layout_skips_files_it_has_no_place_for(tmp_path):
     source = tmp_path / "photos"
-    imagegen.write_images(str(source), "class_dirs", per_class=2, size=(16, 12))
-    imagegen.write_file(str(source), "LICENSE.txt", b"CC-BY")
+    helpers.write_images(str(source), "class_dirs", per_class=2, size=(16, 12))
+    helpers.write_file(str(source), "LICENSE.txt", b"CC-BY")
 
     manifest = prepare.prepare_dataset(str(source), str(tmp_path / "data"), layout="class_dirs", workers=1)
 
@@ -355,23 +345,23 @@ def _make_error_case(case, tmp_path):
     if case == "missing source":
         return []
     if case == "one class":
-        imagegen.write_images(str(source), "class_dirs", classes=("cats",), per_class=2)
+        helpers.write_images(str(source), "class_dirs", classes=("cats",), per_class=2)
     elif case == "ambiguous layout":
-        imagegen.write_images(str(source), "class_dirs", per_class=1)
-        imagegen.write_file(str(source), "stray.jpg", imagegen.image_bytes())
+        helpers.write_images(str(source), "class_dirs", per_class=1)
+        helpers.write_file(str(source), "stray.jpg", helpers.image_bytes())
     elif case == "nothing usable":  # (all in train: the plan has training files for both classes)
-        imagegen.write_bad_files(str(source), "cats", kinds=("truncated_jpeg", "not_image"))
-        imagegen.write_bad_files(str(source), "dogs", kinds=("empty",))
+        helpers.write_bad_files(str(source), "cats", kinds=("truncated_jpeg", "not_image"))
+        helpers.write_bad_files(str(source), "dogs", kinds=("empty",))
         return ["--val_fraction=0", "--test_fraction=0"]
     elif case == "empty class":
-        imagegen.write_images(str(source), "class_dirs", classes=("cats",), per_class=3)
-        imagegen.write_bad_files(str(source), "dogs", kinds=("truncated_jpeg", "not_image"))
+        helpers.write_images(str(source), "class_dirs", classes=("cats",), per_class=3)
+        helpers.write_bad_files(str(source), "dogs", kinds=("truncated_jpeg", "not_image"))
         return ["--val_fraction=0", "--test_fraction=0"]
     elif case == "existing dataset":
-        imagegen.write_images(str(source), "class_dirs", per_class=1)
+        helpers.write_images(str(source), "class_dirs", per_class=1)
         storage.write_json(str(tmp_path / "data" / "dataset.json"), {"kind": "trainer-dataset"})
     else:
-        imagegen.write_images(str(source), "class_dirs", per_class=1)
+        helpers.write_images(str(source), "class_dirs", per_class=1)
         return case.split()
     return []
 
@@ -400,7 +390,7 @@ def test_errors_are_one_line_and_exit_1(case, message, tmp_path):
 
 def test_overwrite_removes_only_the_old_datasets_files(tmp_path):
     source, output = tmp_path / "photos", tmp_path / "data"
-    imagegen.write_images(str(source), "class_dirs", per_class=10, size=(16, 12))
+    helpers.write_images(str(source), "class_dirs", per_class=10, size=(16, 12))
     old = prepare.prepare_dataset(str(source), str(output), num_shards=3, workers=1)
     (output / "notes.txt").write_text("mine")
     (output / "train-00000-of-00009.tfrecord").write_text("not in the manifest")

@@ -11,10 +11,10 @@ import subprocess
 import sys
 import time
 
-import imagegen
+import helpers
 import pytest
 import tensorflow as tf
-from conftest import run_trainer
+from helpers import run_trainer
 from test_prepare import assert_one_line_error
 
 from trainer.errors import RetryableError
@@ -38,8 +38,8 @@ def shard_bytes(output):
 
 
 def write_source(root, per_class=12, size=(40, 30)):
-    imagegen.write_images(str(root), "class_dirs", per_class=per_class, size=size, fmt=("jpeg", "png", "cmyk"))
-    imagegen.write_bad_files(str(root), "dogs", kinds=("truncated_jpeg", "not_image"))
+    helpers.write_images(str(root), "class_dirs", per_class=per_class, size=size, fmt=("jpeg", "png", "cmyk"))
+    helpers.write_bad_files(str(root), "dogs", kinds=("truncated_jpeg", "not_image"))
 
 
 def test_records_are_tensorflows_deterministic_serialization(tmp_path):
@@ -112,7 +112,7 @@ def _kill_after(arguments, output, reports):
 def test_rerun_after_sigkill_writes_only_what_is_missing(reports, tmp_path):
     source, reference = tmp_path / "photos", tmp_path / "reference"
     # PNGs are re-encoded: each shard takes long enough to be caught part-way.
-    imagegen.write_images(str(source), "class_dirs", per_class=30, size=(320, 240), fmt="png")
+    helpers.write_images(str(source), "class_dirs", per_class=30, size=(320, 240), fmt="png")
     arguments = [f"--source={source}", "--num_shards=4", "--workers=1"]
     expected = prepare.prepare_dataset(str(source), str(reference), num_shards=4, workers=1)
     output = str(tmp_path / "data")
@@ -136,7 +136,7 @@ def test_rerun_after_sigkill_writes_only_what_is_missing(reports, tmp_path):
 
 def test_resume_on_gcs_rewrites_only_uncommitted_or_damaged_shards(gcs_bucket, tmp_path, monkeypatch):
     source, output, reference = tmp_path / "photos", f"{gcs_bucket}/data", str(tmp_path / "reference")
-    imagegen.write_images(str(source), "class_dirs", per_class=10, size=(24, 18))
+    helpers.write_images(str(source), "class_dirs", per_class=10, size=(24, 18))
     expected = prepare.prepare_dataset(str(source), reference, num_shards=3, workers=1)
     write_shard, written = shards.write_shard, []
 
@@ -192,7 +192,7 @@ def test_bad_input_through_beam_is_the_same_one_line_error(tmp_path):
 
 def test_storage_errors_inside_a_beam_pipeline_keep_their_kind_and_message(tmp_path, monkeypatch):
     source = tmp_path / "photos"
-    imagegen.write_images(str(source), "class_dirs", per_class=3)
+    helpers.write_images(str(source), "class_dirs", per_class=3)
 
     def unreachable(location):
         raise RetryableError(f"storage unreachable at {location}: no answer within 20 s")
@@ -253,7 +253,7 @@ def test_tensorflows_own_gcs_filesystem_reads_shards_as_local_copies_give_them(g
     from tlsproxy import TLSProxy
 
     source, output = tmp_path / "photos", f"{gcs_bucket}/data"
-    imagegen.write_images(str(source), "class_dirs", per_class=8, size=(40, 30), fmt=("jpeg", "png"))
+    helpers.write_images(str(source), "class_dirs", per_class=8, size=(40, 30), fmt=("jpeg", "png"))
     prepare.prepare_dataset(str(source), output, num_shards=2, workers=1)
     folders.copy_tree(output, str(tmp_path / "local"))
     results = {}

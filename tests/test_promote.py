@@ -9,7 +9,7 @@ import os
 import threading
 
 import pytest
-from conftest import run_trainer
+from helpers import run_trainer
 
 from trainer.errors import RetryableError, UserError
 from trainer.evaluate import gate

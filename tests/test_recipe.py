@@ -195,8 +195,7 @@ def test_randaugment_changes_training_images_differently_every_epoch():
 
 
 def test_a_run_with_randaugment_mixup_cutmix_and_two_replicas_streams_and_finishes(tmp_path):
-    from conftest import run_trainer
-    from jobs import TINY_JOB, prepare_stripes
+    from helpers import TINY_JOB, prepare_stripes, run_trainer
 
     from trainer.infra import storage
 

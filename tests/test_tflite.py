@@ -3,8 +3,7 @@
 
 import numpy as np
 import pytest
-from conftest import run_trainer
-from jobs import prepare_stripes
+from helpers import prepare_stripes, run_trainer
 
 from trainer.data import pipeline
 from trainer.infra import storage
