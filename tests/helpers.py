@@ -7,6 +7,7 @@ and datasets written with the product's own writer (trainer.formats).
 
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -336,24 +337,18 @@ def wait_until(predicate, timeout, interval=0.2):
     return False
 
 
+# What a training log says at the end of each phase (trainer.train.phases.fit_phase).
+PHASE_FINISHED = re.compile(r"phase (\w+) finished: optimizer step (\d+), weights fingerprint (\w+)")
+
+
 def optimizer_steps(log_text):
     """{phase: optimizer step} from a training log's 'phase X finished' lines."""
-    steps = {}
-    for line in log_text.splitlines():
-        if "finished: optimizer step" in line:
-            phase = line.split("phase ", 1)[1].split(" ", 1)[0]
-            steps[phase] = int(line.split("optimizer step ", 1)[1].split(",", 1)[0])
-    return steps
+    return {phase: int(step) for phase, step, _ in PHASE_FINISHED.findall(log_text)}
 
 
 def fingerprints(log_text):
     """{phase: weights fingerprint} from a training log."""
-    found = {}
-    for line in log_text.splitlines():
-        if "weights fingerprint" in line:
-            phase = line.split("phase ", 1)[1].split(" ", 1)[0]
-            found[phase] = line.rsplit("weights fingerprint ", 1)[1].strip()
-    return found
+    return {phase: fingerprint for phase, _, fingerprint in PHASE_FINISHED.findall(log_text)}
 
 
 # ---------------------------------------------------------------- datasets from crafted records

@@ -14,6 +14,7 @@ import struct
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import record, write_records_dataset
 from PIL import Image
 
 from trainer.data import pipeline
@@ -43,26 +44,13 @@ def encode_image(identity, image_format):
     return buffer.getvalue()
 
 
-def make_example(encoded, image_format, label, filename):
-    feature = {
-        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
-        "image/format": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_format.encode()])),
-        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "image/class/text": tf.train.Feature(bytes_list=tf.train.BytesList(value=[CLASSES[label % 2].encode()])),
-        "image/filename": tf.train.Feature(bytes_list=tf.train.BytesList(value=[filename.encode()])),
-        "image/height": tf.train.Feature(int64_list=tf.train.Int64List(value=[SIZE])),
-        "image/width": tf.train.Feature(int64_list=tf.train.Int64List(value=[SIZE])),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
 def write_dataset(folder, layout=LAYOUT, broken_image=None, wrong_label=None):
-    """Writes shards + dataset.json; returns {identity: example facts}.
+    """Writes shards + dataset.json as `trainer prepare` does (helpers.write_records_dataset);
+    returns {identity: example facts}.
 
     `broken_image`: the identity whose stored bytes are a JPEG's first 200 bytes (does not decode).
     `wrong_label`: the identity stored with label 7 (there are 2 classes).
     """
-    os.makedirs(folder, exist_ok=True)
     examples, splits, identity = {}, {}, 0
     for split, (count, num_shards) in layout.items():
         items = []
@@ -75,25 +63,16 @@ def write_dataset(folder, layout=LAYOUT, broken_image=None, wrong_label=None):
             items.append(dict(identity=identity, split=split, label=label, filename=filename,
                               encoded=encoded, format=image_format))
             identity += 1
-        shards = []
+        splits[split] = []
         for number in range(num_shards):
             name = f"{split}-{number:05d}-of-{num_shards:05d}.tfrecord"
             part = items[number::num_shards]
-            with tf.io.TFRecordWriter(os.path.join(folder, name)) as writer:
-                for index, item in enumerate(part):
-                    label = 7 if item["identity"] == wrong_label else item["label"]
-                    writer.write(make_example(item["encoded"], item["format"], label, item["filename"]))
-                    examples[item["identity"]] = {**item, "shard": name, "index": index}
-            shards.append({"file": name, "records": len(part),
-                           "bytes": os.path.getsize(os.path.join(folder, name))})
-        class_counts = {name: sum(item["label"] == label for item in items)
-                        for label, name in enumerate(CLASSES)}
-        splits[split] = {"count": count, "class_counts": class_counts, "shards": shards}
-    manifest = {"schema_version": 1, "kind": "trainer-dataset", "tool_version": "0.1.0",
-                "created": "2026-01-01T00:00:00Z", "source": "generated", "layout": "class_dirs",
-                "val_fraction": 0.15, "test_fraction": 0.15, "split_seed": 0, "max_side": None,
-                "classes": CLASSES, "splits": splits, "image_stats": {}, "skipped": [], "seconds": 0.0}
-    write_json(os.path.join(folder, "dataset.json"), manifest)
+            for index, item in enumerate(part):
+                examples[item["identity"]] = {**item, "shard": name, "index": index}
+            splits[split].append([record(item["encoded"], item["format"], 7 if item["identity"] == wrong_label
+                                         else item["label"], CLASSES[item["label"]], item["filename"], SIZE, SIZE)
+                                  for item in part])
+    write_records_dataset(folder, CLASSES, splits)
     return examples
 
 

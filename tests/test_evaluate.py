@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import assert_fails_as, record, write_records_dataset
 from PIL import Image
 
 from trainer.errors import UserError
@@ -261,51 +262,12 @@ def encode_png(brightness, size=16):
     return buffer.getvalue()
 
 
-def serialize_example(brightness, label, index):
-    import tensorflow as tf
-
-    def feature(value):
-        if isinstance(value, bytes):
-            return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
-
-    return tf.train.Example(features=tf.train.Features(feature={
-        "image/encoded": feature(encode_png(brightness)), "image/format": feature(b"png"),
-        "image/class/label": feature(label), "image/class/text": feature(CLASSES[label].encode()),
-        "image/filename": feature(f"{CLASSES[label]}/{index}.png".encode()),
-        "image/height": feature(16), "image/width": feature(16),
-    })).SerializeToString()
-
-
 def write_dataset(folder, examples, num_shards=2):
-    """A dataset as `trainer prepare` writes it: a `test` split in shards, then dataset.json."""
-    import tensorflow as tf
-
-    os.makedirs(folder, exist_ok=True)
-    shards = []
-    for shard in range(num_shards):
-        name = f"test-{shard:05d}-of-{num_shards:05d}.tfrecord"
-        records = [serialize_example(b, label, i) for i, (b, label) in enumerate(examples)
-                   if i % num_shards == shard]
-        with tf.io.TFRecordWriter(os.path.join(folder, name)) as writer:
-            for record in records:
-                writer.write(record)
-        shards.append({"file": name, "records": len(records),
-                       "bytes": os.path.getsize(os.path.join(folder, name))})
-    class_counts = {name: sum(label == i for _, label in examples) for i, name in enumerate(CLASSES)}
-    empty = {"count": 0, "class_counts": dict.fromkeys(CLASSES, 0), "shards": []}
-    storage.write_json(os.path.join(folder, "dataset.json"), {
-        "schema_version": 1, "kind": "trainer-dataset", "tool_version": "0.1.0",
-        "created": "2026-01-01T00:00:00Z", "source": "test", "layout": "split_dirs",
-        "val_fraction": 0.0, "test_fraction": 0.0, "split_seed": 0, "max_side": None,
-        "classes": CLASSES,
-        "splits": {"train": empty, "val": empty,
-                   "test": {"count": len(examples), "class_counts": class_counts, "shards": shards}},
-        "image_stats": {"count": len(examples), "width": {"min": 16, "max": 16, "mean": 16.0},
-                        "height": {"min": 16, "max": 16, "mean": 16.0}},
-        "skipped": [], "seconds": 0.0,
-    })
-    return os.path.join(folder, "dataset.json")
+    """A `test` split of `(brightness, label)` images in shards, then dataset.json, written as
+    `trainer prepare` writes them (helpers.write_records_dataset)."""
+    records = [record(encode_png(brightness), "png", label, CLASSES[label], f"{CLASSES[label]}/{index}.png", 16, 16)
+               for index, (brightness, label) in enumerate(examples)]
+    return write_records_dataset(folder, CLASSES, {"test": [records[shard::num_shards] for shard in range(num_shards)]})
 
 
 def export_brightness_model(model_url, classes=CLASSES, bias=-5.0):
@@ -341,10 +303,6 @@ def evaluate_command(job, output, *flags):
                        f"--output={output}", "--batch_size=3", *flags)
 
 
-def last_line(result):
-    return result.stderr.strip().splitlines()[-1]
-
-
 def test_passing_gate_writes_the_report_to_the_gcs_server(job, gcs_bucket):
     data = f"{gcs_bucket}/data"
     folders.copy_tree(os.path.dirname(job["data"]), data)
@@ -366,29 +324,25 @@ def test_passing_gate_writes_the_report_to_the_gcs_server(job, gcs_bucket):
     assert "gate passed" in result.stderr
 
 
-@pytest.mark.parametrize("flags, reason", [
-    (["--min_accuracy=0.9"], "gate failed: accuracy 0.8571 is below --min_accuracy 0.9000"),
-    (["--baseline={baseline}", "--tolerance=0.02"], "below the baseline's 0.9000"),
+@pytest.mark.parametrize("settings, reason", [
+    ({"min_accuracy": 0.9}, "gate failed: accuracy 0.8571 is below --min_accuracy 0.9000"),
+    ({"baseline_url": "{baseline}", "tolerance": 0.02}, "below the baseline's 0.9000"),
 ])
-def test_failing_gate_exits_1_with_one_line_and_keeps_the_report(job, tmp_path, flags, reason):
+def test_failing_gate_exits_1_with_one_line_and_keeps_the_report(job, tmp_path, settings, reason):
     output = tmp_path / "eval"
-    result = evaluate_command(job, str(output), *[flag.format(**job) for flag in flags])
-
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert last_line(result).startswith("error: gate failed: ")
-    assert reason in last_line(result)
-    assert "Traceback" not in result.stderr
+    settings = {key: value.format(**job) if isinstance(value, str) else value for key, value in settings.items()}
+    line = assert_fails_as(lambda: evaluate.run(job["model"], job["data"], "test", str(output), batch_size=3,
+                                                **settings), reason)
+    assert line.startswith("error: gate failed: ")
     assert storage.read_json(str(output / "metrics.json"))["examples"] == len(TEST_EXAMPLES)
     assert (output / "confusion_matrix.png").exists()
 
 
 def test_bad_input_is_one_line(job, tmp_path):
     other = export_brightness_model(str(tmp_path / "other"), classes=["birds", "fish"])
-    mismatch = evaluate_command({**job, "model": other}, str(tmp_path / "a"))
-    missing = evaluate_command(job, str(tmp_path / "b"), f"--baseline={tmp_path / 'none.json'}")
-
-    assert mismatch.returncode == 1 and "differ from the dataset's" in last_line(mismatch)
-    assert missing.returncode == 1 and "--baseline" in last_line(missing)
+    assert_fails_as(lambda: evaluate.run(other, job["data"], "test", str(tmp_path / "a")), "differ from the dataset's")
+    assert_fails_as(lambda: evaluate.run(job["model"], job["data"], "test", str(tmp_path / "b"),
+                                         baseline_url=str(tmp_path / "none.json")), "--baseline")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

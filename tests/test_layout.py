@@ -125,9 +125,12 @@ def test_the_tensorflow_free_modules_load_without_tensorflow():
 
 
 @pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "predict", "promote", "tflite"])
-def test_help_answers_without_tensorflow(command):
-    code = (f"import sys; from trainer import cli\ntry:\n    cli.main(['trainer', {command!r}, '--help'])\n"
-            "except SystemExit as end:\n    assert end.code == 0\nassert 'tensorflow' not in sys.modules\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert f"trainer {command}" in result.stdout
+def test_help_and_flag_errors_answer_without_tensorflow(command):
+    for argument, exit_code in (("--help", 0), ("--no_such_flag=1", 1)):
+        code = (f"import sys; from trainer import cli\ntry:\n    cli.main(['trainer', {command!r}, {argument!r}])\n"
+                f"except SystemExit as end:\n    assert end.code == {exit_code}, end.code\n"
+                "assert 'tensorflow' not in sys.modules\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        shown = result.stdout if exit_code == 0 else result.stderr
+        assert f"trainer {command}" in shown, shown

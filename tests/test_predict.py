@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import run_trainer
+from helpers import assert_fails_as, run_trainer
 from PIL import Image
 
 from trainer.data.decode import decode_image
@@ -104,7 +104,7 @@ def test_cli_predict_on_a_folder(tmp_path, exported):
     assert "100%" in result.stderr  # the progress bar reached the end
 
 
-def test_cli_predict_on_a_gcs_glob(tmp_path, exported, gcs_bucket):
+def test_predict_on_a_gcs_glob(tmp_path, exported, gcs_bucket):
     export_dir, classifier = exported
     model_url = f"{gcs_bucket}/job/model"
     folders.copy_tree(export_dir, model_url)
@@ -112,8 +112,7 @@ def test_cli_predict_on_a_gcs_glob(tmp_path, exported, gcs_bucket):
     write_folder(f"{gcs_bucket}/images", images)
     output = f"{gcs_bucket}/predictions/preds.csv"
 
-    run_trainer("predict", f"--model={model_url}", f"--input={gcs_bucket}/images/sub/*.*",
-                f"--output={output}", check=True)
+    predict.predict(model_url, f"{gcs_bucket}/images/sub/*.*", output)
 
     rows = read_csv(output)
     # The glob has no `**`: only the files directly in sub/.
@@ -150,14 +149,11 @@ def test_no_images_or_missing_input_is_a_user_error(tmp_path, exported):
     assert not storage.exists(str(tmp_path / "out.csv"))
 
 
-def test_cli_predict_with_a_missing_model_fails_with_one_line(tmp_path):
+def test_predict_with_a_missing_model_fails_with_one_line(tmp_path):
     folder = str(tmp_path / "images")
     write_folder(folder, {"a.jpg": make_images()["a.jpg"]})
-    result = run_trainer("predict", f"--model={tmp_path / 'no_model'}", f"--input={folder}",
-                         f"--output={tmp_path / 'out.csv'}")
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: no exported model at")
-    assert "Traceback" not in result.stderr
+    line = assert_fails_as(lambda: predict.predict(str(tmp_path / "no_model"), folder, str(tmp_path / "out.csv")))
+    assert line.startswith("error: no exported model at")
 
 
 def test_predict_takes_every_format_training_takes_and_an_existing_path_with_brackets(tmp_path, exported):
