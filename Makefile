@@ -15,9 +15,11 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 # The suite on every core: modules are spread over the workers (--dist loadscope), each module's
-# tests stay in one worker so its shared fixtures are built once. One file: $(PY) -m pytest tests/test_x.py
+# tests stay in one worker so its shared fixtures are built once; modules start in the order of
+# tests/conftest.py (the longest first), not by their number of tests.
+# One file: $(PY) -m pytest tests/test_x.py
 test: install browser
-	$(PY) -m pytest -q -n auto --dist loadscope --durations=15 tests
+	$(PY) -m pytest -q -n auto --dist loadscope --no-loadscope-reorder --durations=15 tests
 
 # A headless browser for the test that renders the evaluation's report.html (Debian's chromium).
 browser:

@@ -430,6 +430,16 @@ def test_long_names_sharing_a_prefix_stay_apart_and_cjk_names_render():
     assert not [w for w in caught if "missing from font" in str(w.message)], [str(w.message) for w in caught]
 
 
+def test_class_names_are_plain_text_in_pictures_not_mathtext():
+    names = ["a$x^$", "$\\alpha_{$", "price $5"]  # each one a matplotlib mathtext error if parsed
+    labels = [0, 1, 2, 0]
+    metrics = metrics_lib.compute_metrics(labels, np.eye(3)[[0, 1, 2, 1]], names)
+    metrics["calibration"] = metrics_lib.calibration(labels, np.eye(3)[[0, 1, 2, 1]])
+    mistake = {"index": 3, "label": 0, "predicted": 1, "confidence": 1.0, "image": np.zeros((8, 8, 3), np.uint8)}
+    drawn = pictures.draw_pictures(metrics, mistakes=[mistake])
+    assert set(drawn) == {"confusion_matrix.png", "reliability.png", "mistakes.png"}
+
+
 def test_report_html_renders_in_headless_chromium_with_every_picture(job, tmp_path):
     import shutil
     import subprocess

@@ -185,3 +185,26 @@ def test_csv_cells_never_become_spreadsheet_formulas(tmp_path):
     row = read_csv(output)[0]
     assert row["predicted_class"] in ("'" + classes[0], "'" + classes[1])
     assert not any(value.startswith(("=", "+", "-", "@")) for value in row.values())
+
+
+def test_hidden_files_are_left_out_as_prepare_leaves_them_out(tmp_path):
+    images = make_images()
+    folder = tmp_path / "images"
+    write_folder(str(folder), {"a.jpg": images["a.jpg"], "..jpg": images["a.jpg"], ".cache/b.jpg": images["a.jpg"]})
+    assert predict.list_images(str(folder)) == [str(folder / "a.jpg")]
+    assert predict.list_images(str(folder / "*.jpg")) == [str(folder / "a.jpg")]  # the pattern matches ..jpg too
+    assert prepare_encode.is_hidden("..jpg") and prepare_encode.is_hidden(".cache/b.jpg")
+    assert not prepare_encode.is_hidden("cats/a.b.jpg")
+
+
+def test_a_tflite_file_is_refused_in_one_line_and_a_tilde_model_is_home(tmp_path, exported, monkeypatch):
+    export_dir, classifier = exported
+    images = make_images()
+    write_folder(str(tmp_path / "images"), {"a.jpg": images["a.jpg"]})
+    assert_fails_as(lambda: predict.predict(str(tmp_path / "model_int8.tflite"), str(tmp_path / "images"),
+                                            str(tmp_path / "out.csv")),
+                    "is a TensorFlow Lite file", "trainer evaluate --model=FILE.tflite")
+    folders.copy_tree(export_dir, str(tmp_path / "home" / "model"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert predict.predict("~/model", str(tmp_path / "images"), str(tmp_path / "out.csv")) == 1
+    check_rows(read_csv(str(tmp_path / "out.csv")), [str(tmp_path / "images" / "a.jpg")], images, classifier)

@@ -50,6 +50,7 @@ def make_candidate(root, name, accuracy, versus=None, passed=True, classes=("cat
             "passed": passed, "reason": f"{'not ' if passed else ''}significantly worse: accuracy {accuracy:.4f} "
                                         "vs production's ... (McNemar p=0.01)"}
     storage.write_json(storage.join(job_dir, "eval", "metrics.json"), metrics)
+    storage.write_text(storage.join(job_dir, "eval", "report.html"), "<!DOCTYPE html>")  # written last
     return job_dir
 
 
@@ -150,6 +151,16 @@ def test_candidate_without_evaluation_is_a_user_error(gcs_bucket):
     storage.remove(storage.join(candidate, "eval"), recursive=True)
     with pytest.raises(UserError, match="eval/metrics.json is missing"):
         promote.promote(candidate, f"{gcs_bucket}/production")
+
+
+def test_an_evaluation_that_did_not_finish_is_refused(gcs_bucket):
+    # metrics.json is written first, report.html last: an evaluation that died between the two
+    # (a picture that failed, a killed pod) left a metrics.json promote must not act on.
+    candidate = make_candidate(gcs_bucket, "half-evaluated", 0.9)
+    storage.remove(storage.join(candidate, "eval", "report.html"))
+    with pytest.raises(UserError, match="did not finish .*report.html, written last, is missing"):
+        promote.promote(candidate, f"{gcs_bucket}/production")
+    assert not storage.exists(f"{gcs_bucket}/production/LATEST")
 
 
 def test_crash_after_copying_leaves_production_unchanged(gcs_bucket, monkeypatch):

@@ -1,4 +1,5 @@
-"""trainer/storage.py: local behaviour that fsspec alone would not give (permissions, links, compare-and-swap)."""
+"""trainer/infra: local behaviour that fsspec alone would not give (permissions, links, compare-and-swap),
+and the storage settings."""
 
 import os
 import stat
@@ -7,7 +8,7 @@ import threading
 import pytest
 
 from trainer.errors import UserError
-from trainer.infra import cas, folders, storage
+from trainer.infra import cas, faults, folders, storage
 
 
 def test_written_files_follow_the_umask(tmp_path):
@@ -79,3 +80,27 @@ def test_listing_an_object_store_folder_by_folder_finds_exactly_what_one_listing
     found = fsspec.filesystem("gs").find(f"{gcs_bucket.removeprefix('gs://')}/root", detail=True)
     assert [(name, size) for name, size, _ in listed] == sorted((name, names.index(name)) for name in names)
     assert all(md5 for _, _, md5 in listed) and len(found) == len(names)
+
+
+def test_storage_settings_are_read_once_by_configure_and_checked():
+    environ = {"TRAINER_STORAGE_TIMEOUT_SECONDS": "5", "STORAGE_EMULATOR_HOST": "http://127.0.0.1:1"}
+    try:
+        faults.configure(environ)
+        assert faults.request_timeout_seconds() == 5.0
+        # TensorFlow's own gs:// client, and gcsfs against an emulator, read these from the environment.
+        assert environ["GCS_REQUEST_IDLE_TIMEOUT_SECS"] == "5" and environ["GCS_READ_REQUEST_TIMEOUT_SECS"] == "30"
+        assert environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] == "false"
+        for bad in ("abc", "-1", "0", "inf", "nan"):
+            with pytest.raises(UserError, match=f"TRAINER_STORAGE_TIMEOUT_SECONDS='{bad}' is not a positive number"):
+                faults.configure({"TRAINER_STORAGE_TIMEOUT_SECONDS": bad})
+    finally:
+        faults.configure({})
+    assert faults.request_timeout_seconds() == faults.DEFAULT_TIMEOUT_SECONDS
+
+
+def test_a_bad_storage_timeout_is_a_one_line_error_of_every_command(tmp_path):
+    from helpers import assert_one_line_error, run_trainer
+
+    result = run_trainer("promote", f"--candidate={tmp_path / 'job'}", f"--production={tmp_path / 'production'}",
+                         env={"TRAINER_STORAGE_TIMEOUT_SECONDS": "abc"})
+    assert_one_line_error(result, "TRAINER_STORAGE_TIMEOUT_SECONDS='abc' is not a positive number of seconds")

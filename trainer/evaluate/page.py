@@ -4,9 +4,9 @@ candidate vs production side by side when both were scored). Every user string i
 import base64
 import html
 
+from trainer.formats import jobdir
 from trainer.infra import storage
 
-PAGE = "report.html"
 
 
 def write_html(output_url, metrics, pictures):
@@ -53,6 +53,6 @@ img{{max-width:100%}}figure{{margin:1em 0}}.pass{{color:#060}}.fail{{color:#a00}
 {rows}</table>
 <h2>Pictures</h2>{images}</body></html>
 """
-    url = storage.join(output_url, PAGE)
+    url = storage.join(output_url, jobdir.REPORT)
     storage.write_text(url, page)
     return url

@@ -23,7 +23,8 @@ FALLBACK_FONTS = (("matplotlib_fontja", "ipaexg.ttf", "IPAexGothic"),  # Japanes
 
 @functools.cache
 def _use_fonts():
-    """DejaVu Sans, falling back to the CJK fonts of FALLBACK_FONTS for characters it lacks."""
+    """DejaVu Sans, falling back to the CJK fonts of FALLBACK_FONTS for characters it lacks; every
+    text as plain text (a class named `a$x^$` is a name, not mathtext to parse)."""
     import importlib.util
 
     import matplotlib
@@ -36,6 +37,7 @@ def _use_fonts():
             font_manager.fontManager.addfont(os.path.join(spec.submodule_search_locations[0], "fonts", file_name))
             families.append(family)
     matplotlib.rcParams["font.family"] = families
+    matplotlib.rcParams["text.parse_math"] = False
 
 
 def draw_pictures(metrics, roc_data=None, history=None, mistakes=None):

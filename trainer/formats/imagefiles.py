@@ -33,6 +33,12 @@ def is_image_name(path):
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def is_hidden(relative_path):
+    """Whether a path (relative to the folder listed, `/`-separated) is hidden: a part of it starts
+    with a dot (`.DS_Store`, `.cache/x.jpg`, `..jpg`). Neither prepare nor predict reads those."""
+    return any(part.startswith(".") for part in relative_path.split("/"))
+
+
 @contextlib.contextmanager
 def strict_decoding():
     """A truncated image must fail, not come back padded with grey (whatever the process set)."""

@@ -11,7 +11,7 @@
                        cache), COMPLETE last; written by each worker, removed after the head phase
   checkpoints/<phase>/ the weights at the end of each phase, and COMPLETE once they are whole
   model/               the exported SavedModel (trainer.train.export)
-  eval/                `trainer evaluate --output=JOB_DIR/eval`: metrics.json and pictures
+  eval/                `trainer evaluate --output=JOB_DIR/eval`: metrics.json, pictures, report.html last
   DONE                 written last: a rerun of a finished job exits 0 at once
 
 Keras writes checkpoints and event files to local scratch; the operations here copy them to
@@ -45,6 +45,7 @@ CHECKPOINTS = "checkpoints"
 MODEL = "model"
 EVAL = "eval"
 METRICS = "metrics.json"
+REPORT = "report.html"  # written last by `trainer evaluate`: the evaluation is complete once it is there
 DONE = "DONE"
 COMPLETE = "COMPLETE"  # the commit marker of a phase's weights and of a split's features
 CHECKPOINT_INDEX = "checkpoint"  # TensorFlow's index of a checkpoint folder: its commit point
@@ -72,6 +73,11 @@ class JobDir:
     def metrics_url(self):
         """The evaluation that `trainer promote` gates on (JOB_DIR/eval/metrics.json)."""
         return self.path(EVAL, METRICS)
+
+    @property
+    def report_url(self):
+        """JOB_DIR/eval/report.html, the last file an evaluation writes."""
+        return self.path(EVAL, REPORT)
 
     # --- the run as a whole
 

@@ -26,7 +26,7 @@ from concurrent import futures
 from absl import logging
 
 from trainer.errors import UserError
-from trainer.formats.imagefiles import is_image_name
+from trainer.formats.imagefiles import is_hidden, is_image_name
 from trainer.formats.manifest import LAYOUTS, SPLIT_FOLDERS, SPLITS
 from trainer.infra import folders, storage
 
@@ -78,7 +78,7 @@ def list_source(source, output):
     if output_key.startswith(source_key + separator):
         inside = output_key[len(source_key) + 1:].replace(os.sep, "/") + "/"
     visible = [entry for entry in found
-               if not any(part.startswith(".") for part in entry[0].split("/"))
+               if not is_hidden(entry[0])
                and not (inside and entry[0].startswith(inside))]
     hidden = len(found) - len(visible)
     logging.info("source %s: %d files%s", source, len(visible),

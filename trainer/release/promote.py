@@ -117,6 +117,9 @@ def read_candidate(candidate):
         if not storage.exists(url):
             raise UserError(f"{candidate} is not a candidate: {url} is missing "
                             f"(train exports {jobdir.MODEL}/; `trainer evaluate --output=JOB_DIR/{jobdir.EVAL}`)")
+    if not storage.exists(job.report_url):  # evaluate writes it last: without it, it did not finish
+        raise UserError(f"{job.metrics_url} is from an evaluation that did not finish ({job.report_url}, written "
+                        "last, is missing): run `trainer evaluate` again")
     metrics = gate.read_metrics(job.metrics_url, "candidate")
     model_id = modeldir.model_id(job.model_url)
     if metrics.get("model_id") != model_id:

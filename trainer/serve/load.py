@@ -35,7 +35,7 @@ def load_model(model_url):
                         f"{modeldir.SAVED_MODEL_FILE})")
     metadata = storage.read_json(metadata_url)
     if not storage.is_url(model_url):
-        return _load_saved_model(model_url, model_url), metadata
+        return _load_saved_model(storage.local_path(model_url), model_url), metadata
     # TensorFlow's gs:// cannot reach every store (nor an emulator): load from a local copy. The
     # variables are read during loading and the export has no assets, so the copy can go after.
     with tempfile.TemporaryDirectory(prefix="trainer-model-") as local_dir:

@@ -30,8 +30,8 @@ from absl import logging
 from tqdm import tqdm
 
 from trainer.errors import RetryableError, UserError, first_line
-from trainer.formats import imagefiles
-from trainer.formats.imagefiles import IMAGE_EXTENSIONS, is_image_name
+from trainer.formats import imagefiles, modeldir
+from trainer.formats.imagefiles import IMAGE_EXTENSIONS, is_hidden, is_image_name
 from trainer.infra import folders, storage
 from trainer.serve.load import load_model
 
@@ -48,11 +48,12 @@ def list_images(input_location):
     """
     if storage.isdir(input_location):
         found = [storage.join(input_location, *relative.split("/"))
-                 for relative, _ in folders.list_files(input_location)]
+                 for relative, _ in folders.list_files(input_location) if not is_hidden(relative)]
     elif storage.exists(input_location):
         found = [input_location]
     elif any(character in input_location for character in _GLOB_CHARACTERS):
-        found = folders.glob(input_location)
+        # The files a pattern names are hidden by their own name (`*.jpg` may match `..jpg`).
+        found = [location for location in folders.glob(input_location) if not is_hidden(storage.basename(location))]
     else:
         raise UserError(f"input not found: {input_location}")
     images = sorted(location for location in found if is_image_name(location))
@@ -117,9 +118,13 @@ def predict(model_url, input_location, output_url, batch_size=64):
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    if modeldir.is_tflite(model_url):
+        raise UserError(f"{model_url} is a TensorFlow Lite file, which takes decoded pixels: trainer predict scores "
+                        "an export's image-bytes signature (--model=JOB_DIR/model); score a .tflite file on a split "
+                        "with `trainer evaluate --model=FILE.tflite`")
     storage.check_writable(output_url)
     loaded, metadata = load_model(model_url)
-    serve = loaded.signatures["serving_default"]
+    serve = loaded.signatures[modeldir.SERVING_SIGNATURE]
     class_names = list(metadata["classes"])
     locations = list_images(input_location)
     logging.info("Scoring %d images from %s with %s (%s, classes %s)", len(locations), input_location,

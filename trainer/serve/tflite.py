@@ -52,8 +52,9 @@ def convert(model_url, output_url, kinds=KINDS):
     _, metadata = load.load_model(model_url)  # checks it is a finished export
     files = {}
     with tempfile.TemporaryDirectory(prefix="trainer-tflite-") as local:
-        saved_model_dir = model_url if not storage.is_url(model_url) else os.path.join(local, "model")
-        if storage.is_url(model_url):
+        remote = storage.is_url(model_url)
+        saved_model_dir = os.path.join(local, "model") if remote else storage.local_path(model_url)
+        if remote:
             folders.copy_tree(model_url, saved_model_dir)
         for kind in kinds:
             try:
