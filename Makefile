@@ -19,7 +19,7 @@ $(STAMP): setup.py
 # tests/conftest.py (the longest first), not by their number of tests.
 # One file: $(PY) -m pytest tests/test_x.py
 test: install browser
-	$(PY) -m pytest -q -n auto --dist loadscope --no-loadscope-reorder --durations=15 tests
+	$(PY) -m pytest -q -n auto --dist loadscope --no-loadscope-reorder --durations=25 tests
 
 # A headless browser for the test that renders the evaluation's report.html (Debian's chromium).
 browser:

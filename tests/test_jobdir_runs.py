@@ -175,3 +175,31 @@ def test_the_lease_admits_restarts_of_its_run_and_expired_holders_only(tmp_path)
     lease = job.take_lease({"JOBSET_NAME": "train-r3"})
     assert json.loads(lease_file.read_text())["run"] == "train-r3"
     lease.release()
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("config.json", "[]", "config.json is damaged"),
+    ("config.json", "{}", "config.json is damaged"),  # would have let any restart through
+    ("history.json", '{"phases": [1, 2]}', "history.json is damaged"),
+    ("history.json", '{"phases": [{"name": "head", "epochs": [{"loss": 1}]}]}', "history.json is damaged"),
+    ("STARTED", "2026-01-01T00:00:00", "STARTED is damaged"),  # no time zone: its moment is unknown
+])
+def test_wrong_shape_state_files_are_named_with_the_way_out(dataset, finished, tmp_path, name, content, fragment):
+    import shutil
+
+    job_dir = tmp_path / "job"
+    shutil.copytree(finished, job_dir)
+    (job_dir / "DONE").unlink()
+    (job_dir / name).write_text(content)
+    line = assert_fails_as(restart(dataset, str(job_dir), "--deadline_hours=24"), fragment)
+    assert "delete it" in line or "restore it" in line, line
+
+
+@pytest.mark.parametrize("held", ["[]", '{"expires": "soon"}', '{"run": "r", "host": "h", "expires": 1e12}',
+                                  '{"run": "r", "host": "h", "pid": 1, "expires": 1e100}'])
+def test_a_lease_of_the_wrong_shape_protects_nothing(tmp_path, held):
+    from trainer.formats import jobdir
+
+    (tmp_path / "LEASE").write_text(held)
+    jobdir.JobDir(str(tmp_path)).take_lease({"TRAINER_RUN_ID": "train-r9"}).release()
+    assert not (tmp_path / "LEASE").exists()

@@ -104,3 +104,33 @@ def test_a_bad_storage_timeout_is_a_one_line_error_of_every_command(tmp_path):
     result = run_trainer("promote", f"--candidate={tmp_path / 'job'}", f"--production={tmp_path / 'production'}",
                          env={"TRAINER_STORAGE_TIMEOUT_SECONDS": "abc"})
     assert_one_line_error(result, "TRAINER_STORAGE_TIMEOUT_SECONDS='abc' is not a positive number of seconds")
+
+
+def transient_errors():
+    import aiohttp
+    from gcsfs.retry import HttpError
+    from google.api_core import exceptions
+
+    return [aiohttp.ServerDisconnectedError(), aiohttp.ClientPayloadError("Response payload is not completed"),
+            HttpError({"code": 503, "message": "Service Unavailable"}), HttpError({"code": 429, "message": "Slow"}),
+            exceptions.TooManyRequests("rate limit"), exceptions.ServiceUnavailable("down"), TimeoutError()]
+
+
+@pytest.mark.parametrize("error", transient_errors(), ids=lambda error: type(error).__name__)
+def test_transport_errors_and_5xx_429_answers_of_every_client_end_as_retryable(error):
+    from trainer import errors
+
+    with pytest.raises(errors.RetryableError) as raised, faults.translate_gcs_errors("gs://bucket/data/x"):
+        raise error
+    assert errors.exit_status(raised.value)[0] == errors.EXIT_RETRYABLE
+    assert "gs://bucket/data/x" in str(raised.value)
+
+
+def test_answers_a_retry_cannot_change_are_not_made_retryable():
+    from gcsfs.retry import HttpError
+
+    with pytest.raises(UserError, match="storage refused the request for gs://bucket/x: Bad Request"), \
+            faults.translate_errors("gs://bucket/x", remote=True):
+        raise HttpError({"code": 400, "message": "Bad Request"})
+    with pytest.raises(KeyError), faults.translate_errors("gs://bucket/x", remote=True):
+        raise KeyError("a bug stays a bug")

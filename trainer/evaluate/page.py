@@ -8,7 +8,6 @@ from trainer.formats import jobdir
 from trainer.infra import storage
 
 
-
 def write_html(output_url, metrics, pictures):
     """Writes report.html: the numbers, the per-class table, every picture of `{name: PNG bytes}`
     (embedded), and candidate vs production when `metrics["comparison"]` holds both. Returns its URL."""

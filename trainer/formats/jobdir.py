@@ -115,12 +115,20 @@ class JobDir:
     def read_config(self):
         """The config.json of the run's first start, or None before it."""
         try:
-            return storage.read_json(self.path(CONFIG))
+            config = storage.read_json(self.path(CONFIG))
         except FileNotFoundError:
             return None
         except ValueError as error:
             raise UserError(f"{self.path(CONFIG)} is damaged ({error}): restore it, or use a new --job_dir") \
                 from None
+        # What a restart is checked against (train/guards.check_same_run): without it, the check
+        # would pass anything.
+        dataset = config.get("dataset") if isinstance(config, dict) else None
+        if not (isinstance(dataset, dict) and isinstance(dataset.get("counts"), dict)
+                and all(isinstance(dataset.get(key), str) for key in ("digest", "url")) and "data" in config):
+            raise UserError(f"{self.path(CONFIG)} is damaged (not the record of a run's first start: no "
+                            "dataset or settings): restore it, or use a new --job_dir")
+        return config
 
     def write_config(self, config):
         """Records the run's config once: a restart keeps the first start's record."""
@@ -142,7 +150,7 @@ class JobDir:
         url = self.path(HISTORY)
         try:
             history = storage.read_json(url) if storage.exists(url) else {"phases": []}
-            history["phases"]  # noqa: B018 - the one key everything else relies on
+            _check_history(history)
         except (ValueError, KeyError, TypeError) as error:
             raise UserError(f"{url} is damaged ({type(error).__name__}: {error}): delete it to go on without "
                             "the earlier epochs' records (the weights are in the backups)") from None
@@ -222,6 +230,17 @@ class JobDir:
         for path in local_paths:
             storage.copy(path, storage.join(url, os.path.basename(path)))
         storage.write_text(storage.join(url, COMPLETE), timestamps.now_text())
+
+
+def _check_history(history):
+    """Raises TypeError or KeyError unless `history` has the shape the phases rely on:
+    {"phases": [{"name": str, "epochs": [{"epoch": int, ...}, ...]}, ...], ...}."""
+    if not isinstance(history, dict) or not isinstance(history["phases"], list):
+        raise TypeError("expected {\"phases\": [...]}")
+    for phase in history["phases"]:
+        if not (isinstance(phase, dict) and isinstance(phase["name"], str) and isinstance(phase["epochs"], list)
+                and all(isinstance(entry, dict) and isinstance(entry["epoch"], int) for entry in phase["epochs"])):
+            raise TypeError(f"a phase that is not {{\"name\", \"epochs\": [{{\"epoch\", ...}}]}}: {str(phase)[:80]}")
 
 
 def _upload_checkpoint_dir(local_dir, remote_dir):

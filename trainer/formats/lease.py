@@ -24,6 +24,25 @@ LEASE_SECONDS = 180
 LEASE_RENEW_SECONDS = 45
 
 
+def read_record(data):
+    """The holder's record from a LEASE file's bytes, or None when there is none to respect.
+
+    A lease that is not a record of this shape (not JSON, `[]`, `{"expires": "soon"}`, no pid, an
+    expiry further ahead than any renewal sets it) protects nothing: it is taken over, as an
+    expired one is. A live holder renews its record every LEASE_RENEW_SECONDS, so nothing is lost.
+    """
+    try:
+        held = json.loads(data) if data else None
+    except ValueError:
+        return None
+    fields = {"run": str, "host": str, "pid": int, "expires": (int, float)}
+    if not isinstance(held, dict) or not all(isinstance(held.get(name), kind) for name, kind in fields.items()):
+        return None
+    if held["expires"] > time.time() + 2 * LEASE_SECONDS:  # a clock far ahead, or a hand-made lease
+        return None
+    return held
+
+
 class Lease:
     """The LEASE at `url`, held for `run_id` once `take` returns."""
 
@@ -37,19 +56,15 @@ class Lease:
                            "expires": time.time() + LEASE_SECONDS}).encode()
 
     def _free(self, held):
-        if held is None or held.get("run") == self.run_id or held.get("expires", 0) < time.time():
+        if held is None or held["run"] == self.run_id or held["expires"] < time.time():
             return True
         # On this host, a holder whose process is gone (or whose pid is now ours) has died.
-        return held.get("host") == socket.gethostname() and (
-            held.get("pid") == os.getpid() or not _process_alive(held.get("pid")))
+        return held["host"] == socket.gethostname() and (held["pid"] == os.getpid() or not _process_alive(held["pid"]))
 
     def take(self):
         for _ in range(3):  # another run may write between the read and the swap: look again
             data, generation = cas.read_with_generation(self.url)
-            try:
-                held = json.loads(data) if data else None
-            except ValueError:
-                held = None  # a damaged lease protects nothing
+            held = read_record(data)
             if not self._free(held):
                 left = held["expires"] - time.time()
                 raise UserError(

@@ -99,6 +99,44 @@ def translate_errors(location, remote):
         if remote:
             raise RetryableError(f"storage error at {location}: {first_line(error)}") from error
         raise UserError(f"cannot access {location}: {error}") from error
+    except Exception as error:
+        if remote and transient(error):
+            raise RetryableError(f"storage error at {location}: {type(error).__name__}: {first_line(error)}") \
+                from error
+        if remote and isinstance(_status(error), int) and 400 <= _status(error) < 500:
+            # The store refused the request itself (a bad name, no permission): retrying cannot help.
+            raise UserError(f"storage refused the request for {location}: {first_line(error)}") from error
+        raise
+
+
+# HTTP answers that a later attempt may not get: too many requests, timeouts, the server's errors.
+TRANSIENT_STATUS = (408, 429)
+
+
+def transient(error):
+    """Whether `error` (after the client's own retries) is a failure of the transport or an HTTP
+    answer a restart may not get again: aiohttp's connection, payload and timeout errors (a
+    connection reset mid-answer is `ServerDisconnectedError`), gcsfs's `HttpError` and aiohttp's
+    `ClientResponseError` with a 5xx, 408 or 429 status."""
+    import asyncio
+
+    import aiohttp
+
+    if isinstance(error, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)):
+        return True
+    status = _status(error)
+    return isinstance(status, int) and (status >= 500 or status in TRANSIENT_STATUS)
+
+
+def _status(error):
+    """The HTTP status of gcsfs's HttpError or aiohttp's ClientResponseError, else None."""
+    import aiohttp
+
+    if isinstance(error, aiohttp.ClientResponseError):
+        return error.status
+    if type(error).__name__ == "HttpError" and type(error).__module__.startswith("gcsfs"):
+        return getattr(error, "code", None)
+    return None
 
 
 @contextlib.contextmanager
@@ -113,7 +151,7 @@ def translate_gcs_errors(location):
             cause = f" (last: {first_line(error.cause)})" if error.cause else ""
             raise RetryableError(f"storage unreachable at {location}: no answer within "
                                  f"{client_deadline_seconds():g} s of retries{cause}") from error
-        except exceptions.ServerError as error:
+        except (exceptions.ServerError, exceptions.TooManyRequests) as error:
             raise RetryableError(f"storage error at {location}: {first_line(error)}") from error
         except exceptions.Forbidden as error:
             raise UserError(f"no permission for {location}: {first_line(error)}") from error
