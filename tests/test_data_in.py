@@ -287,3 +287,24 @@ def test_check_classes_directly():
     counts = collections.Counter(w["kind"] for w in plan.check_classes(
         [*files, plan.SourceFile("c/0", "", 1, "c", "test", "x")], ["a", "b", "c"], allow_missing_classes=True))
     assert counts == {"no_training_images": 1, "few_images": 1}
+
+
+@pytest.mark.timeout(120)  # reading any of these would block or never end
+def test_devices_fifos_and_links_to_them_are_never_opened(tmp_path):
+    import os
+
+    images = tmp_path / "images"
+    helpers.write_images(str(images), "class_dirs", per_class=3, size=(16, 12))
+    os.mkfifo(images / "cats" / "pipe.jpg")
+    os.symlink("/dev/zero", images / "dogs" / "zero.jpg")
+    # A folder: they are left out (and logged), the rest is prepared.
+    manifest = prepare.prepare_dataset(str(images), str(tmp_path / "data"), workers=1, num_shards=1)
+    assert sum(split["count"] for split in manifest["splits"].values()) == 6
+    # A label file: the rows are named, as a missing image is, and nothing is read.
+    rows = ["cats/cats_0000.jpg,cats", "/dev/zero,cats", "cats/pipe.jpg,cats", "dogs/dogs_0000.jpg,dogs"]
+    (images / "labels.csv").write_text("\n".join(rows) + "\n")
+    error = last_error(run_trainer("prepare", f"--labels={images / 'labels.csv'}", f"--output={tmp_path / 'd'}"))
+    assert "line 2: not a regular file (a device, a FIFO or a socket): /dev/zero" in error, error
+    assert f"line 3: not a regular file (a device, a FIFO or a socket): {images / 'cats' / 'pipe.jpg'}" in error
+    with pytest.raises(UserError, match="is not a regular file"):
+        storage.read_many([str(images / "cats" / "pipe.jpg")])

@@ -6,6 +6,7 @@ import glob as globmodule
 import hashlib
 import os
 import posixpath
+import stat
 from concurrent import futures
 
 from trainer.infra import storage
@@ -66,10 +67,11 @@ def _find_in_parallel(filesystem, path):
 
 def _list_local_files(root):
     """`list_files` of a local folder: symbolic links are followed, each real folder listed once
-    (a link loop ends there), and dangling links are left out and logged."""
+    (a link loop ends there); dangling links, and what is not a regular file (a device, a FIFO, a
+    socket, or a link to one: reading it could block or never end), are left out and logged."""
     if not os.path.isdir(root):
         raise FileNotFoundError(root)
-    files, seen, dangling = [], set(), 0
+    files, seen, dangling, special = [], set(), 0, []
     for folder, folders, names in os.walk(root, followlinks=True):
         status = os.stat(folder)
         if (status.st_dev, status.st_ino) in seen:
@@ -78,16 +80,24 @@ def _list_local_files(root):
         seen.add((status.st_dev, status.st_ino))
         for name in names:
             full = os.path.join(folder, name)
+            relative = os.path.relpath(full, root).replace(os.sep, "/")
             try:
-                size = os.path.getsize(full)
+                status = os.stat(full)
             except FileNotFoundError:  # a link to nothing
                 dangling += 1
                 continue
-            files.append((os.path.relpath(full, root).replace(os.sep, "/"), size))
-    if dangling:
+            if not stat.S_ISREG(status.st_mode):
+                special.append(relative)
+                continue
+            files.append((relative, status.st_size))
+    if dangling or special:
         from absl import logging
 
-        logging.warning("%s: left out %d dangling symbolic links", root, dangling)
+        if dangling:
+            logging.warning("%s: left out %d dangling symbolic links", root, dangling)
+        if special:
+            logging.warning("%s: left out %d files that are not regular files (devices, FIFOs, sockets): %s", root,
+                            len(special), ", ".join(sorted(special)[:5]) + (", ..." if len(special) > 5 else ""))
     return sorted(files)
 
 

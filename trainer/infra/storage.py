@@ -20,6 +20,7 @@ import json
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 import uuid
 
@@ -185,6 +186,7 @@ def open_file(location, mode="rb", block_size=None):
             with filesystem.open(path, mode, **options) as handle:
                 yield handle
         elif mode.startswith("r"):
+            check_regular_file(location)
             with open(local_path(location), mode) as handle:
                 yield handle
         else:
@@ -200,6 +202,18 @@ def open_file(location, mode="rb", block_size=None):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temporary)
                 raise
+
+
+def check_regular_file(location):
+    """Raises UserError for a local path that is not a regular file (a device, a FIFO, a socket, or
+    a link to one): opening or reading it could block or never end, so it is never opened."""
+    path = local_path(location)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the open that follows says which
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise UserError(f"{location} is not a regular file (a device, a FIFO or a socket): it is not read")
 
 
 def read_bytes(location):
@@ -223,6 +237,9 @@ def read_many(locations):
     schemes = {location.split("://", 1)[0] if is_url(location) else "" for location in locations}
     if len(schemes) > 1:  # a label file may name images on several stores
         return [value for location in locations for value in read_many([location])]
+    if not is_url(locations[0]):
+        for location in locations:
+            check_regular_file(location)
     with translate_errors(locations[0]):
         filesystem, _ = fsspec_filesystem(locations[0])
         paths = [fsspec_filesystem(location)[1] for location in locations]

@@ -257,21 +257,25 @@ def add_digests(files, lines=None, origin=None):
         return files
 
     def digest(index):
+        """(MD5, size), or why there is none."""
         try:
             return folders.md5_and_size(files[index].location)
         except FileNotFoundError:
-            return None
+            return "image not found"
+        except UserError as error:  # not a regular file: never opened
+            return "not a regular file (a device, a FIFO or a socket)" if "not a regular file" in str(error) else \
+                str(error)
 
     with futures.ThreadPoolExecutor(HASH_THREADS) as pool:
         found = dict(zip(missing, pool.map(digest, missing), strict=True))
-    absent = sorted((files[index].path for index, value in found.items() if value is None),
-                    key=lambda path: (lines or {}).get(path, 0))
+    absent = sorted(((files[index].path, value) for index, value in found.items() if isinstance(value, str)),
+                    key=lambda item: (lines or {}).get(item[0], 0))
     if absent and lines:
-        shown = "; ".join(f"line {lines[path]}: image not found: {path}" for path in absent[:5])
+        shown = "; ".join(f"line {lines[path]}: {reason}: {path}" for path, reason in absent[:5])
         more = f" (and {len(absent) - 5} more)" if len(absent) > 5 else ""
         raise UserError(f"{origin}: {len(absent)} bad rows: {shown}{more}")
     if absent:
-        raise UserError(f"{len(absent)} images disappeared while preparing, e.g. {absent[0]}")
+        raise UserError(f"{len(absent)} images disappeared while preparing, e.g. {absent[0][0]} ({absent[0][1]})")
     done = []
     for index, file in enumerate(files):
         if index in found:
