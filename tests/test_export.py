@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from trainer.data.decode import decode_image
 from trainer.errors import UserError
-from trainer.infra import storage
+from trainer.infra import folders, storage
 from trainer.serve.load import load_model
 from trainer.train import export, model
 
@@ -117,9 +117,14 @@ def test_export_to_gcs_and_load_from_there(tmp_path, gcs_bucket):
     sigmoid = keras_probabilities(classifier, blobs)[:, 0]
     np.testing.assert_allclose(served["probabilities"].numpy()[:, 1], sigmoid, atol=1e-4)
 
-    # Exporting again over the same folder replaces the model.
+    # Exporting again over the same folder replaces the model, and leaves nothing of the earlier
+    # export or of an upload killed half way (whose temporary would change the model's id).
+    storage.write_bytes(f"{url}/variables/.tmp-0123abcd", b"half an upload")
     retrained = make_classifier(2, seed=4)
     export.export_model(retrained, ["cats", "dogs"], IMAGE_SIZE, url, backbone="tiny")
+    clean = str(tmp_path / "clean")
+    export.export_model(retrained, ["cats", "dogs"], IMAGE_SIZE, clean, backbone="tiny")
+    assert sorted(dict(folders.list_files(url))) == sorted(dict(folders.list_files(clean)))
     loaded, _ = load_model(url)
     served = loaded.signatures["serving_default"](image_bytes=tf.constant(blobs))
     np.testing.assert_allclose(served["probabilities"].numpy()[:, 1],

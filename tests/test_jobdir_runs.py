@@ -203,3 +203,15 @@ def test_a_lease_of_the_wrong_shape_protects_nothing(tmp_path, held):
     (tmp_path / "LEASE").write_text(held)
     jobdir.JobDir(str(tmp_path)).take_lease({"TRAINER_RUN_ID": "train-r9"}).release()
     assert not (tmp_path / "LEASE").exists()
+
+
+def test_a_damaged_checkpoint_of_a_finished_phase_is_named_with_the_way_out(dataset, finished, tmp_path):
+    import shutil
+
+    job_dir = tmp_path / "job"
+    shutil.copytree(finished, job_dir)
+    (job_dir / "DONE").unlink()  # the export is redone from the phase's weights
+    data = next((job_dir / "checkpoints" / "head").glob("*.data-*"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    assert_fails_as(restart(dataset, str(job_dir)), "checkpoint of the finished phase in", "is damaged",
+                    "delete that folder to train this phase again")

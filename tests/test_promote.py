@@ -245,6 +245,17 @@ def test_two_concurrent_promotions_cannot_both_win(gcs_bucket, monkeypatch):
         assert storage.exists(storage.join(production, "versions", version, "COMPLETE"))
 
 
+def test_a_malformed_comparison_is_refused_in_one_line(gcs_bucket):
+    production = f"{gcs_bucket}/production"
+    promote.promote(make_candidate(gcs_bucket, "first", 0.9), production)
+    candidate = make_candidate(gcs_bucket, "hand-edited", 0.95, versus=production)
+    metrics_url = storage.join(candidate, "eval", "metrics.json")
+    for comparison in ({"production": {}}, [1], {"production": {"version": "v", "model_id": "m", "classes": []}}):
+        storage.write_json(metrics_url, {**storage.read_json(metrics_url), "comparison": comparison})
+        with pytest.raises(gate.GateFailed, match="malformed comparison with production"):
+            promote.promote(candidate, production)
+
+
 def test_an_evaluation_of_another_model_or_split_is_refused(gcs_bucket):
     production = f"{gcs_bucket}/production"
     candidate = make_candidate(gcs_bucket, "edited", 0.9)

@@ -90,7 +90,11 @@ def refusal(metrics, pointer, production, min_accuracy=None, allow_class_change=
     if not comparison:
         return (f"the candidate's evaluation did not score production's model (version {pointer['version']}) on the "
                 f"same examples; {how}")
-    compared = comparison["production"]
+    compared = comparison.get("production") if isinstance(comparison, dict) else None
+    if not (isinstance(compared, dict) and all(key in compared for key in ("version", "model_id", "classes"))
+            and "passed" in comparison and "reason" in comparison):
+        return f"the candidate's evaluation has a malformed comparison with production (not written by `trainer " \
+               f"evaluate`?); {how}"
     served_id = pointer.get("model_id", compared["model_id"])  # (pointers before model ids named none)
     if compared["version"] != pointer["version"] or compared["model_id"] != served_id:
         return (f"the candidate was compared with production version {compared['version']}, but production now "

@@ -78,8 +78,9 @@ def export_model(model, class_names, image_size, export_url, backbone=""):
         raise ValueError(f"model has {outputs} outputs for {len(class_names)} classes")
     servable = _Servable(model, class_names, image_size)
     metadata_url = modeldir.metadata_url(export_url)
-    # Remove the old marker first: a crash mid-copy must not leave a folder that looks finished.
-    storage.remove(metadata_url)
+    # The old export goes first, its marker with it: a crash mid-copy must not leave a folder that
+    # looks finished, nor files of an earlier attempt (a killed upload's temporary) in the new one.
+    storage.remove(export_url, recursive=True)
     with tempfile.TemporaryDirectory(prefix="trainer-export-") as local_dir:
         saved_model_dir = os.path.join(local_dir, "model")
         tf.saved_model.save(servable, saved_model_dir, signatures={

@@ -101,20 +101,20 @@ def fit_phase(run, model, phase, epochs, train_data, val_data, steps, val_steps=
                         sum(entry["records"] for entry in skipped), len(skipped), run.job.path(jobdir.HISTORY))
 
 
-def check_checkpoint(local_dir, url):
+def check_checkpoint(local_dir, url, what="backup",
+                     way_out="delete that folder to restart this phase from its start (finished phases are kept)"):
     """Reads every tensor of the checkpoint in `local_dir` (a copy of `url`) once.
 
     Raises:
       UserError: a file is truncated or damaged (named, with the way out), instead of a
-        TensorFlow traceback from inside `fit`.
+        TensorFlow traceback from inside `fit` or `load_weights`.
     """
     try:
         reader = tf.train.load_checkpoint(local_dir)
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)
     except Exception as error:  # noqa: BLE001 - any failure to read it back: OpError, IndexError, ...
-        raise UserError(f"the backup in {url} is damaged ({first_line(error)}): delete that folder to restart "
-                        "this phase from its start (finished phases are kept)") from None
+        raise UserError(f"the {what} in {url} is damaged ({first_line(error)}): {way_out}") from None
 
 
 def fit_head_on_cached_features(run, model, dataset_manifest, steps):
@@ -187,6 +187,8 @@ def save_phase_weights(run, model, phase):
 def load_phase_weights(run, model, phase):
     local = os.path.join(run.scratch, "phase-weights-restored", phase)
     run.job.restore_phase(phase, local)
+    check_checkpoint(local, run.job.path(jobdir.CHECKPOINTS, phase), what="checkpoint of the finished phase",
+                     way_out="delete that folder to train this phase again (its backup is gone once it is complete)")
     model.load_weights(os.path.join(local, "weights")).expect_partial()
 
 
