@@ -103,6 +103,13 @@ def test_an_unreachable_store_ends_every_command_in_exit_75(stored, gcs_server, 
                              for name, args in every_command(stored, tmp_path / fault, fault).items()})
         started = time.monotonic()
         processes = {key: start(proxy, *args) for key, (proxy, args) in commands.items()}
+        # Ctrl-C on a command stuck on the stalled store: one press, the same bounded exit as SIGTERM.
+        interrupted = start(proxies["stall"], *every_command(stored, tmp_path / "stall", "sigint")["prepare"])
+        time.sleep(3)
+        interrupted.send_signal(signal.SIGINT)
+        code, stderr = finish(interrupted)
+        assert code == 75 and "Traceback" not in stderr, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1] == "interrupted (SIGINT); rerun to go on", stderr[-3000:]
         for key, process in processes.items():
             code, stderr = finish(process, started)
             assert code == 75, (key, stderr[-3000:])

@@ -206,8 +206,8 @@ def _run_safely(run):
             if code == errors.EXIT_SOFTWARE:
                 logging.exception("internal error")  # a bug: keep the traceback for the report
             _exit(code, message)
-        except KeyboardInterrupt:
-            _exit(errors.EXIT_RETRYABLE, "interrupted")
+        except KeyboardInterrupt as stop:  # our handler names the signal; Python's own Ctrl-C does not
+            _exit(errors.EXIT_RETRYABLE, f"interrupted ({stop.args[0] if stop.args else 'SIGINT'}); rerun to go on")
         _exit(errors.EXIT_OK)
 
     return main
@@ -242,19 +242,21 @@ def main(argv=None):
     # Our INFO lines, not TensorFlow's (it logs every cross-device reduction at INFO).
     std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
     if name != "train":  # train backs up first (trainer.train.guards.install_stop_handlers)
-        signal.signal(signal.SIGTERM, _interrupted)
-        errors.exit_after_signal(signal.SIGTERM, SIGTERM_EXIT_SECONDS, errors.EXIT_RETRYABLE,
-                                 "interrupted (SIGTERM); rerun to go on")
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _interrupted)
+        errors.exit_after_signal(STOP_SIGNALS, SIGTERM_EXIT_SECONDS, errors.EXIT_RETRYABLE,
+                                 "interrupted ({signal}); rerun to go on")
     app.run(_run_safely(run), argv=[program, *rest], flags_parser=_parse_flags)
 
 
 SIGTERM_EXIT_SECONDS = 25  # below the manifests' terminationGracePeriodSeconds (30)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # Kubernetes' stop, and Ctrl-C: the same bounded exit 75
 
 
 def _interrupted(signum, frame):
-    """SIGTERM: stop with exit 75 (files are written whole or not at all); within
+    """SIGTERM or SIGINT: stop with exit 75 (files are written whole or not at all); within
     SIGTERM_EXIT_SECONDS even when the main thread is stuck (`errors.exit_after_signal`)."""
-    raise KeyboardInterrupt
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -141,14 +141,15 @@ def exit_process(code, message=None):
     os._exit(code)
 
 
-def exit_after_signal(signum, seconds, code, message):
-    """Once `signum` arrives, ends the process with `code` `seconds` later unless it ended by then.
+def exit_after_signal(signums, seconds, code, message):
+    """Once one of `signums` arrives, ends the process with `code` `seconds` later unless it ended
+    by then; `message` may name the signal as `{signal}` (SIGTERM, SIGINT).
 
-    The bound on how long a SIGTERM may take when the main thread is stuck in a stalled storage
-    call or a TensorFlow op: Python runs a signal's handler in the main thread only when that
-    returns, but the interpreter's C-level handler writes the signal to the wakeup fd at once, and
-    a thread waiting on it starts the countdown. The caller installs the Python handler (without
-    one the signal is not routed here). Call from the main thread.
+    The bound on how long a SIGTERM (or a Ctrl-C) may take when the main thread is stuck in a
+    stalled storage call or a TensorFlow op: Python runs a signal's handler in the main thread only
+    when that returns, but the interpreter's C-level handler writes the signal to the wakeup fd at
+    once, and a thread waiting on it starts the countdown. The caller installs the Python handlers
+    (without one a signal is not routed here). Call from the main thread, once per process.
     """
     import signal
 
@@ -157,10 +158,11 @@ def exit_after_signal(signum, seconds, code, message):
     signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
 
     def watch():
-        while signum not in os.read(read_end, 64):
+        while not (arrived := [signum for signum in os.read(read_end, 64) if signum in signums]):
             pass
-        timer = threading.Timer(seconds, exit_process, args=(code, message))
+        timer = threading.Timer(seconds, exit_process, args=(code, message.format(
+            signal=signal.Signals(arrived[0]).name)))
         timer.daemon = True
         timer.start()
 
-    threading.Thread(target=watch, daemon=True, name=f"signal-{signum}").start()
+    threading.Thread(target=watch, daemon=True, name="signals").start()

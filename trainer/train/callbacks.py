@@ -49,9 +49,9 @@ class SyncedBackupAndRestore(keras.callbacks.BackupAndRestore):
             elapsed = time.time() - requested
             logging.warning("%s: backup committed to %s %.1f s after the signal", reason,
                             self.job.backup_url(self.phase), elapsed)
-            if reason == "SIGTERM":
-                print(f"preemption backup committed {elapsed:.1f} s after SIGTERM", flush=True)
-            raise STOPS[reason]()
+            if reason != "deadline":
+                print(f"preemption backup committed {elapsed:.1f} s after {reason}", flush=True)
+            raise STOPS[reason](reason)
 
 
     def on_epoch_end(self, epoch, logs=None):

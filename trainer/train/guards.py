@@ -13,24 +13,26 @@ from trainer.train.state import STOPS
 
 
 def install_stop_handlers(run, deadline_seconds=None):
-    """On SIGTERM, or when `deadline_seconds` from now have passed (SIGALRM), ask every active
-    backup callback to save at the next batch end, then stop (at once when no phase is running)."""
+    """On SIGTERM or SIGINT (Ctrl-C), or when `deadline_seconds` from now have passed (SIGALRM), ask
+    every active backup callback to save at the next batch end, then stop (at once when no phase is
+    running)."""
 
     def handler(signum, frame):
-        reason = "SIGTERM" if signum == signal.SIGTERM else "deadline"
+        reason = "deadline" if signum == signal.SIGALRM else signal.Signals(signum).name
         logging.warning("%s: backing up at the next step, then exiting", reason)
         for backup in run.active_backups:
             backup.stop_requested = (time.time(), reason)
         if not run.active_backups:
-            raise STOPS[reason]()
+            raise STOPS[reason](reason)
 
-    signal.signal(signal.SIGTERM, handler)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
     # No step may end (the input or the backup stalled on storage): leave in time anyway, with the
     # last committed backup, before Kubernetes' SIGKILL.
     seconds = run.config.preempt_exit_seconds
-    errors.exit_after_signal(signal.SIGTERM, seconds, errors.EXIT_RETRYABLE,
-                             f"retryable error: preempted (SIGTERM), and no step ended within {seconds} s to back "
-                             "up (storage stalled?); rerun to resume from the last committed backup")
+    errors.exit_after_signal((signal.SIGTERM, signal.SIGINT), seconds, errors.EXIT_RETRYABLE,
+                             "retryable error: preempted ({signal}), and no step ended within " + str(seconds) +
+                             " s to back up (storage stalled?); rerun to resume from the last committed backup")
     if deadline_seconds is not None:
         signal.signal(signal.SIGALRM, handler)
         signal.setitimer(signal.ITIMER_REAL, deadline_seconds)

@@ -116,7 +116,8 @@ def train_and_export(config, job, dataset_manifest, dataset, deadline_seconds, s
             job.mark_done()
             logging.info("done: model exported to %s", model_url)
     except Preempted as error:
-        raise RetryableError("preempted (SIGTERM); the backup is committed, rerun to resume") from error
+        raise RetryableError(f"preempted ({error.args[0] if error.args else 'SIGTERM'}); the backup is committed, "
+                             "rerun to resume") from error
     except DeadlinePassed as error:
         raise UserError(guards.deadline_message(config, job.first_started())) from error
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
@@ -130,4 +131,5 @@ def train_and_export(config, job, dataset_manifest, dataset, deadline_seconds, s
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         shutil.rmtree(scratch, ignore_errors=True)

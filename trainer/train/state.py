@@ -11,14 +11,16 @@ from trainer.formats import jobdir
 
 
 class Preempted(Exception):
-    """Raised inside fit once a SIGTERM was received and the backup after it is committed."""
+    """Raised inside fit once a SIGTERM (or a Ctrl-C) was received and the backup after it is
+    committed; its argument names the signal."""
 
 
 class DeadlinePassed(Exception):
     """Raised inside fit once --deadline_hours has passed and the backup after it is committed."""
 
 
-STOPS = {"SIGTERM": Preempted, "deadline": DeadlinePassed}  # why a run stops early -> what fit raises
+# Why a run stops early (the signal's name, or the deadline) -> what fit raises.
+STOPS = {"SIGTERM": Preempted, "SIGINT": Preempted, "deadline": DeadlinePassed}
 
 
 @dataclasses.dataclass
