@@ -266,6 +266,37 @@ def test_max_side_shrinks_large_images_only(tmp_path):
     check_records(manifest, records)
 
 
+def png_declaring(width, height):
+    """A few bytes of PNG whose header declares width x height RGB pixels (a decompression bomb's
+    header: its pixels, were they there, would take width * height * 3 bytes to decode)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def test_images_declaring_more_pixels_than_max_pixels_are_skipped_without_decoding(tmp_path):
+    source = tmp_path / "images"
+    helpers.write_images(str(source), "class_dirs", per_class=4, size=(40, 30))
+    helpers.write_file(str(source), "cats/bomb.png", png_declaring(12000, 12000))  # 432 MB decoded
+    manifest = prepare.prepare_dataset(str(source), str(tmp_path / "data"), workers=1, num_shards=1)
+    [skipped] = manifest["skipped"]
+    assert skipped["file"] == "cats/bomb.png"
+    assert skipped["reason"] == "too many pixels: 12000 x 12000 pixels, more than --max_pixels=120000000"
+    # A lower limit, from the command line: the 40 x 30 photos are over it too.
+    result = run_trainer("prepare", f"--source={source}", f"--output={tmp_path / 'small'}", "--max_pixels=1000",
+                         "--workers=1")
+    assert_one_line_error(result)
+    assert "--max_pixels=1000" in result.stderr
+    assert_one_line_error(run_trainer("prepare", f"--source={source}", f"--output={tmp_path / 'x'}",
+                                      "--max_pixels=0"), "--max_pixels must be at least 1")
+
+
 def test_truncated_images_are_skipped_even_when_pillow_would_pad_them(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     source = tmp_path / "photos"

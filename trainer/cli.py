@@ -17,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config, errors  # noqa: E402
+from trainer.formats.imagefiles import MAX_PIXELS  # noqa: E402
 from trainer.formats.manifest import LAYOUTS, SPLITS  # noqa: E402
 from trainer.infra import faults, tfstart  # noqa: E402
 
@@ -37,6 +38,8 @@ def define_prepare_flags():
     flags.DEFINE_float("shard_size_mb", 100.0, "Target shard size; ~100 MB suits GCS throughput.")
     flags.DEFINE_integer("num_shards", None, "Shards per split (overrides --shard_size_mb).")
     flags.DEFINE_integer("max_side", None, "Re-encode images whose longer side exceeds this many pixels.")
+    flags.DEFINE_integer("max_pixels", MAX_PIXELS, "Skip (with the reason in dataset.json) an image whose header "
+                         "declares more pixels than this: a decompression bomb, not a photo (108 MP phone photos fit).")
     flags.DEFINE_bool("overwrite", False, "Replace a dataset already at --output.")
     flags.DEFINE_integer("workers", None, "--runner=local: parallel decode/encode processes (default: all cores).")
     flags.DEFINE_string("runner", "local", "local (a process pool on this machine), or an Apache Beam runner: "
@@ -57,7 +60,8 @@ def run_prepare(argv):
         source=FLAGS.source, output=FLAGS.output, layout=FLAGS.layout,
         val_fraction=FLAGS.val_fraction, test_fraction=FLAGS.test_fraction,
         split_seed=FLAGS.split_seed, shard_size_mb=FLAGS.shard_size_mb,
-        num_shards=FLAGS.num_shards, max_side=FLAGS.max_side, overwrite=FLAGS.overwrite,
+        num_shards=FLAGS.num_shards, max_side=FLAGS.max_side, max_pixels=FLAGS.max_pixels,
+        overwrite=FLAGS.overwrite,
         workers=FLAGS.workers, labels=FLAGS.labels, strict=FLAGS.strict,
         allow_missing_classes=FLAGS.allow_missing_classes, runner=FLAGS.runner,
         pipeline_args=tuple(_PASSTHROUGH))

@@ -23,6 +23,9 @@ JPEG_FORMATS = ("JPEG", "MPO")
 KEPT_JPEG_MODES = ("RGB", "L")
 CONVERTED_JPEG_QUALITY = 95  # CMYK/YCCK JPEGs: near-lossless, and still a JPEG
 RESIZED_JPEG_QUALITY = 90  # --max_side: the point is to cut bytes and decode time
+# --max_pixels: more pixels than this in one image is a decompression bomb, not a photo (a 140 KB
+# PNG can declare 12000 x 12000). 108 MP, the largest phone photos, stays within it.
+MAX_PIXELS = 120_000_000
 # What counts as an image by name: what Pillow decodes and `trainer prepare` stores (as is, or
 # converted to PNG/JPEG). Any other file is ignored, listed in dataset.json, and never a class.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
@@ -77,7 +80,11 @@ def _encoded(image, image_format, quality=None):
             "width": image.size[0], "height": image.size[1]}
 
 
-def encode_image(data, max_side=None):
+class TooManyPixels(ValueError):
+    """An image whose header declares more pixels than allowed (decoding it could exhaust memory)."""
+
+
+def encode_image(data, max_side=None, max_pixels=MAX_PIXELS):
     """Fully decodes one image and returns what its record stores.
 
     Original bytes are kept for RGB or greyscale JPEGs within `max_side`; other JPEGs (CMYK) become
@@ -87,9 +94,12 @@ def encode_image(data, max_side=None):
       dict with `encoded` (bytes), `format` ("jpeg" or "png"), `width`, `height` of the stored image.
 
     Raises:
+      TooManyPixels: the header declares more than `max_pixels` pixels (nothing is decoded).
       Whatever Pillow raises for a file it cannot fully decode.
     """
     image = Image.open(io.BytesIO(data))
+    if max_pixels and image.size[0] * image.size[1] > max_pixels:
+        raise TooManyPixels(f"{image.size[0]} x {image.size[1]} pixels, more than --max_pixels={max_pixels}")
     target = fit_within(image.size, max_side) if max_side and max(image.size) > max_side else None
     if target and image.format in JPEG_FORMATS:
         # Decode at 1/2, 1/4 or 1/8 scale (still at least `target`): several times faster.
@@ -108,6 +118,8 @@ def encode_image(data, max_side=None):
 def _skip_reason(error):
     if isinstance(error, UnidentifiedImageError):
         return "not an image (or an unreadable header)"
+    if isinstance(error, TooManyPixels):
+        return f"too many pixels: {error}"
     if isinstance(error, Image.DecompressionBombError):
         return "too many pixels (Pillow's decompression-bomb limit)"
     message = " ".join(str(error).split())[:200]
@@ -116,14 +128,15 @@ def _skip_reason(error):
     return f"corrupt image ({type(error).__name__}: {message})"
 
 
-def encode_or_skip(data, max_side=None):
-    """`encode_image(data, max_side)`, or `{"skip": reason}` for data that is not a whole image.
-    Batch prediction calls it too, so that a model is given the very bytes training stored."""
+def encode_or_skip(data, max_side=None, max_pixels=MAX_PIXELS):
+    """`encode_image(data, max_side, max_pixels)`, or `{"skip": reason}` for data that is not a
+    whole image or has too many pixels. Batch prediction calls it too, so that a model is given the
+    very bytes training stored."""
     if not data:
         return {"skip": "empty file"}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns about odd EXIF, palettes, big images
-            return encode_image(data, max_side)
+            return encode_image(data, max_side, max_pixels)
     except Exception as error:  # Pillow raises many types for bad data; the reason names it
         return {"skip": _skip_reason(error)}

@@ -26,6 +26,7 @@ import tqdm
 from absl import logging
 
 from trainer.errors import UserError
+from trainer.formats import imagefiles
 from trainer.formats.manifest import MANIFEST_NAME, SPLITS, new_manifest, shard_name
 from trainer.infra import storage
 from trainer.prepare import plan, runners, shards
@@ -35,6 +36,7 @@ SKIPPED_LOGGED = 20
 
 def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, test_fraction=0.15, split_seed=0,
                     shard_size_mb=100.0, num_shards=None, max_side=None, overwrite=False, workers=None,
+                    max_pixels=imagefiles.MAX_PIXELS,
                     labels=None, strict=False, allow_missing_classes=False, runner="local", pipeline_args=()):
     """Turns a folder of images, or a label file's images, into sharded TFRecords plus `dataset.json`.
 
@@ -48,6 +50,7 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
       shard_size_mb: target shard size, estimated from the source bytes of each split.
       num_shards: shards per split (overrides shard_size_mb; at most one per image).
       max_side: re-encode images whose longer side exceeds this many pixels (None: never).
+      max_pixels: skip images whose header declares more pixels than this (decompression bombs).
       overwrite: replace a dataset already at `output` (only its own files are removed).
       workers: decode/encode processes (default: all cores; 1: in this process).
       labels: instead of `source`, a Vertex AI CSV or JSONL label file (trainer.prepare.labelfile).
@@ -65,7 +68,7 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
         bad label-file rows, nothing usable, or an existing dataset at `output` without `overwrite`.
     """
     started = time.monotonic()
-    check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers)
+    check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers, max_pixels)
     if runner != "local":
         runners.beam_options(runner, pipeline_args)  # a missing Beam or a bad option answers before any work
     elif pipeline_args:
@@ -99,7 +102,7 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
     if overwrite:
         remove_dataset(output)
 
-    written = write_dataset(output, shards_plan, classes, max_side, workers, runner, pipeline_args)
+    written = write_dataset(output, shards_plan, classes, max_side, workers, runner, pipeline_args, max_pixels)
     undecodable = [{"file": entry["file"], "reason": entry["reason"]} for entry in written["skipped"]]
     skipped = sorted(skipped + undecodable, key=lambda entry: entry["file"])
     try:
@@ -123,7 +126,7 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
     return manifest
 
 
-def check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers):
+def check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers, max_pixels=1):
     """Raises UserError for option values that cannot work."""
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= value < 1:  # also catches NaN
@@ -133,7 +136,8 @@ def check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_si
                         f"got {val_fraction} + {test_fraction}")
     if not (shard_size_mb > 0 and math.isfinite(shard_size_mb)):
         raise UserError(f"--shard_size_mb must be a positive number, got {shard_size_mb}")
-    for name, value in (("num_shards", num_shards), ("max_side", max_side), ("workers", workers)):
+    for name, value in (("num_shards", num_shards), ("max_side", max_side), ("workers", workers),
+                        ("max_pixels", max_pixels)):
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
 
@@ -177,7 +181,8 @@ def remove_dataset(output):
 # Writing: the shards on a runner (trainer.prepare.shards), then one manifest entry from their reports.
 
 
-def write_dataset(output, shards_plan, classes, max_side, workers, runner="local", pipeline_args=()):
+def write_dataset(output, shards_plan, classes, max_side, workers, runner="local", pipeline_args=(),
+                  max_pixels=imagefiles.MAX_PIXELS):
     """Writes every planned shard not yet committed, on `runner`, and merges the shards' reports.
 
     Returns:
@@ -187,7 +192,7 @@ def write_dataset(output, shards_plan, classes, max_side, workers, runner="local
     label_of = {name: index for index, name in enumerate(classes)}
     lines = [shards.plan_line(shard_name(split, index, len(shards_plan[split])),
                               [(file.path, file.location, file.label, label_of[file.label], file.digest, file.size)
-                               for file in files], max_side)
+                               for file in files], max_side, max_pixels)
              for split in SPLITS for index, files in enumerate(shards_plan[split])]
     interactive = sys.stderr.isatty()
     total = sum(len(files) for split in SPLITS for files in shards_plan[split])

@@ -45,9 +45,10 @@ def state_location(output, *parts):
     return storage.join(output, STATE_FOLDER, *parts)
 
 
-def plan_line(name, files, max_side):
+def plan_line(name, files, max_side, max_pixels=imagefiles.MAX_PIXELS):
     """One shard's plan as canonical JSON bytes. `files`: `(path, location, label, index, md5, size)`."""
-    return json.dumps({"name": name, "max_side": max_side, "files": [list(file) for file in files]},
+    return json.dumps({"name": name, "max_side": max_side, "max_pixels": max_pixels,
+                       "files": [list(file) for file in files]},
                       sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
 
@@ -108,10 +109,10 @@ def read_ahead(locations, sizes):
             yield from current
 
 
-def _encode_read(data, max_side):
+def _encode_read(data, max_side, max_pixels):
     if data is None:
         return {"skip": "file disappeared while preparing"}
-    return imagefiles.encode_or_skip(data, max_side)
+    return imagefiles.encode_or_skip(data, max_side, max_pixels)
 
 
 class _Sizes:
@@ -162,7 +163,8 @@ def write_shard(output, offset, length, decoders=1):
           storage.open_file(storage.join(output, task["name"]), "wb") as shard):
         # Reads run a batch ahead; `decoders` threads decode (Pillow releases the GIL), in order.
         data = read_ahead([file[1] for file in files], [file[5] for file in files])
-        results = imap_bounded(decoder, lambda item: _encode_read(item, task["max_side"]), data, 2 * decoders)
+        results = imap_bounded(decoder, lambda item: _encode_read(item, task["max_side"], task["max_pixels"]), data,
+                               2 * decoders)
         for (path, _, label, index, *_), result in zip(files, results, strict=True):
             if "skip" in result:
                 skipped.append({"file": path, "reason": result["skip"], "class": label})
