@@ -308,3 +308,18 @@ def test_devices_fifos_and_links_to_them_are_never_opened(tmp_path):
     assert f"line 3: not a regular file (a device, a FIFO or a socket): {images / 'cats' / 'pipe.jpg'}" in error
     with pytest.raises(UserError, match="is not a regular file"):
         storage.read_many([str(images / "cats" / "pipe.jpg")])
+
+
+def test_http_rows_need_allow_http_and_class_names_have_a_length_limit(tmp_path):
+    from trainer.prepare import labelfile
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"http://127.0.0.1:9/internal.jpg,cats\na.jpg,{'x' * 300}\nb.jpg,dogs\n")
+    error = last_error(run_trainer("prepare", f"--labels={labels}", f"--output={tmp_path / 'd'}"))
+    # Both in one pass, nothing fetched.
+    assert "2 bad rows" in error, error
+    assert "line 1: http://127.0.0.1:9/internal.jpg is an http(s) URL, read only with --allow_http" in error
+    assert "line 2: a label of 300 characters (at most 200)" in error
+    labels.write_text("http://127.0.0.1:9/internal.jpg,cats\nb.jpg,dogs\n")
+    rows = labelfile.read_label_file(str(labels), allow_http=True)
+    assert [row[1] for row in rows] == ["http://127.0.0.1:9/internal.jpg", str(tmp_path / "b.jpg")]

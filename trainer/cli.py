@@ -49,6 +49,8 @@ def define_prepare_flags():
     flags.DEFINE_bool("strict", False, "Suspicious classes (few images, names equal but for case, ...) fail the "
                       "run instead of a warning.")
     flags.DEFINE_bool("allow_missing_classes", False, "A class with no training image is a warning, not an error.")
+    flags.DEFINE_bool("allow_http", False, "--labels rows may name http(s) images (off: each such row is a request "
+                      "from wherever prepare runs, e.g. inside your cluster's network, to any address the file names).")
     flags.mark_flags_as_required(["output"])
 
 
@@ -63,7 +65,7 @@ def run_prepare(argv):
         num_shards=FLAGS.num_shards, max_side=FLAGS.max_side, max_pixels=FLAGS.max_pixels,
         overwrite=FLAGS.overwrite,
         workers=FLAGS.workers, labels=FLAGS.labels, strict=FLAGS.strict,
-        allow_missing_classes=FLAGS.allow_missing_classes, runner=FLAGS.runner,
+        allow_missing_classes=FLAGS.allow_missing_classes, runner=FLAGS.runner, allow_http=FLAGS.allow_http,
         pipeline_args=tuple(_PASSTHROUGH))
 
 

@@ -28,12 +28,21 @@ from trainer.infra import storage
 ML_USE = {"training": "train", "validation": "val", "test": "test", "unassigned": None}
 VERTEX_ML_USE_KEY = "aiplatform.googleapis.com/ml_use"
 PROBLEMS_SHOWN = 5
+# A class name longer than this is a mistake (a pasted document, a column shifted): it would be
+# written into every log line, record and picture that names the class.
+MAX_LABEL_CHARACTERS = 200
+HTTP_SCHEMES = ("http://", "https://")
 
 Row = tuple  # (line number, image location, label, split or None)
 
 
-def read_label_file(url):
+def read_label_file(url, allow_http=False):
     """The rows of a Vertex CSV or JSONL label file: [(line, location, label, split or None)].
+
+    Args:
+      url: the label file.
+      allow_http: whether rows may name http(s) URLs. Off by default: each such row is a request
+        from wherever prepare runs (inside a cluster's network), to any address the file names.
 
     Raises:
       UserError: the file is missing, or has bad rows (each named with its line number), or gives
@@ -50,6 +59,9 @@ def read_label_file(url):
     rows, problems = (_parse_jsonl if jsonl else _parse_csv)(text)
     located = []
     for line, uri, label, split in rows:
+        if uri.lower().startswith(HTTP_SCHEMES) and not allow_http:
+            problems.append(f"line {line}: {uri[:100]} is an http(s) URL, read only with --allow_http")
+            continue
         location = uri if "://" in uri or uri.startswith("/") else storage.join(folder, *uri.split("/"))
         located.append((line, location, label, split))
     problems += _multi_label(located)
@@ -97,6 +109,9 @@ def _add_row(rows, problems, line, uri, label, split, uri_field, label_field):
         problems.append(f"line {line}: no {uri_field}")
     elif not label:
         problems.append(f"line {line}: empty {label_field} for {uri}")
+    elif len(label) > MAX_LABEL_CHARACTERS:
+        problems.append(f"line {line}: a {label_field} of {len(label)} characters (at most {MAX_LABEL_CHARACTERS}): "
+                        f"{label[:40]}...")
     else:
         rows.append((line, uri, label, split))
 

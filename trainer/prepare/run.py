@@ -37,7 +37,8 @@ SKIPPED_LOGGED = 20
 def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, test_fraction=0.15, split_seed=0,
                     shard_size_mb=100.0, num_shards=None, max_side=None, overwrite=False, workers=None,
                     max_pixels=imagefiles.MAX_PIXELS,
-                    labels=None, strict=False, allow_missing_classes=False, runner="local", pipeline_args=()):
+                    labels=None, strict=False, allow_missing_classes=False, runner="local", pipeline_args=(),
+                    allow_http=False):
     """Turns a folder of images, or a label file's images, into sharded TFRecords plus `dataset.json`.
 
     Args:
@@ -54,6 +55,7 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
       overwrite: replace a dataset already at `output` (only its own files are removed).
       workers: decode/encode processes (default: all cores; 1: in this process).
       labels: instead of `source`, a Vertex AI CSV or JSONL label file (trainer.prepare.labelfile).
+      allow_http: a label file may name http(s) images (off: each is a request from where this runs).
       strict: suspicious classes (trainer.prepare.plan.check_classes) are errors, not warnings.
       allow_missing_classes: a class with no training image is a warning, not an error.
       runner: "local" (a process pool), or the name of an Apache Beam runner ("DirectRunner",
@@ -82,7 +84,7 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
         from trainer.prepare import labelfile
 
         layout = "labels"
-        rows = labelfile.read_label_file(labels)
+        rows = labelfile.read_label_file(labels, allow_http=allow_http)
         files, lines = plan.files_from_label_rows(rows), {location: line for line, location, _, _ in rows}
         logging.info("labels: %d images in %s (%d with their own split)", len(rows), labels,
                      sum(split is not None for *_, split in rows))
