@@ -115,3 +115,10 @@ def test_sigterm_smoke(tmp_path):
     for result in results["results"].values():
         assert result["seconds"] and all(seconds >= 0 for seconds in result["seconds"])
     assert "SIGTERM -> committed backup" in table
+
+
+def test_evaluate_classes_smoke(tmp_path):
+    results, table = run_bench("evaluate_classes", tmp_path)
+    [run] = results["runs"]
+    assert run["classes"] == 40 and run["seconds"] > 0 and run["peak_rss_bytes"] > 20 * 2**20
+    assert "40 classes:" in table

@@ -168,6 +168,27 @@ def test_many_classes_get_a_larger_confusion_matrix(tmp_path):
     assert assert_png(large[0])[0] > 1.5 * assert_png(small[0])[0]
 
 
+def test_hundreds_of_classes_get_a_heatmap_of_bounded_size_and_the_most_confused_pairs(tmp_path):
+    from trainer.evaluate import page
+
+    names = [f"class_{i:03d}" for i in range(300)]
+    labels = np.arange(900) % 300
+    predictions = labels.copy()
+    predictions[:3] = 7  # class_000, 001, 002 -> class_007 once each; class_010 -> class_011 three times
+    predictions[[10, 310, 610]] = 11
+    metrics = metrics_lib.compute_metrics(labels, one_hot_probabilities(predictions, 300), names)
+    assert len(metrics["confusion_matrix"]) == 300  # metrics.json keeps every count
+    pairs = metrics_lib.most_confused(metrics, limit=2)
+    assert pairs[0] == {"true": "class_010", "predicted": "class_011", "count": 3, "share": 1.0}
+    assert (pairs[1]["true"], pairs[1]["predicted"], pairs[1]["count"]) == ("class_000", "class_007", 1)
+    drawn = pictures.draw_pictures(metrics)
+    width, height = assert_png(pictures.write_pictures(str(tmp_path), drawn)[0])
+    assert max(width, height) <= (pictures.MAX_MATRIX_INCHES + 1.2) * 100
+    metrics["calibration"] = metrics_lib.calibration(labels, one_hot_probabilities(predictions, 300))
+    report = storage.read_text(page.write_html(str(tmp_path), metrics, drawn))
+    assert "Most confused pairs" in report and "<td>class_010</td><td>class_011</td><td>3</td><td>100.0%</td>" in report
+
+
 def test_history_without_epochs_draws_no_training_curves(tmp_path):
     metrics = metrics_lib.compute_metrics([0, 1], binary_probabilities([0.2, 0.9]), ["a", "b"])
     history = {"phases": [{"name": "head", "epochs": []}]}

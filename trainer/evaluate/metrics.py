@@ -112,6 +112,20 @@ def calibration(labels, probabilities, bins=CALIBRATION_BINS):
     return {"ece": float(ece), "bins": rows}
 
 
+def most_confused(metrics, limit=15):
+    """The `limit` largest off-diagonal counts of the confusion matrix, largest first:
+    [{"true", "predicted", "count", "share"}] (share: of the true class's examples)."""
+    counts = np.asarray(metrics["confusion_matrix"])
+    totals = counts.sum(axis=1)
+    off = counts.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:limit]
+    classes = metrics["classes"]
+    return [{"true": classes[row], "predicted": classes[column], "count": int(off[row, column]),
+             "share": float(off[row, column] / totals[row]) if totals[row] else 0.0}
+            for row, column in zip(*np.unravel_index(order, off.shape), strict=True) if off[row, column]]
+
+
 def format_summary(metrics):
     """A few log lines: the headline numbers, then one row per class."""
     lines = [f"{metrics.get('split', '?')} split: {metrics['examples']} examples, "

@@ -4,6 +4,7 @@ candidate vs production side by side when both were scored). Every user string i
 import base64
 import html
 
+from trainer.evaluate import metrics as metrics_lib
 from trainer.formats import jobdir
 from trainer.infra import storage
 
@@ -39,6 +40,12 @@ def write_html(output_url, metrics, pictures):
             f"<th>recall, production</th><th>support</th></tr>{recalls}</table>")
     elif versus:
         comparison = f"<h2>Candidate vs production</h2><p class=fail>{escape(versus['reason'])}</p>"
+    confused = "".join(f"<tr><td>{escape(pair['true'])}</td><td>{escape(pair['predicted'])}</td>"
+                       f"<td>{pair['count']}</td><td>{pair['share']:.1%}</td></tr>"
+                       for pair in metrics_lib.most_confused(metrics))
+    if confused:
+        confused = ("<h2>Most confused pairs</h2><table><tr><th>true class</th><th>predicted as</th><th>images</th>"
+                    f"<th>share of the true class</th></tr>{confused}</table>")
     images = "".join(f"<figure><img alt=\"{escape(name)}\" src=\"data:image/png;base64,"
                      f"{base64.b64encode(png).decode()}\"><figcaption>{escape(name)}</figcaption></figure>"
                      for name, png in pictures.items())
@@ -50,6 +57,7 @@ img{{max-width:100%}}figure{{margin:1em 0}}.pass{{color:#060}}.fail{{color:#a00}
 <body><h1>Evaluation</h1><table>{summary}</table>{comparison}
 <h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>
 {rows}</table>
+{confused}
 <h2>Pictures</h2>{images}</body></html>
 """
     url = storage.join(output_url, jobdir.REPORT)

@@ -15,6 +15,12 @@ from absl import logging
 
 from trainer.infra import storage
 
+# The confusion matrix: counts in its cells up to this many classes, names on its axes up to this
+# many, and never a canvas larger than this (inches at 100 dpi).
+CELL_TEXT_CLASSES = 30
+NAMED_CLASSES = 80
+MAX_MATRIX_INCHES = 24
+
 # Fallback fonts for class names DejaVu Sans cannot draw: (package, font file, family). They are
 # found without importing the packages (importing them makes their font the only one).
 FALLBACK_FONTS = (("matplotlib_fontja", "ipaexg.ttf", "IPAexGothic"),  # Japanese, most Chinese
@@ -118,28 +124,37 @@ def readable_names(names, limit=18):
 
 
 def _draw_confusion_matrix(metrics):
-    """Counts in the cells; colour is the share of the true class, so small classes still show."""
+    """Counts in the cells; colour is the share of the true class, so small classes still show.
+
+    Above CELL_TEXT_CLASSES classes the matrix is a heatmap without counts in its cells, on a
+    canvas of at most MAX_MATRIX_INCHES (per-cell text and a canvas growing with the classes cost
+    minutes and gigabytes at a few hundred classes); report.html lists the most confused pairs, and
+    metrics.json keeps every count. Above NAMED_CLASSES the axes are class indices.
+    """
     counts = np.asarray(metrics["confusion_matrix"])
     names = readable_names(metrics["classes"])
     num_classes = len(names)
-    size = max(4.5, 1.5 + 0.5 * num_classes)
+    size = min(MAX_MATRIX_INCHES, max(4.5, 1.5 + 0.5 * num_classes))
     figure, axes = _new_figure(size + 1.2, size)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     colorbar = figure.colorbar(image, ax=axes, shrink=0.8)
     colorbar.set_label("share of the true class")
-    font_size = max(8, 12 - 0.2 * num_classes)
-    for row in range(num_classes):
-        for column in range(num_classes):
-            # Zeros fade so that the mistakes stand out in a large matrix.
-            color = "white" if shares[row, column] > 0.5 else "black" if counts[row, column] else "silver"
-            axes.text(column, row, str(counts[row, column]), ha="center", va="center",
-                      color=color, fontsize=font_size)
-    axes.set_xticks(range(num_classes), names, rotation=45 if num_classes > 3 else 0,
-                    ha="right" if num_classes > 3 else "center", fontsize=font_size)
-    axes.set_yticks(range(num_classes), names, fontsize=font_size)
-    axes.set_xlabel("predicted class")
-    axes.set_ylabel("true class")
+    font_size = max(8, 12 - 0.2 * num_classes) if num_classes <= CELL_TEXT_CLASSES else 6
+    if num_classes <= CELL_TEXT_CLASSES:
+        for row in range(num_classes):
+            for column in range(num_classes):
+                # Zeros fade so that the mistakes stand out in a large matrix.
+                color = "white" if shares[row, column] > 0.5 else "black" if counts[row, column] else "silver"
+                axes.text(column, row, str(counts[row, column]), ha="center", va="center",
+                          color=color, fontsize=font_size)
+    if num_classes <= NAMED_CLASSES:
+        axes.set_xticks(range(num_classes), names, rotation=45 if num_classes > 3 else 0,
+                        ha="right" if num_classes > 3 else "center", fontsize=font_size)
+        axes.set_yticks(range(num_classes), names, fontsize=font_size)
+    numbered = "" if num_classes <= NAMED_CLASSES else " (its index in metrics.json's classes)"
+    axes.set_xlabel(f"predicted class{numbered}")
+    axes.set_ylabel(f"true class{numbered}")
     axes.set_title(f"{_title_prefix(metrics)}accuracy {metrics['accuracy']:.2%} "
                    f"on {metrics['examples']} images")
     return figure
