@@ -350,3 +350,19 @@ def test_version_already_claimed_is_retryable(gcs_bucket, monkeypatch):
     with pytest.raises(RetryableError, match="already being written"):
         promote.promote(candidate, production)
     assert not storage.exists(f"{production}/LATEST")
+
+
+def test_versions_that_a_killed_promotion_claimed_are_removed_once_abandoned(gcs_bucket):
+    import datetime
+
+    from trainer.formats import timestamps
+
+    production = f"{gcs_bucket}/production"
+    version = promote.promote(make_candidate(gcs_bucket, "first", 0.9), production)
+    for name, hours in (("20260101T000000Z-killed00", 25), ("20260101T000000Z-running0", 1)):
+        claimed = (timestamps.now() - datetime.timedelta(hours=hours)).strftime(timestamps.FORMAT)
+        storage.write_json(storage.join(production, "versions", name, "CLAIM"), {"candidate": "c", "claimed": claimed})
+        storage.write_bytes(storage.join(production, "versions", name, "model", "saved_model.pb"), b"half")
+    promote.remove_abandoned_claims(production)
+    # The killed one goes; one that may still be copying, and every complete version, stay.
+    assert versions(production) == sorted([version, "20260101T000000Z-running0"])

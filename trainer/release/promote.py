@@ -17,7 +17,8 @@ it was. Versions are immutable and never deleted: the previous one stays address
 Two promotions at once cannot both win: LATEST is replaced with a compare-and-swap on the
 generation that was read before gating (a generation precondition on gs://). The loser's
 evaluation compared it with a version that production no longer serves: it fails, saying so, and
-its unused copy is removed.
+its unused copy is removed. A version that a killed promotion claimed and never completed is
+removed by a later promotion once its CLAIM is ABANDONED_CLAIM_HOURS old.
 """
 
 import json
@@ -33,6 +34,7 @@ from trainer.formats import production as layout
 from trainer.infra import cas, folders, storage
 
 PROMOTED_SPLIT = "test"
+ABANDONED_CLAIM_HOURS = 24  # a claimed version without COMPLETE this old was left by a killed promotion
 
 
 def promote(candidate, production, min_accuracy=None, allow_class_change=False):
@@ -56,6 +58,7 @@ def promote(candidate, production, min_accuracy=None, allow_class_change=False):
     production = production.rstrip("/")
     storage.check_writable(production)
     metrics = read_candidate(candidate)
+    remove_abandoned_claims(production)
     pointer, generation = layout.read_pointer(production)
     if pointer and pointer.get("model_id") == metrics["model_id"]:
         # A rerun (a retried CronJob pod), or the same model promoted from another folder.
@@ -165,6 +168,30 @@ def copy_model(source, destination):
         if copied.get(relative) != size:
             raise RetryableError(f"copy of {relative} to {destination} is incomplete")
     logging.info("copied %d model files to %s", len(files), destination)
+
+
+def remove_abandoned_claims(production, now=None):
+    """Removes the versions that a killed promotion claimed and never completed, once their CLAIM
+    is older than ABANDONED_CLAIM_HOURS (longer than any live promotion's copy takes). Nothing ever
+    pointed to them: LATEST moves only to a complete version."""
+    now = now or timestamps.now()
+    try:
+        listed = folders.list_files(storage.join(production, layout.VERSIONS))
+        claimed = {relative.split("/")[0] for relative, _ in listed}
+    except FileNotFoundError:
+        return
+    for version in sorted(claimed):
+        if storage.exists(layout.version_url(production, version, layout.COMPLETE)):
+            continue
+        try:
+            claim = json.loads(storage.read_bytes(layout.version_url(production, version, layout.CLAIM)))
+            age_hours = (now - timestamps.parse(claim["claimed"])).total_seconds() / 3600
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            continue  # no readable claim: not ours to judge
+        if age_hours > ABANDONED_CLAIM_HOURS:
+            logging.info("removing production version %s: claimed %.0f hours ago by %s, never completed", version,
+                         age_hours, claim.get("candidate"))
+            discard_version(production, version)
 
 
 def discard_version(production, version):
