@@ -425,6 +425,30 @@ def test_evaluate_with_production_scores_both_models_on_the_same_examples(job, t
     assert promote.promote(str(candidate), production) != version
 
 
+def test_a_do_not_promote_decision_fails_evaluate_unless_report_only(job, tmp_path, caplog):
+    import logging
+
+    from trainer.release import promote
+
+    production = str(tmp_path / "production")
+    with caplog.at_level(logging.INFO, logger="absl"):  # nothing to compare with yet: said, and no gate
+        evaluate.run(job["model"], job["data"], "test", str(tmp_path / "first"), production_url=production)
+    assert "no production model yet: the first promotion needs no comparison" in caplog.text
+    champion = tmp_path / "champion"
+    folders.copy_tree(job["model"], str(champion / "model"))
+    evaluate.run(str(champion / "model"), job["data"], "test", str(champion / "eval"))
+    promote.promote(str(champion), production)
+    # A candidate that calls every image a dog: the cats' recall falls from 1.0 to 0.0.
+    worse = export_brightness_model(str(tmp_path / "worse" / "model"), bias=50.0)
+    output = tmp_path / "worse" / "eval"
+    line = assert_fails_as(lambda: evaluate.run(worse, job["data"], "test", str(output), production_url=production),
+                           "error: gate failed: do not promote: recall of class 'cats' falls from")
+    assert not storage.read_json(str(output / "metrics.json"))["comparison"]["passed"] and line
+    assert (output / "report.html").exists()  # the report is written first
+    metrics = evaluate.run(worse, job["data"], "test", str(output), production_url=production, report_only=True)
+    assert metrics["comparison"]["passed"] is False
+
+
 # ---- The report: calibration, mistakes, readable names, report.html --------------------------------
 
 def test_calibration_error_of_known_predictions():

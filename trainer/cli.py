@@ -98,6 +98,8 @@ def define_evaluate_flags():
     flags.DEFINE_string("production", None, "The production location of `trainer promote`: its current model is "
                         "scored on the same examples, and metrics.json gets the paired comparison promote decides on.")
     flags.DEFINE_float("recall_tolerance", 0.05, "With --production: no class's recall may fall by more than this.")
+    flags.DEFINE_bool("report_only", False, "With --production: write the comparison without failing (exit 0) when "
+                      "its decision is 'do not promote'; promote still acts on the recorded decision.")
     flags.DEFINE_bool("require_improvement", False, "With --production: pass only when the candidate is "
                       "significantly better (McNemar's exact test), instead of 'not significantly worse'.")
     flags.mark_flags_as_required(["model", "data", "output"])
@@ -111,7 +113,8 @@ def run_evaluate(argv):
                  output_url=FLAGS.output, history_url=FLAGS.history, batch_size=FLAGS.batch_size,
                  min_accuracy=FLAGS.min_accuracy, baseline_url=FLAGS.baseline,
                  tolerance=FLAGS.tolerance, production_url=FLAGS.production,
-                 recall_tolerance=FLAGS.recall_tolerance, require_improvement=FLAGS.require_improvement)
+                 recall_tolerance=FLAGS.recall_tolerance, require_improvement=FLAGS.require_improvement,
+                 report_only=FLAGS.report_only)
 
 
 def define_predict_flags():

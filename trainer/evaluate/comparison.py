@@ -27,6 +27,8 @@ def load_production(production_url, candidate_classes):
 
     served = production.served_model(production_url)
     if served is None:
+        logging.info("no production model yet: the first promotion needs no comparison (%s has no LATEST)",
+                     production_url)
         return None
     version, model_url = served
     loaded, metadata = load_model(model_url)

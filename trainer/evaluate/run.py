@@ -52,7 +52,7 @@ def _check_classes(model_classes, data_classes, model_url, manifest_url):
 
 def run(model_url, manifest_url, split, output_url, history_url=None, batch_size=64,
         min_accuracy=None, baseline_url=None, tolerance=0.0, production_url=None, recall_tolerance=0.05,
-        require_improvement=False):
+        require_improvement=False, report_only=False):
     """Evaluates an exported model on one split: metrics.json and pictures, then the CI gate.
 
     Args:
@@ -70,6 +70,8 @@ def run(model_url, manifest_url, split, output_url, history_url=None, batch_size
         on the same examples in this run, and `metrics["comparison"]` holds the paired gate's
         figures and decision (`gate.compare`), which promote acts on.
       recall_tolerance, require_improvement: the paired gate's settings (`gate.compare`).
+      report_only: with `production_url`, write the comparison without failing when its decision
+        is "do not promote" (promote still acts on the recorded decision).
 
     Returns:
       The metrics.json dict.
@@ -127,8 +129,11 @@ def run(model_url, manifest_url, split, output_url, history_url=None, batch_size
 
     reason = gate.check_baseline_examples(baseline, baseline_url, results) or gate.check_gate(
         results, min_accuracy=min_accuracy, baseline=baseline, tolerance=tolerance)
+    decided = results.get("comparison")
+    if reason is None and decided and not decided["passed"] and not report_only:
+        reason = f"do not promote: {decided['reason']}"
     if reason is not None:
         raise gate.GateFailed(f"gate failed: {reason}")
-    if min_accuracy is not None or baseline is not None:
+    if min_accuracy is not None or baseline is not None or decided:
         logging.info("gate passed")
     return results
