@@ -131,10 +131,11 @@ def transient(error):
 def _status(error):
     """The HTTP status of gcsfs's HttpError or aiohttp's ClientResponseError, else None."""
     import aiohttp
+    from gcsfs.retry import HttpError
 
     if isinstance(error, aiohttp.ClientResponseError):
         return error.status
-    if type(error).__name__ == "HttpError" and type(error).__module__.startswith("gcsfs"):
+    if isinstance(error, HttpError):
         return getattr(error, "code", None)
     return None
 

@@ -204,16 +204,20 @@ def open_file(location, mode="rb", block_size=None):
                 raise
 
 
+class NotRegularFile(UserError):
+    """A local path that is a device, a FIFO, a socket, or a link to one."""
+
+
 def check_regular_file(location):
-    """Raises UserError for a local path that is not a regular file (a device, a FIFO, a socket, or
-    a link to one): opening or reading it could block or never end, so it is never opened."""
+    """Raises NotRegularFile for a local path that is not a regular file (a device, a FIFO, a
+    socket, or a link to one): opening or reading it could block or never end, so it is never opened."""
     path = local_path(location)
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return  # missing or unreadable: the open that follows says which
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-        raise UserError(f"{location} is not a regular file (a device, a FIFO or a socket): it is not read")
+        raise NotRegularFile(f"{location} is not a regular file (a device, a FIFO or a socket): it is not read")
 
 
 def read_bytes(location):

@@ -262,9 +262,8 @@ def add_digests(files, lines=None, origin=None):
             return folders.md5_and_size(files[index].location)
         except FileNotFoundError:
             return "image not found"
-        except UserError as error:  # not a regular file: never opened
-            return "not a regular file (a device, a FIFO or a socket)" if "not a regular file" in str(error) else \
-                str(error)
+        except storage.NotRegularFile:  # never opened
+            return "not a regular file (a device, a FIFO or a socket)"
 
     with futures.ThreadPoolExecutor(HASH_THREADS) as pool:
         found = dict(zip(missing, pool.map(digest, missing), strict=True))
