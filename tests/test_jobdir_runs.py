@@ -62,6 +62,21 @@ def test_settings_that_do_not_change_the_result_may_change(dataset, finished, ca
     assert storage.read_json(os.path.join(finished, "config.json"))["backup_every_steps"] == 100
 
 
+def test_a_start_that_never_trained_accepts_a_corrected_command(dataset, tmp_path, caplog):
+    job_dir = str(tmp_path / "job")
+    # A typo in a layer name fails after the start recorded its settings, before any step.
+    assert_fails_as(restart(dataset, job_dir, "--fine_tune_epochs=1", "--fine_tune_from=nope"),
+                    "--fine_tune_from: no layer 'nope'")
+    assert storage.read_json(os.path.join(job_dir, "config.json"))["fine_tune_from"] == "nope"
+    with caplog.at_level(logging.WARNING):
+        restart(dataset, job_dir, "--learning_rate=0.01")()
+    assert "holds a start that never trained" in caplog.text and "--learning_rate=0.001 (now: 0.01)" in caplog.text
+    # The corrected command is now the run's record; the trained run keeps today's protection.
+    assert storage.read_json(os.path.join(job_dir, "config.json"))["learning_rate"] == 0.01
+    assert os.path.exists(os.path.join(job_dir, "DONE"))
+    assert_fails_as(restart(dataset, job_dir, "--learning_rate=0.1"), "holds a run started with other settings")
+
+
 def test_a_finished_run_says_when_its_dataset_has_changed(tmp_path):
     own = {"folder": tmp_path, "url": prepare_stripes(tmp_path, per_class=24, num_shards=2)}
     job_dir = str(tmp_path / "job")

@@ -221,7 +221,11 @@ def test_imagenet_download_failure_says_how_to_use_a_weights_file(monkeypatch):
         raise Exception("URL fetch failure on https://example/x_notop.h5: None -- Name not known")
 
     monkeypatch.setattr(data_utils, "get_file", offline)
-    with pytest.raises(UserError, match="cannot download the ImageNet weights of mobilenet_v2.*--weights="):
+    with pytest.raises(UserError, match="cannot download the ImageNet weights of mobilenet_v2") as raised:
         model.build_base("mobilenet_v2", 96, "imagenet")
+    # Both ways on: a try-out without weights, and the file Keras wants, by name, for a bucket.
+    assert "--weights=none" in str(raised.value)
+    assert "copy https://example/x_notop.h5 to your bucket and pass --weights=gs://BUCKET/x_notop.h5" \
+        in str(raised.value)
     with pytest.raises(UserError, match="'tiny' has no pretrained weights"):
         model.build_base("tiny", 32, "imagenet")

@@ -130,6 +130,29 @@ class JobDir:
                             "dataset or settings): restore it, or use a new --job_dir")
         return config
 
+    def has_trained(self):
+        """Whether an attempt committed any work here: an epoch in history.json, a backup, best
+        weights, cached features, a phase's weights or the model. Until then nothing in job_dir
+        depends on the settings, and a corrected command may start over (`forget_start`)."""
+        if any(storage.exists(self.path(name)) for name in (BACKUP, BEST, FEATURES, CHECKPOINTS, MODEL, DONE)):
+            return True
+        try:
+            history = storage.read_json(self.path(HISTORY))
+        except FileNotFoundError:
+            return False
+        except ValueError:
+            return True  # damaged: keep the protection, load_history names the file
+        phases = history.get("phases") if isinstance(history, dict) else None
+        return not isinstance(phases, list) or any(
+            not isinstance(phase, dict) or phase.get("epochs") for phase in phases)
+
+    def forget_start(self):
+        """Removes the record of a start that never trained (config.json, STARTED, its empty history
+        and event files), so that the corrected command's start is the run's first."""
+        for name in (CONFIG, STARTED, HISTORY):
+            storage.remove(self.path(name))
+        storage.remove(self.path(TENSORBOARD), recursive=True)
+
     def write_config(self, config):
         """Records the run's config once: a restart keeps the first start's record."""
         cas.write_if_absent(self.path(CONFIG), (json.dumps(config, indent=2) + "\n").encode())

@@ -44,15 +44,30 @@ def check_same_run(job, config, dataset):
     config.json records the first start's settings and dataset. A restart may change how the run
     goes (backup frequency, replicas, deadline: fields with `defines_run=False`), not what it
     computes: resuming a backup under another learning rate, batch size, backbone or dataset would
-    silently mix two runs.
+    silently mix two runs. A start that never trained (no epoch, backup, features or weights
+    committed: `JobDir.has_trained`) holds nothing to mix, so a corrected command replaces it.
+
+    Returns:
+      True when job_dir holds a start that never trained with other settings or data: the caller
+      (the chief) replaces its record (`JobDir.forget_start`).
 
     Raises:
       UserError: naming what differs, and what to do instead.
     """
     recorded = job.read_config()
     if recorded is None:
-        return
+        return False
     before = recorded.get("dataset")
+    changed = config.changed_settings(recorded)
+    if before and before["digest"] != dataset["digest"]:
+        changed = [f"dataset {before['url']} prepared at {before['created']}, now {dataset['url']} prepared at "
+                   f"{dataset['created']}"] + changed
+    if not changed:
+        return False
+    if not job.has_trained():
+        logging.warning("%s holds a start that never trained (%s): starting over with this command's settings",
+                        job.url, "; ".join(changed))
+        return True
     if before and before["digest"] != dataset["digest"]:
         if job.is_done():
             raise UserError(
@@ -62,11 +77,9 @@ def check_same_run(job, config, dataset):
         raise UserError(f"{job.url} was started on another dataset: {before['url']} prepared at {before['created']} "
                         f"({_counts(before)}), now {dataset['url']} prepared at {dataset['created']} "
                         f"({_counts(dataset)}); resume with the original dataset, or use a new --job_dir")
-    changed = config.changed_settings(recorded)
-    if changed:
-        raise UserError(f"{job.url} holds a run started with other settings: {'; '.join(changed)}. Rerun with the "
-                        f"run's own flags (in {job.path(jobdir.CONFIG)}) to resume it, or use a new --job_dir "
-                        "for a new run")
+    raise UserError(f"{job.url} holds a run started with other settings: {'; '.join(changed)}. Rerun with the "
+                    f"run's own flags (in {job.path(jobdir.CONFIG)}) to resume it, or use a new --job_dir "
+                    "for a new run")
 
 
 def _counts(dataset):

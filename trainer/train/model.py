@@ -15,6 +15,8 @@ The seed recipe (vgg16, 150 px, two classes) has 16,812,353 parameters: 2,097,66
 """
 
 import difflib
+import os
+import re
 
 import tensorflow as tf
 from absl import logging
@@ -88,10 +90,13 @@ def _build_application(constructor, backbone, weights, preprocessed, image_size)
     except Exception as error:
         # Keras's download raises a bare Exception("URL fetch failure on ...").
         if weights == "imagenet" and "URL fetch failure" in str(error):
+            url = re.search(r"https?://\S+?\.h5", str(error))
+            source = url.group(0) if url else "Keras's *_notop.h5 file of the backbone"
+            name = os.path.basename(url.group(0)) if url else "FILE_notop.h5"
             raise UserError(
-                f"cannot download the ImageNet weights of {backbone} ({first_line(error, 300)}); "
-                "without internet access, put Keras's *_notop.h5 file in your bucket and pass "
-                "--weights=gs://.../file.h5") from error
+                f"cannot download the ImageNet weights of {backbone} (no internet access?). To try the trainer "
+                f"without them, pass --weights=none; on a cluster without egress, copy {source} to your "
+                f"bucket and pass --weights=gs://BUCKET/{name}") from error
         raise
 
 

@@ -58,7 +58,9 @@ def run(config):
     job = jobdir.JobDir(config.job_dir)
     dataset_manifest = manifest.load_manifest(config.data)
     dataset = manifest.dataset_identity(config.data, dataset_manifest)
-    guards.check_same_run(job, config, dataset)
+    if guards.check_same_run(job, config, dataset) and distribute.is_chief(
+            distribute.cluster_from_environment(num_workers=config.num_workers, port=config.worker_port)):
+        job.forget_start()
     if job.is_done():
         logging.info("job %s is already complete (%s exists); nothing to do", config.job_dir, job.path(jobdir.DONE))
         print(f"already complete: {config.job_dir}")
