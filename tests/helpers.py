@@ -14,6 +14,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from trainer import errors
@@ -397,3 +398,30 @@ def write_records_dataset(folder, classes, splits):
         max_side=None, classes=list(classes), splits=entries, image_stats=image_stats([report]), skipped=[], ignored=[],
         duplicates=[], warnings=[], seconds=0.0))
     return url
+
+
+def assert_tensorboard_matches_history(job_dir, local_dir):
+    """Every epoch of history.json is in job_dir's TensorBoard event files, with the same values
+    (train and validation metrics, and the learning rate), read back with TensorFlow's reader."""
+    import tensorflow as tf
+
+    from trainer.infra import folders
+
+    folders.copy_tree(storage.join(job_dir, "tensorboard"), str(local_dir))
+    found = {}  # (phase, tag) -> {epoch: value}
+    for root, _, names in os.walk(local_dir):
+        for name in names:
+            phase, kind = os.path.relpath(root, local_dir).split(os.sep)
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+                for value in event.summary.value:
+                    tag = value.tag.replace("epoch_", "val_" if kind == "validation" else "", 1)
+                    found.setdefault((phase, tag), {})[event.step] = float(tf.make_ndarray(value.tensor))
+    history = storage.read_json(storage.join(job_dir, "history.json"))
+    for phase in history["phases"]:
+        assert phase["epochs"], phase
+        for entry in phase["epochs"]:
+            for tag, value in entry.items():
+                if tag not in ("epoch", "step"):
+                    assert found.get((phase["name"], tag), {}).get(entry["epoch"]) == pytest.approx(value), \
+                        (phase["name"], tag, entry["epoch"], found.get((phase["name"], tag)))
+    return found

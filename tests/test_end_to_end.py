@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -34,7 +35,7 @@ def trained_job(tmp_path_factory, gcs_server):
         "train", f"--data={data}/dataset.json", f"--job_dir={job}", "--backbone=tiny", "--weights=none",
         "--image_size=32", "--batch_size=16", "--epochs=2", "--learning_rate=3e-3", "--dense_units=32",
         "--dropout=0.1", "--fine_tune_epochs=2", "--fine_tune_from=block1_conv1",
-        "--fine_tune_learning_rate=1e-3", "--cpu_replicas=2", "--backup_every_steps=3"]
+        "--fine_tune_learning_rate=1e-3", "--cpu_replicas=2", "--backup_every_steps=3", "--progress_seconds=0"]
     train = run_trainer(*train_args, check=True)
     return {"local": local, "images": images, "data": data, "job": job, "train": train, "train_args": train_args}
 
@@ -43,6 +44,8 @@ def test_train_logs_the_derived_plan(trained_job):
     log = trained_job["train"].stderr
     assert "2 replicas in sync" in log
     assert "global batch 16 = 8 per replica" in log
+    # Progress within an epoch (every step here, with --progress_seconds=0).
+    assert re.search(r"phase head epoch 1/2: step 1/\d+, [\d.]+ img/s, loss [\d.]+, epoch ETA \d+m\d\ds", log), log
 
 
 def test_job_dir_holds_config_history_tensorboard_and_model(trained_job):

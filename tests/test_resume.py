@@ -9,6 +9,7 @@ import pytest
 from helpers import (
     TINY_JOB,
     assert_fails_as,
+    assert_tensorboard_matches_history,
     optimizer_steps,
     prepare_stripes,
     run_trainer,
@@ -88,6 +89,8 @@ def test_sigkill_mid_epoch_resumes_at_the_exact_step(dataset, gcs_bucket, tmp_pa
         for entry in recorded:  # the rate of each epoch's last step, killed or not
             expected = float(schedule(entry["step"] - 1)) if recipe else peak
             assert entry["learning_rate"] == pytest.approx(expected, rel=1e-4, abs=1e-12), (phase, entry)
+    # TensorBoard has every epoch of both attempts, the learning rate too.
+    assert_tensorboard_matches_history(job_dir, tmp_path / "events")
 
 
 def test_sigterm_commits_a_backup_and_exits_retryable(dataset, gcs_bucket, tmp_path, caplog):
@@ -103,6 +106,8 @@ def test_sigterm_commits_a_backup_and_exits_retryable(dataset, gcs_bucket, tmp_p
     restart_log = finish(dataset, job_dir, caplog)
     assert "phase head: already complete" in restart_log
     assert optimizer_steps(restart_log) == {"fine_tune": FINE_TUNE_EPOCHS * dataset["steps"]}
+    # The epoch before the SIGTERM, and the last of the final phase, are in TensorBoard.
+    assert_tensorboard_matches_history(job_dir, tmp_path / "events")
 
 
 def test_a_run_past_its_deadline_stops_with_a_committed_backup_and_a_larger_deadline_resumes(dataset, tmp_path):

@@ -109,6 +109,8 @@ class TrainConfig:
     strategy: str = _field("auto", "auto: multi_worker when the cluster environment says so, else mirrored.",
                            STRATEGIES, defines_run=False)
     cpu_replicas: int = _field(0, "With no GPU: split the CPU into this many replicas.", defines_run=False)
+    progress_seconds: float = _field(30.0, "Within an epoch, log the step, img/s, the epoch's ETA and the loss "
+                                     "at most every this many seconds (0: every step).", defines_run=False)
     num_workers: int | None = _field(None, "Workers of a multi-node job (default: from the environment).",
                                      defines_run=False)
     worker_port: int = _field(12345, "Port the workers talk on (multi-node jobs).", defines_run=False)
@@ -219,7 +221,7 @@ def check_config(config):
     for name, value in positive.items():
         if value < 1:
             raise UserError(f"--{name} must be positive, got {value}")
-    for name in ("cpu_replicas", "num_workers", "steps_per_epoch", "early_stopping_patience"):
+    for name in ("cpu_replicas", "num_workers", "steps_per_epoch", "early_stopping_patience", "progress_seconds"):
         value = getattr(config, name)
         if value is not None and value < 0:
             raise UserError(f"--{name} must not be negative, got {value}")

@@ -61,14 +61,25 @@ class SyncedBackupAndRestore(keras.callbacks.BackupAndRestore):
 
 
 class EpochRecorder(keras.callbacks.Callback):
-    """Appends each epoch's metrics to history.json and syncs TensorBoard logs (chief only)."""
+    """Appends each epoch's metrics to history.json and to TensorBoard, then syncs the event files
+    to job_dir (chief only).
+
+    The scalars are written here, from the same record as history.json and flushed before the
+    sync, so every epoch in history.json is in TensorBoard (Keras's own TensorBoard callback
+    flushes only when training ends: the last epoch and the one before a SIGTERM were lost). The
+    layout is Keras's: `<phase>/train` and `<phase>/validation`, tags `epoch_<metric>`, step =
+    the epoch, plus `epoch_learning_rate`.
+    """
 
     def __init__(self, run, phase, tensorboard_dir):
         super().__init__()
         self.run, self.phase, self.tensorboard_dir = run, phase, tensorboard_dir
+        self.writers = {}
 
     def on_train_end(self, logs=None):
         logging.info("phase %s: training loop ended", self.phase)
+        for writer in self.writers.values():
+            writer.close()
 
     def on_epoch_end(self, epoch, logs=None):
         logging.info("phase %s: epoch %d done", self.phase, epoch + 1)
@@ -80,14 +91,72 @@ class EpochRecorder(keras.callbacks.Callback):
         optimizer = self.model.optimizer
         # The learning rate of the epoch's last step, and the optimizer's step count after it: a
         # resumed run records the same values as an uninterrupted one.
-        epochs.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
-                       "learning_rate": float(keras.backend.get_value(optimizer.learning_rate)),
-                       "step": int(optimizer.iterations.numpy())})
+        record = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
+                  "learning_rate": float(keras.backend.get_value(optimizer.learning_rate)),
+                  "step": int(optimizer.iterations.numpy())}
+        epochs.append(record)
         record_skipped_data(self.run)
         self.run.job.write_history(history)
+        self.write_scalars(record)
         self.run.job.sync_tensorboard(self.tensorboard_dir)
         if self.run.tensorboard_copy:
             folders.copy_tree(self.tensorboard_dir, self.run.tensorboard_copy)
+
+    def write_scalars(self, record):
+        import tensorflow as tf
+
+        for name, value in record.items():
+            if name in ("epoch", "step"):
+                continue
+            kind, metric = ("validation", name[4:]) if name.startswith("val_") else ("train", name)
+            if kind not in self.writers:
+                self.writers[kind] = tf.summary.create_file_writer(
+                    os.path.join(self.tensorboard_dir, self.phase, kind))
+            with self.writers[kind].as_default():
+                tf.summary.scalar(f"epoch_{metric}", value, step=record["epoch"])
+        for writer in self.writers.values():
+            writer.flush()
+
+
+class Progress(keras.callbacks.Callback):
+    """Progress within an epoch, one log line at most every `seconds` (0: every step): the step, the
+    images per second since the epoch began, the time left in the epoch, and the running loss.
+
+    A plain log line suits a terminal and a Kubernetes log alike (Keras's bar rewrites one line,
+    which logs keep as thousands). The logs stay tensors until a line is due, so the steps between
+    lines do not wait for the device.
+    """
+
+    _supports_tf_logs = True
+
+    def __init__(self, phase, epochs, steps, global_batch, seconds):
+        super().__init__()
+        self.phase, self.epochs, self.steps, self.global_batch, self.seconds = (
+            phase, epochs, steps, global_batch, seconds)
+        self.epoch = 0
+        self.started = self.last = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.started = self.last = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.monotonic()
+        done = batch + 1
+        if now - self.last < self.seconds or done == self.steps:
+            return  # the epoch's own line (Keras's) reports its end
+        self.last = now
+        elapsed = now - self.started
+        loss = float((logs or {}).get("loss", float("nan")))
+        logging.info("phase %s epoch %d/%d: step %d/%d, %.1f img/s, loss %.4f, epoch ETA %s", self.phase,
+                     self.epoch + 1, self.epochs, done, self.steps, done * self.global_batch / elapsed, loss,
+                     _duration(elapsed / done * (self.steps - done)))
+
+
+def _duration(seconds):
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def best_epoch(losses):

@@ -16,7 +16,7 @@ from trainer.formats import jobdir
 from trainer.infra.kerasapi import keras
 from trainer.train import featurecache, optimize
 from trainer.train import model as model_lib
-from trainer.train.callbacks import EarlyStopping, EpochRecorder, SyncedBackupAndRestore
+from trainer.train.callbacks import EarlyStopping, EpochRecorder, Progress, SyncedBackupAndRestore
 
 
 def make_datasets(run, validate=True):
@@ -80,7 +80,7 @@ def fit_phase(run, model, phase, epochs, train_data, val_data, steps, val_steps=
     callbacks = [
         EpochRecorder(run, phase, tensorboard_dir),
         *([early] if early else []),
-        keras.callbacks.TensorBoard(os.path.join(tensorboard_dir, phase), update_freq="epoch"),
+        Progress(phase, epochs, steps, run.config.batch_size, run.config.progress_seconds),
         backup,
     ]
     if early and early.stopped():  # an earlier attempt stopped early and was killed before the phase completed
