@@ -144,11 +144,14 @@ def test_split_dirs_local(tmp_path):
     source, output = tmp_path / "seed", tmp_path / "data"
     written = helpers.write_images(str(source), "split_dirs", per_class=3, fmt=("jpeg", "png"))
 
-    result = run_trainer("prepare", f"--source={source}", f"--output={output}", "--workers=2")
+    # `--source=~/seed`: no shell expands a `~` after `=`; the trainer does.
+    result = run_trainer("prepare", "--source=~/seed", f"--output={output}", "--workers=2",
+                         env={"HOME": str(tmp_path)})
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "layout: split_dirs (detected)" in result.stderr
     manifest, records = read_records(str(output), tmp_path)
+    assert manifest["source"] == str(source)
     check_records(manifest, records)
     assert {split: entry["count"] for split, entry in manifest["splits"].items()} == {
         "train": 6, "val": 6, "test": 6}

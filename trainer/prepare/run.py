@@ -80,6 +80,8 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
     workers = workers or os.cpu_count() or 1
     check_output(output, overwrite)
     origin, skipped, ignored, lines = source or labels, [], [], None
+    if not storage.is_url(origin):
+        origin = os.path.expanduser(origin)  # dataset.json names the folder, not the shell's shorthand
     if labels:
         from trainer.prepare import labelfile
 
