@@ -105,18 +105,20 @@ def test_vertex_csv_without_ml_use_and_jsonl_get_the_hash_split(two_buckets, tmp
 
 
 @pytest.mark.parametrize("content, message", [
-    ("gs://b/a.jpg,cat\ntrain,gs://b/b.jpg,dog\n", "line 2: unknown ML_USE 'train'"),
-    ("gs://b/a.jpg,cat\ngs://b/b.jpg,\n", "line 2: empty label for gs://b/b.jpg"),
-    ("gs://b/a.jpg,cat\n,dog\n", "line 2: no image URI"),
-    ("gs://b/a.jpg,cat\ngs://b/b.jpg,dog,extra,field\n", "line 2: 4 fields"),
-    ("gs://b/a.jpg,cat\ngs://b/b.jpg,dog\ngs://b/a.jpg,dog\n",
-     "line 3: a second label 'dog' for gs://b/a.jpg (line 1: 'cat'): multi-label images are not supported"),
+    ("a.jpg,cat\ntrain,b.jpg,dog\n", "line 2: unknown ML_USE 'train'"),
+    ("a.jpg,cat\nb.jpg,\n", "line 2: empty label for b.jpg"),
+    ("a.jpg,cat\n,dog\n", "line 2: no image URI"),
+    ("a.jpg,cat\nb.jpg,dog,extra,field\n", "line 2: 4 fields"),
+    ("a.jpg,cat\nb.jpg,dog\na.jpg,dog\n",
+     "line 3: a second label 'dog' for "),
 ])
 def test_bad_csv_rows_are_reported_with_their_line(tmp_path, content, message):
     labels = tmp_path / "labels.csv"
     labels.write_text(content)
     result = run_trainer("prepare", f"--labels={labels}", f"--output={tmp_path / 'data'}")
     assert message in last_error(result)
+    # In the same pass: the rows naming an image that is not there (none of these are).
+    assert f"line 1: image not found: {tmp_path / 'a.jpg'}" in last_error(result)
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -317,9 +319,10 @@ def test_http_rows_need_allow_http_and_class_names_have_a_length_limit(tmp_path)
     labels.write_text(f"http://127.0.0.1:9/internal.jpg,cats\na.jpg,{'x' * 300}\nb.jpg,dogs\n")
     error = last_error(run_trainer("prepare", f"--labels={labels}", f"--output={tmp_path / 'd'}"))
     # Both in one pass, nothing fetched.
-    assert "2 bad rows" in error, error
+    assert "3 bad rows" in error, error
     assert "line 1: http://127.0.0.1:9/internal.jpg is an http(s) URL, read only with --allow_http" in error
     assert "line 2: a label of 300 characters (at most 200)" in error
+    assert f"line 3: image not found: {tmp_path / 'b.jpg'}" in error
     labels.write_text("http://127.0.0.1:9/internal.jpg,cats\nb.jpg,dogs\n")
     rows = labelfile.read_label_file(str(labels), allow_http=True)
     assert [row[1] for row in rows] == ["http://127.0.0.1:9/internal.jpg", str(tmp_path / "b.jpg")]

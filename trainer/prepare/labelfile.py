@@ -21,8 +21,9 @@ with more than one label is refused: this trainer gives each image one class.
 import csv
 import io
 import json
+from concurrent import futures
 
-from trainer.errors import UserError
+from trainer.errors import RetryableError, UserError
 from trainer.infra import storage
 
 ML_USE = {"training": "train", "validation": "val", "test": "test", "unassigned": None}
@@ -32,6 +33,7 @@ PROBLEMS_SHOWN = 5
 # written into every log line, record and picture that names the class.
 MAX_LABEL_CHARACTERS = 200
 HTTP_SCHEMES = ("http://", "https://")
+EXISTS_THREADS = 16  # existence checks at once (one request each on an object store)
 
 Row = tuple  # (line number, image location, label, split or None)
 
@@ -66,12 +68,35 @@ def read_label_file(url, allow_http=False):
         located.append((line, location, label, split))
     problems += _multi_label(located)
     if problems:
+        # Every bad row at once: with the malformed ones, the rows that name no readable image
+        # (which prepare would otherwise report only once the others are fixed).
+        problems = sorted(problems + _unreadable_rows(located), key=lambda problem: int(problem.split()[1][:-1]))
         shown = "; ".join(problems[:PROBLEMS_SHOWN])
         more = f" (and {len(problems) - PROBLEMS_SHOWN} more)" if len(problems) > PROBLEMS_SHOWN else ""
         raise UserError(f"{url}: {len(problems)} bad rows: {shown}{more}")
     if not located:
         raise UserError(f"{url} lists no images")
     return located
+
+
+def _unreadable_rows(rows):
+    """A problem for every row whose image is missing or not a regular file (never opened)."""
+
+    def problem(row):
+        line, location, _, _ = row
+        try:
+            if not storage.is_url(location):
+                storage.check_regular_file(location)
+            if not storage.exists(location):
+                return f"line {line}: image not found: {location}"
+        except storage.NotRegularFile:
+            return f"line {line}: not a regular file (a device, a FIFO or a socket): {location}"
+        except (RetryableError, UserError):
+            return None  # the store cannot say now: the rows already found are reported
+        return None
+
+    with futures.ThreadPoolExecutor(EXISTS_THREADS) as pool:
+        return [found for found in pool.map(problem, rows) if found]
 
 
 def _split_of(value, line):
