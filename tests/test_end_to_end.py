@@ -86,6 +86,16 @@ def test_evaluate_counts_every_test_example(trained_job):
     assert metrics["accuracy"] > 0.7, metrics  # stripes are easy: the model must have learned
     files = {name for name, _ in folders.list_files(f"{job}/eval")}
     assert {"confusion_matrix.png", "roc_curve.png", "pr_curve.png", "training_curves.png"} <= files
+    # How the model was trained, from the job's config.json and history.json, in both files.
+    config = storage.read_json(f"{job}/config.json")
+    training = metrics["training"]
+    assert training["backbone"] == "tiny" and training["image_size"] == 32 and training["job_dir"] == job
+    assert training["epochs_run"] == {"head": 2, "fine_tune": 2} and training["fine_tune_from"] == "block1_conv1"
+    assert training["dataset_digest"] == config["dataset"]["digest"]
+    page = storage.read_text(f"{job}/eval/report.html")
+    assert "How the model was trained" in page and "head 2, fine_tune 2" in page and job in page
+    assert f"<th>balanced accuracy</th><td>{metrics['balanced_accuracy']:.4f}</td>" in page
+    assert f"<th>macro-F1</th><td>{metrics['macro_f1']:.4f}</td>" in page
 
 
 def test_export_scores_jpeg_bytes_in_a_process_without_trainer(trained_job, tmp_path):

@@ -485,6 +485,17 @@ def test_class_names_are_plain_text_in_pictures_not_mathtext():
     assert set(drawn) == {"confusion_matrix.png", "reliability.png", "mistakes.png"}
 
 
+@pytest.mark.parametrize("count, grid", [(6, (2, 3)), (15, (4, 4)), (40, (8, 5))])
+def test_the_mistakes_sheet_is_a_grid_for_any_count(count, grid):
+    names = ["cats", "dogs"]
+    mistakes = [{"index": index, "label": index % 2, "predicted": 1 - index % 2, "confidence": 0.9,
+                 "image": np.full((16, 16, 3), index * 6, np.uint8)} for index in range(count)]
+    png = pictures.draw_pictures(metrics_lib.compute_metrics([0, 1], np.eye(2), names), mistakes=mistakes)
+    width, height = Image.open(io.BytesIO(png["mistakes.png"])).size
+    rows, columns = grid  # tiles of 2.6 x 2.9 inches at 100 dpi, and the title
+    assert (width, height) == (round(260 * columns), round(290 * rows + 40)), (width, height)
+
+
 def test_report_html_renders_in_headless_chromium_with_every_picture(job, tmp_path):
     import shutil
     import subprocess

@@ -17,12 +17,18 @@ def write_html(output_url, metrics, pictures):
                    f"<td>{row['f1']:.4f}</td><td>{row['support']}</td></tr>"
                    for name, row in metrics["per_class"].items())
     headline = [("split", metrics.get("split")), ("examples", metrics["examples"]),
-                ("accuracy", f"{metrics['accuracy']:.4f}"), ("loss", f"{metrics['loss']:.4f}"),
+                ("accuracy", f"{metrics['accuracy']:.4f}"),
+                ("balanced accuracy", f"{metrics['balanced_accuracy']:.4f}"),
+                ("macro-F1", f"{metrics['macro_f1']:.4f}"), ("loss", f"{metrics['loss']:.4f}"),
                 ("expected calibration error", f"{metrics['calibration']['ece']:.4f}")]
     if metrics.get("roc_auc") is not None:
         headline += [("ROC AUC", f"{metrics['roc_auc']:.4f}"), ("PR AUC", f"{metrics['pr_auc']:.4f}")]
     headline += [("model", metrics.get("model")), ("model id", metrics.get("model_id")), ("data", metrics.get("data"))]
     summary = "".join(f"<tr><th>{escape(str(key))}</th><td>{escape(str(value))}</td></tr>" for key, value in headline)
+    trained = "".join(f"<tr><th>{escape(key.replace('_', ' '))}</th><td>{escape(_shown(value))}</td></tr>"
+                      for key, value in (metrics.get("training") or {}).items() if value is not None)
+    if trained:
+        trained = f"<h2>How the model was trained</h2><table>{trained}</table>"
     comparison = ""
     versus = metrics.get("comparison")
     if versus and "p_value" in versus:
@@ -54,7 +60,7 @@ def write_html(output_url, metrics, pictures):
 <style>body{{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}
 img{{max-width:100%}}figure{{margin:1em 0}}.pass{{color:#060}}.fail{{color:#a00}}</style></head>
-<body><h1>Evaluation</h1><table>{summary}</table>{comparison}
+<body><h1>Evaluation</h1><table>{summary}</table>{trained}{comparison}
 <h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>
 {rows}</table>
 {confused}
@@ -63,3 +69,10 @@ img{{max-width:100%}}figure{{margin:1em 0}}.pass{{color:#060}}.fail{{color:#a00}
     url = storage.join(output_url, jobdir.REPORT)
     storage.write_text(url, page)
     return url
+
+
+def _shown(value):
+    """A training setting as the page shows it: `{"head": 10, "fine_tune": 6}` as `head 10, fine_tune 6`."""
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {item}" for key, item in value.items())
+    return str(value)

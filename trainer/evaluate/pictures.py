@@ -8,6 +8,7 @@ Chinese characters) and Nanum Gothic (koreanize-matplotlib: Hangul), which DejaV
 
 import functools
 import io
+import math
 import os
 
 import numpy as np
@@ -20,6 +21,7 @@ from trainer.infra import storage
 CELL_TEXT_CLASSES = 30
 NAMED_CLASSES = 80
 MAX_MATRIX_INCHES = 24
+MISTAKE_COLUMNS = 5  # the mistakes sheet's widest row
 
 # Fallback fonts for class names DejaVu Sans cannot draw: (package, font file, family). They are
 # found without importing the packages (importing them makes their font the only one).
@@ -88,14 +90,14 @@ def write_pictures(output_url, pictures):
     return urls
 
 
-def _new_figure(width, height, columns=1):
+def _new_figure(width, height, columns=1, rows=1):
     # A Figure on its own Agg canvas: no pyplot, so no global state and no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, columns)
+    axes = figure.subplots(rows, columns)
     return figure, axes
 
 
@@ -245,16 +247,20 @@ def _draw_reliability(metrics):
     counts.bar(centers, [row["count"] for row in rows], width=width * 0.9, color="grey")
     counts.set_xlabel("confidence (top probability)")
     counts.set_ylabel("images")
+    from matplotlib.ticker import MaxNLocator
+
+    counts.yaxis.set_major_locator(MaxNLocator(integer=True))  # whole images
     counts.set_title("how confident the model is")
     return figure
 
 
 def _draw_mistakes(mistakes, class_names):
     """A contact sheet: the most confident mistakes, each with its true and predicted class."""
-    columns = 4
+    # A near-square grid of at most MISTAKE_COLUMNS columns, whatever the count.
+    columns = min(MISTAKE_COLUMNS, max(2, math.ceil(math.sqrt(len(mistakes)))))
     rows = max(1, -(-len(mistakes) // columns))
-    figure, axes = _new_figure(2.6 * columns, 2.9 * rows + 0.4, columns=columns * rows)
-    axes = np.atleast_1d(axes)
+    figure, axes = _new_figure(2.6 * columns, 2.9 * rows + 0.4, columns=columns, rows=rows)
+    axes = np.atleast_1d(axes).ravel()
     names = readable_names(class_names, limit=16)
     for index, panel in enumerate(axes):
         panel.set_axis_off()

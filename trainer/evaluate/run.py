@@ -34,6 +34,29 @@ def read_history(model_url, history_url=None):
     return gate.read_json(history_url, "--history")
 
 
+def training_summary(model_url, metadata, history):
+    """How the model was trained, for report.html and metrics.json: the backbone and image size
+    (the export's metadata.json), and, when the job's config.json sits next to the model, the
+    weights, the epochs run in each phase (history.json) and asked for, the learning rates, the
+    batch, the dataset's digest and the job_dir."""
+    summary = {"backbone": metadata.get("backbone"), "image_size": metadata.get("image_size")}
+    config_url = storage.join(storage.dirname(model_url), jobdir.CONFIG)
+    try:
+        config = storage.read_json(config_url) if storage.exists(config_url) else None
+    except ValueError:
+        config = None
+    if isinstance(config, dict):
+        summary.update({key: config.get(key) for key in ("weights", "epochs", "fine_tune_epochs", "fine_tune_from",
+                                                          "learning_rate", "fine_tune_learning_rate", "batch_size",
+                                                          "optimizer", "job_dir")})
+        dataset = config.get("dataset")
+        summary["dataset_digest"] = dataset.get("digest") if isinstance(dataset, dict) else None
+    if history:
+        summary["epochs_run"] = {phase.get("name"): len(phase.get("epochs", [])) for phase in history.get("phases", [])
+                                 if isinstance(phase, dict)}
+    return summary
+
+
 def _check_arguments(batch_size, min_accuracy, tolerance):
     if batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {batch_size}")
@@ -119,10 +142,11 @@ def run(model_url, manifest_url, split, output_url, history_url=None, batch_size
             scored[2][0] if others else None, recall_tolerance=recall_tolerance,
             require_improvement=require_improvement)
 
+    history = read_history(model_url, history_url)
+    results["training"] = training_summary(model_url, metadata, history)
     metrics_url = storage.join(output_url, jobdir.METRICS)
     storage.write_json(metrics_url, results)
-    drawn = pictures.draw_pictures(results, roc_data=curves, history=read_history(model_url, history_url),
-                                   mistakes=mistakes.kept)
+    drawn = pictures.draw_pictures(results, roc_data=curves, history=history, mistakes=mistakes.kept)
     written = [*pictures.write_pictures(output_url, drawn), page.write_html(output_url, results, drawn)]
     logging.info("%s", metrics_lib.format_summary(results))
     logging.info("wrote %s and %s", metrics_url, ", ".join(written))
