@@ -98,27 +98,35 @@ def test_evaluate_counts_every_test_example(trained_job):
     assert f"<th>macro-F1</th><td>{metrics['macro_f1']:.4f}</td>" in page
 
 
-def test_export_scores_jpeg_bytes_in_a_process_without_trainer(trained_job, tmp_path):
-    model_dir = tmp_path / "model"
-    folders.copy_tree(f"{trained_job['job']}/model", str(model_dir))
+def readme_serving_snippet():
+    """The README's Serving example, as written."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    return next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "serving_default" in block)
+
+
+def test_export_scores_jpeg_bytes_as_the_readme_shows_in_a_process_without_trainer(trained_job, tmp_path):
+    folders.copy_tree(f"{trained_job['job']}/model", str(tmp_path / "model"))
     image = sorted((trained_job["images"] / "vertical").iterdir())[0]
+    (tmp_path / "cat.jpg").write_bytes(image.read_bytes())
     script = (
         "import json, sys, tensorflow as tf\n"
-        "assert 'trainer' not in sys.modules\n"
-        f"model = tf.saved_model.load({str(model_dir)!r})\n"
-        f"data = open({str(image)!r}, 'rb').read()\n"
-        "out = model.signatures['serving_default'](image_bytes=tf.constant([data, data]))\n"
-        "print(json.dumps({'p': out['probabilities'].numpy().tolist(),\n"
-        "                  'c': [c.decode() for c in out['classes'].numpy()]}))\n"
+        + readme_serving_snippet() +
+        "print(json.dumps({'p': out['probabilities'].numpy().tolist(), 's': out['scores'].numpy().tolist(),\n"
+        "                  'c': [[c.decode() for c in row] for row in out['classes'].numpy()],\n"
+        "                  'top': [top_class.numpy().decode(), float(top_score)]}))\n"
         "assert 'trainer' not in sys.modules\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     scored = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(scored["p"]) == 2 and len(scored["p"][0]) == 2
-    assert abs(sum(scored["p"][0]) - 1.0) < 1e-5
-    assert scored["c"][0] in CLASSES
+    classes = storage.read_json(str(tmp_path / "model" / "metadata.json"))["classes"]
+    (probabilities,), (scores,), (names,) = scored["p"], scored["s"], scored["c"]
+    assert abs(sum(probabilities) - 1.0) < 1e-5 and sorted(names) == sorted(classes) == sorted(CLASSES)
+    # classes and scores: every class, best first, each with its own probability.
+    assert scores == sorted(scores, reverse=True)
+    assert [probabilities[classes.index(name)] for name in names] == scores
+    assert scored["top"] == [names[0], pytest.approx(scores[0])]
 
 
 def test_predict_writes_a_row_per_file(trained_job):

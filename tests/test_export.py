@@ -26,7 +26,8 @@ blobs = [open(path, "rb").read() for path in sys.argv[2:]]
 outputs = serve(image_bytes=tf.constant(blobs))
 print(json.dumps({
     "probabilities": outputs["probabilities"].numpy().tolist(),
-    "classes": [name.decode() for name in outputs["classes"].numpy()],
+    "classes": [[name.decode() for name in row] for row in outputs["classes"].numpy()],
+    "scores": outputs["scores"].numpy().tolist(),
     "signatures": sorted(loaded.signatures),
     "trainer_imported": any(name.split(".")[0] == "trainer" for name in sys.modules),
 }))
@@ -76,7 +77,8 @@ def test_export_loads_in_a_fresh_process_and_matches_keras(tmp_path):
     expected = np.stack([1 - sigmoid, sigmoid], axis=1)
     assert not np.allclose(expected[0], expected[1], atol=1e-3)  # the images really differ
     np.testing.assert_allclose(served["probabilities"], expected, atol=1e-4)
-    assert served["classes"] == [["cats", "dogs"][index] for index in expected.argmax(axis=1)]
+    assert [row[0] for row in served["classes"]] == [["cats", "dogs"][index] for index in expected.argmax(axis=1)]
+    np.testing.assert_allclose(served["scores"], np.sort(expected, axis=1)[:, ::-1], atol=1e-4)
     assert storage.read_json(str(tmp_path / "model" / "metadata.json")) == {
         "classes": ["cats", "dogs"], "image_size": IMAGE_SIZE, "backbone": "tiny", "num_classes": 2}
 
@@ -98,8 +100,11 @@ def test_export_of_many_classes_and_predict_images_signature(tmp_path):
     outputs = loaded.signatures["serving_default"](image_bytes=tf.constant(blobs))
     expected = keras_probabilities(classifier, blobs)
     np.testing.assert_allclose(outputs["probabilities"].numpy(), expected, atol=1e-4)
-    assert [name.decode() for name in outputs["classes"].numpy()] == [
-        names[index] for index in expected.argmax(axis=1)]
+    # Every class, best first, with its probability (TF Serving's classification shape).
+    order = np.argsort(-expected, axis=1, kind="stable")
+    assert [[name.decode() for name in row] for row in outputs["classes"].numpy()] == [
+        [names[index] for index in row] for row in order]
+    np.testing.assert_allclose(outputs["scores"].numpy(), np.take_along_axis(expected, order, axis=1), atol=1e-4)
 
 
 def test_export_to_gcs_and_load_from_there(tmp_path, gcs_bucket):

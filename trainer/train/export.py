@@ -5,7 +5,9 @@ The export folder holds a SavedModel (saved_model.pb, variables/) and `metadata.
 finished export. Signatures:
 
   serving_default: image_bytes  tf.string [None] (JPEG/PNG/BMP/GIF bytes)
-                   -> probabilities float32 [None, C], classes tf.string [None]
+                   -> probabilities float32 [None, C] (in the order of metadata.json's classes),
+                      classes tf.string [None, C] and scores float32 [None, C]: every class
+                      name and its probability, best first (TF Serving's classification shape)
   predict_images:  images float32 [None, S, S, 3], RGB 0-255
                    -> probabilities float32 [None, C]
 
@@ -52,7 +54,10 @@ class _Servable(tf.Module):
             pixels = tf.map_fn(lambda encoded: decode.decode_image(encoded, image_size), image_bytes,
                                fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
             scores = probabilities(pixels)
-            return {"probabilities": scores, "classes": tf.gather(names, tf.argmax(scores, axis=-1))}
+            # TF Serving's classification shape: `classes` and `scores` of the same shape, best first.
+            order = tf.argsort(scores, axis=-1, direction="DESCENDING", stable=True)
+            return {"probabilities": scores, "classes": tf.gather(names, order),
+                    "scores": tf.gather(scores, order, batch_dims=1)}
 
         self.predict_images = predict_images
         self.serve = serve
