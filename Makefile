@@ -83,6 +83,10 @@ RENDER_COMMON = set -f; set -- --image="$$IMAGE" --gpus="$$GPUS" --accelerator="
 	if [ -n "$$GSA" ]; then set -- "$$@" --service-account-email="$$GSA"; fi; \
 	for arg in $$ARGS; do set -- "$$@" "--set=$${arg\#--}"; done
 SELECTOR = "app.kubernetes.io/name=image-trainer$${RUN:+,app.kubernetes.io/instance=$$RUN}"
+# A submission with the placeholder image could only fail on the cluster (DRY_RUN=1 may print it).
+CHECK_IMAGE = if [ -z "$$DRY_RUN" ]; then case "$$IMAGE" in *YOUR_PROJECT*) echo "make: IMAGE is the \
+	placeholder $$IMAGE: pass IMAGE=REGISTRY/REPO/NAME:TAG (the image make push pushed), or DRY_RUN=1 to print \
+	only" >&2; exit 2;; esac; fi
 # Prints the manifests (DRY_RUN=1) or applies them; a failed render applies nothing.
 APPLY = if [ -n "$$DRY_RUN" ]; then printf '%s\n' "$$manifest"; \
 	else printf '%s\n' "$$manifest" | $(KUBECTL) apply -f - && \
@@ -109,7 +113,7 @@ render:
 
 submit-train:
 	@if [ -z "$$DATA" ] || [ -z "$$JOB_DIR" ]; then echo "usage: make submit-train DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [GPUS=1] [WORKERS=1 [MULTI=jobset|indexed]] [ARGS='--epochs=2'] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
-	@run="$${RUN:-train-$(RUN_STAMP)}"; $(RENDER_COMMON); \
+	@$(CHECK_IMAGE); run="$${RUN:-train-$(RUN_STAMP)}"; $(RENDER_COMMON); \
 	if [ "$$WORKERS" = 1 ]; then overlay=k8s/overlays/gpu-spot; \
 	else overlay="k8s/overlays/multiworker-$$MULTI"; set -- "$$@" --workers="$$WORKERS"; fi; \
 	manifest="$$($(RENDER_PY) k8s/render.py "$${OVERLAY:-$$overlay}" --command=train --name="$$run" "$$@" \
@@ -117,7 +121,7 @@ submit-train:
 
 submit-eval:
 	@if [ -z "$$DATA" ] || [ -z "$$JOB_DIR$$MODEL" ]; then echo "usage: make submit-eval DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [MODEL=JOB_DIR/model] [OUTPUT=JOB_DIR/eval] [SPLIT=test] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
-	@run="$${RUN:-eval-$(RUN_STAMP)}"; $(RENDER_COMMON); \
+	@$(CHECK_IMAGE); run="$${RUN:-eval-$(RUN_STAMP)}"; $(RENDER_COMMON); \
 	manifest="$$($(RENDER_PY) k8s/render.py "$${OVERLAY:-k8s/overlays/gpu-spot}" --command=evaluate --name="$$run" \
 		"$$@" --set=model="$${MODEL:-$$JOB_DIR/model}" --set=data="$$DATA" \
 		--set=output="$${OUTPUT:-$$JOB_DIR/eval}" --set=split="$$SPLIT")" && $(APPLY)
@@ -125,7 +129,7 @@ submit-eval:
 # Vertex AI custom training (k8s/vertex.py): the same image and trainer flags, no cluster needed.
 submit-vertex:
 	@if [ -z "$$DATA" ] || [ -z "$$JOB_DIR" ]; then echo "usage: make submit-vertex DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [REGION=us-central1] [GPUS=1] [ACCELERATOR=nvidia-l4] [WORKERS=1] [SPOT=1] [GSA=...] [ARGS='--epochs=2'] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
-	@run="$${RUN:-train-$(RUN_STAMP)}"; set -f; set -- --image="$$IMAGE" --gpus="$$GPUS" \
+	@$(CHECK_IMAGE); run="$${RUN:-train-$(RUN_STAMP)}"; set -f; set -- --image="$$IMAGE" --gpus="$$GPUS" \
 		--accelerator="$$ACCELERATOR" --workers="$$WORKERS"; \
 	if [ -n "$$SPOT" ]; then set -- "$$@" --spot; fi; \
 	if [ -n "$$GSA" ]; then set -- "$$@" --service-account-email="$$GSA"; fi; \

@@ -25,6 +25,7 @@ Needs PyYAML and `kubectl` on PATH.
 """
 
 import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -266,12 +267,44 @@ def parse_args(argv):
     return args
 
 
+def check_trainer_args(args):
+    """Parses one container's trainer arguments (`["train", "--epochs=2", ...]`) with the trainer's
+    own flag parser (its flags load without TensorFlow), from the project's root, where the image
+    keeps the same configs/: a misspelt `ARGS='--epocs=2'` fails here, not in a pod on the cluster.
+
+    Raises:
+      SystemExit: the trainer's one-line error.
+    """
+    if importlib.util.find_spec("absl") is None:
+        print("render: warning: cannot check the trainer's flags with this Python (no absl-py: "
+              "run `make install` first)", file=sys.stderr)
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "TRAINER_CHECK_FLAGS_ONLY": "1",
+                                 "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))})
+    if result.returncode:
+        problem = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        raise SystemExit(f"render: the {args[0]} arguments would fail on the cluster: {problem}")
+
+
+def check_workload_args(objects, command):
+    """`check_trainer_args` for every container that runs `command`."""
+    for workload in (o for o in objects if o["kind"] in WORKLOAD_KINDS):
+        for _, template in pod_templates(workload):
+            for container in containers(template):
+                if trainer_command(container) == command:
+                    check_trainer_args(container["args"])
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     objects = select(kustomize(args.overlay), args.command, args.service_account_email)
     if args.name and sum(o["kind"] in WORKLOAD_KINDS for o in objects) > 1:
         raise SystemExit("render: --name needs --command (one workload per run name)")
     objects = customize(objects, args)
+    if args.command:
+        check_workload_args(objects, args.command)
     sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False))
 
 

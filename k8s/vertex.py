@@ -48,6 +48,7 @@ def custom_job_spec(image, accelerator, gpus, workers, overrides, spot=False, se
     shapes = render.load_shapes()
     shape = render.shape_of(shapes, accelerator, gpus)
     args = trainer_args(overrides, workers)
+    render.check_trainer_args(args)
     job_dir = next((arg.split("=", 1)[1] for arg in args if arg.startswith("--job_dir=")), None)
     if not job_dir or not job_dir.startswith("gs://"):
         raise SystemExit("vertex: --set job_dir=gs://... is required (Vertex AI writes to Cloud Storage)")

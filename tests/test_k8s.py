@@ -741,6 +741,32 @@ def test_make_submit_vertex_dry_run_prints_the_spec():
     assert "--data=gs://b/d.json" in spec["workerPoolSpecs"][0]["containerSpec"]["args"]
 
 
+@pytest.mark.parametrize("target, args, problem", [
+    ("submit-train", "--epocs=2", "Unknown command line flag 'epocs'. Did you mean: epochs ?"),
+    ("submit-eval", "--epochs=2", "Unknown command line flag 'epochs'"),  # a train flag
+    ("submit-vertex", "--batch_size=many", "flag --batch_size=many: invalid literal for int()"),
+])
+def test_submissions_check_their_flags_with_the_trainer_parser_before_any_cluster(tmp_path, target, args, problem):
+    applied = tmp_path / "applied"
+    result = subprocess.run(["make", "-s", target, "IMAGE=r.example/t:1", "DATA=gs://b/d.json", "JOB_DIR=gs://b/r",
+                             f"ARGS={args}", f"KUBECTL=touch {applied}", f"GCLOUD=touch {applied}"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and not applied.exists(), result.stdout + result.stderr
+    assert f"render: the {'evaluate' if target == 'submit-eval' else 'train'} arguments would fail on the cluster: " \
+           f"trainer " in result.stderr and problem in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("target", ["submit-train", "submit-eval", "submit-vertex"])
+def test_the_placeholder_image_is_refused_unless_only_printing(tmp_path, target):
+    applied = tmp_path / "applied"
+    command = ["make", "-s", target, "DATA=gs://b/d.json", "JOB_DIR=gs://b/r", f"KUBECTL=touch {applied}",
+               f"GCLOUD=touch {applied}"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and not applied.exists(), result.stdout + result.stderr
+    assert "IMAGE is the placeholder us-docker.pkg.dev/YOUR_PROJECT/" in result.stderr, result.stderr
+    assert subprocess.run([*command, "DRY_RUN=1"], capture_output=True, text=True, cwd=ROOT).returncode == 0
+
+
 @pytest.mark.parametrize("target", ["submit-train", "submit-eval", "submit-vertex"])
 def test_make_variables_reach_the_shell_as_data_not_commands(tmp_path, target):
     marker = tmp_path / "ran"
@@ -750,7 +776,8 @@ def test_make_variables_reach_the_shell_as_data_not_commands(tmp_path, target):
                             capture_output=True, text=True, cwd=ROOT)
     assert not marker.exists(), result.stdout + result.stderr
     result = subprocess.run([*common, f"DATA={hostile}", f"JOB_DIR=gs://b/r$(touch {marker})",
-                             f"ARGS=--epochs=2 --seed=$$(touch {marker})"], capture_output=True, text=True, cwd=ROOT)
+                             f"ARGS=--batch_size=16 --data=gs://b/$$(touch${{IFS}}{marker})`touch${{IFS}}{marker}`"],
+                            capture_output=True, text=True, cwd=ROOT)
     assert not marker.exists(), result.stdout + result.stderr
     # The value arrives whole, as data.
     assert result.returncode == 0, result.stderr

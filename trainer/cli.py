@@ -22,6 +22,9 @@ from trainer.formats.manifest import LAYOUTS, SPLITS  # noqa: E402
 from trainer.infra import faults, tfstart  # noqa: E402
 
 FLAGS = flags.FLAGS
+# Set: parse the command line (flagfiles too), report a problem as usual, and run nothing. No
+# TensorFlow is loaded, so `make submit-*` checks a run's flags before any cluster sees them.
+CHECK_FLAGS_VARIABLE = "TRAINER_CHECK_FLAGS_ONLY"
 
 
 def define_prepare_flags():
@@ -247,6 +250,12 @@ def main(argv=None):
         print("\n".join(text for text in (FLAGS.module_help(sys.modules[__name__]), FLAGS.module_help(config))
                         if text))
         sys.exit(0)
+    if os.environ.get(CHECK_FLAGS_VARIABLE):  # k8s/render.py: are these a valid command line?
+        extra = _parse_flags([program, *rest])[1:]
+        if extra:
+            sys.stderr.write(f"{program}: error: unexpected arguments: {' '.join(extra)}\n")
+            sys.exit(errors.EXIT_BAD_INPUT)
+        sys.exit(errors.EXIT_OK)
     logging.set_verbosity(logging.INFO)
     # Our INFO lines, not TensorFlow's (it logs every cross-device reduction at INFO).
     std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
