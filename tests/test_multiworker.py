@@ -64,7 +64,7 @@ def test_keras_fits_under_multi_worker_mirrored_strategy(dataset, gcs_bucket, tm
     # Both workers end with the same weights after each phase, at the same step.
     assert fingerprints(logs[0]) == fingerprints(logs[1]) and set(fingerprints(logs[0])) == {"head", "fine_tune"}
     assert optimizer_steps(logs[0]) == {"head": 2 * dataset["steps"], "fine_tune": dataset["steps"]}
-    assert "2 worker(s), 2 replicas in sync; global batch 8 = 4 per replica" in logs[0]
+    assert "2 workers, 2 replicas in sync; global batch 8 = 4 per replica" in logs[0]
     # The chief exported once; the other worker left nothing in job_dir.
     files = [name for name, _ in folders.list_files(job_dir)]
     assert "model/saved_model.pb" in files and "DONE" in files

@@ -7,6 +7,7 @@ import json
 import multiprocessing.pool
 import os
 import random
+import re
 import threading
 
 import helpers
@@ -149,9 +150,17 @@ def test_split_dirs_local(tmp_path):
                          env={"HOME": str(tmp_path)})
 
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "layout: split_dirs (detected)" in result.stderr
+    # A short line for terminals and Kubernetes logs: the UTC time, the level, the words.
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ I layout: split_dirs \(detected\)$", result.stderr, re.M), \
+        result.stderr
     manifest, records = read_records(str(output), tmp_path)
     assert manifest["source"] == str(source)
+    assert "in 1 shard," in result.stderr and "1 shards" not in result.stderr  # "6 images ... in 1 shard"
+    # --verbosity=1 keeps absl's own prefix (thread, file and line), as in log files.
+    again = run_trainer("prepare", f"--source={source}", f"--output={tmp_path / 'again'}", "--workers=1",
+                        "--verbosity=1")
+    assert re.search(r"^I\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ plan\.py:\d+\] layout: split_dirs", again.stderr, re.M), \
+        again.stderr
     check_records(manifest, records)
     assert {split: entry["count"] for split, entry in manifest["splits"].items()} == {
         "train": 6, "val": 6, "test": 6}

@@ -211,6 +211,8 @@ def _run_safely(run):
         try:
             if FLAGS.verbosity < 1:  # `--verbosity=1` or more keeps TensorFlow's start-up lines
                 tfstart.quiet_tensorflow_start()
+                if not FLAGS.log_dir:  # and absl's long prefix (thread, file:line), as log files do
+                    logging.get_absl_handler().setFormatter(_short_format())
             faults.configure(os.environ)
             run(argv)
         except Exception as error:  # noqa: BLE001 - every error ends as one line and its exit status
@@ -226,6 +228,15 @@ def _run_safely(run):
 
 
 _exit = errors.exit_process
+
+
+def _short_format():
+    """`2026-12-07T05:44:00Z I message`: the UTC time and the level, for terminals and Kubernetes logs."""
+    import time
+
+    formatter = std_logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+    formatter.converter = time.gmtime
+    return formatter
 
 
 def main(argv=None):

@@ -75,15 +75,16 @@ class TrainConfig:
     image_size: int = _field(150, "Images are resized to image_size x image_size.")
     batch_size: int = _field(64, "Global batch size (split over all replicas and workers).")
     epochs: int = _field(10, "Epochs of the first phase (frozen base, new head).")
-    learning_rate: float = _field(1e-5, "Adam learning rate of the first phase.")
+    learning_rate: float = _field(1e-5, "Peak learning rate of the first phase, for --optimizer (the seed: Adam, "
+                                        "1e-5).")
     augment: bool = _field(False, "Random flips, crops and brightness on training images.")
-    randaugment: bool = _field(False, "RandAugment on training images (Keras 3's layer, in the input pipeline: 2 "
-                               "random operations per image at magnitude --randaugment_magnitude); off in evaluation "
-                               "and export, and it turns the feature cache off.")
+    randaugment: bool = _field(False, "RandAugment on training images (keras.layers.RandAugment, in the input "
+                               "pipeline: 2 random operations per image at magnitude --randaugment_magnitude); off in "
+                               "evaluation and export, and it turns the feature cache off.")
     randaugment_magnitude: float = _field(0.5, "RandAugment's strength, in (0, 1].")
-    mixup_alpha: float = _field(0.0, "MixUp on training batches (Keras 3's layer): the alpha of its Beta "
+    mixup_alpha: float = _field(0.0, "MixUp on training batches (keras.layers.MixUp): the alpha of its Beta "
                                 "distribution (0.2 is common; 0: off). Labels become soft.")
-    cutmix_alpha: float = _field(0.0, "CutMix on training batches (Keras 3's layer; 1.0 is common; 0: off). With "
+    cutmix_alpha: float = _field(0.0, "CutMix on training batches (keras.layers.CutMix; 1.0 is common; 0: off). With "
                                  "--mixup_alpha too, each batch gets one of the two at random.")
     head: str = _field("flatten", "How the head pools the base's output.", HEADS)
     dense_units: int = _field(256, "Units of the head's hidden Dense layer (0: none).")
@@ -91,7 +92,7 @@ class TrainConfig:
     fine_tune_epochs: int = _field(0, "Epochs of the second phase (0: no fine-tuning).")
     fine_tune_from: str = _field("block5_conv1", "Layer of the base from which the second phase unfreezes "
                                  "(BatchNorm stays frozen).")
-    fine_tune_learning_rate: float = _field(1e-5, "Adam learning rate of the second phase.")
+    fine_tune_learning_rate: float = _field(1e-5, "Peak learning rate of the second phase (of --optimizer).")
     optimizer: str = _field("adam", "adam (the seed's), adamw (decoupled weight decay) or sgd (with --momentum), "
                             "for both phases.", OPTIMIZERS)
     weight_decay: float = _field(0.0, "Decoupled weight decay of adamw and sgd (timm's AdamW default: 0.05).")

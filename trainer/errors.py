@@ -37,6 +37,13 @@ class RetryableError(RuntimeError):
 _TENSORFLOW_NOISE = ("Graph execution error", "Detected at node", "<stack traces")
 
 
+def counted(count, noun, plural=None):
+    """`1 shard`, `2 shards`, `0 classes`: a count and its noun, in the number the count needs."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {plural or (noun + 'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else noun + 's')}"
+
+
 def first_line(error, limit=200):
     """The first line of an error that says what went wrong, at most `limit` characters.
 

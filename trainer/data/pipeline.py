@@ -37,7 +37,7 @@ from absl import logging
 from trainer import errors
 from trainer.data import decode, records
 from trainer.data.augment import augment_image
-from trainer.errors import UserError
+from trainer.errors import UserError, counted
 from trainer.formats import manifest
 from trainer.infra import storage
 
@@ -296,8 +296,9 @@ def make_dataset(manifest_url, split, image_size, batch_size, training, augment=
     shards, offset, stride = pipeline_share(all_shards, input_context)
     manifest.check_shards(shards, location)
     native = storage.tensorflow_can_read(location)
-    logging.info("reading split %s of %s: %d of %d shards, %d records%s, %s mode, via %s",
-                 split, location, len(shards), total, sum(count for _, count, _ in shards),
+    logging.info("reading split %s of %s: %d of %s, %s%s, %s mode, via %s",
+                 split, location, len(shards), counted(total, "shard"),
+                 counted(sum(count for _, count, _ in shards), "record"),
                  f" (every {stride}th from record {offset})" if stride > 1 else "",
                  "training" if training else "evaluation", "TensorFlow" if native else "fsspec")
 

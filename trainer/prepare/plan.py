@@ -25,7 +25,7 @@ from concurrent import futures
 
 from absl import logging
 
-from trainer.errors import UserError
+from trainer.errors import UserError, counted
 from trainer.formats.imagefiles import is_hidden, is_image_name
 from trainer.formats.manifest import LAYOUTS, SPLIT_FOLDERS, SPLITS
 from trainer.infra import folders, storage
@@ -81,7 +81,7 @@ def list_source(source, output):
                if not is_hidden(entry[0])
                and not (inside and entry[0].startswith(inside))]
     hidden = len(found) - len(visible)
-    logging.info("source %s: %d files%s", source, len(visible),
+    logging.info("source %s: %s%s", source, counted(len(visible), "file"),
                  f" (ignored {hidden} hidden or inside --output)" if hidden else "")
     if not visible:
         raise UserError(f"nothing to prepare: no files in {source}")

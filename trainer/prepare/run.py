@@ -25,7 +25,7 @@ import time
 import tqdm
 from absl import logging
 
-from trainer.errors import UserError
+from trainer.errors import UserError, counted
 from trainer.formats import imagefiles
 from trainer.formats.manifest import MANIFEST_NAME, SPLITS, new_manifest, shard_name
 from trainer.infra import storage
@@ -264,10 +264,10 @@ def _log_plan(output, layout, classes, shards, skipped, runner):
     for split in SPLITS:
         files = sum(len(shard) for shard in shards[split])
         size = sum(file.size for shard in shards[split] for file in shard)
-        logging.info("%s: %d files, %s of source, %d shards", split, files, _megabytes(size),
-                     len(shards[split]))
+        logging.info("%s: %s, %s of source, %s", split, counted(files, "file"), _megabytes(size),
+                     counted(len(shards[split]), "shard"))
     if skipped:
-        logging.info("%d files do not fit the %s layout and are skipped", len(skipped), layout)
+        logging.info("%s not fitting the %s layout skipped", counted(len(skipped), "file"), layout)
     if isinstance(runner, int):
         logging.info("decoding with %d worker process%s; writing to %s", runner, "" if runner == 1 else "es", output)
     else:
@@ -276,16 +276,16 @@ def _log_plan(output, layout, classes, shards, skipped, runner):
 
 def _log_summary(manifest, output):
     total = sum(split["count"] for split in manifest["splits"].values())
-    logging.info("prepared %d images in %d classes from %s into %s in %.1f s", total,
-                 len(manifest["classes"]), manifest["source"], output, manifest["seconds"])
+    logging.info("prepared %s in %s from %s into %s in %.1f s", counted(total, "image"),
+                 counted(len(manifest["classes"]), "class"), manifest["source"], output, manifest["seconds"])
     for name, split in manifest["splits"].items():
         counts = ", ".join(f"{label} {count}" for label, count in split["class_counts"].items())
         size = sum(shard["bytes"] for shard in split["shards"])
-        logging.info("  %-5s %6d images (%s) in %d shards, %s", name, split["count"], counts,
-                     len(split["shards"]), _megabytes(size))
+        logging.info("  %-5s %6d images (%s) in %s, %s", name, split["count"], counts,
+                     counted(len(split["shards"]), "shard"), _megabytes(size))
     skipped = manifest["skipped"]
     if skipped:
-        logging.info("skipped %d files: %s", len(skipped), _describe_reasons(skipped))
+        logging.info("skipped %s: %s", counted(len(skipped), "file"), _describe_reasons(skipped))
         for entry in skipped[:SKIPPED_LOGGED]:
             logging.info("  skipped %s: %s", entry["file"], entry["reason"])
         if len(skipped) > SKIPPED_LOGGED:

@@ -11,7 +11,7 @@ import signal
 
 from absl import logging
 
-from trainer.errors import RetryableError, UserError, first_line
+from trainer.errors import RetryableError, UserError, counted, first_line
 from trainer.prepare import shards
 
 
@@ -95,7 +95,7 @@ def run_beam(jobs, runner, pipeline_args=()):
     # URL and state changes are the ones a user watches.
     std_logging.getLogger("apache_beam").setLevel(std_logging.WARNING)
     std_logging.getLogger("apache_beam.runners.dataflow").setLevel(std_logging.INFO)
-    logging.info("writing %d shards with Apache Beam's %s", len(jobs), runner)
+    logging.info("writing %s with Apache Beam's %s", counted(len(jobs), "shard"), runner)
     try:
         with beam.Pipeline(options=options) as pipeline:
             _ = (pipeline

@@ -28,6 +28,7 @@ from concurrent import futures
 
 from absl import logging
 
+from trainer.errors import counted
 from trainer.formats import imagefiles, tfrecord
 from trainer.infra import folders, storage
 
@@ -224,7 +225,7 @@ def committed(output, names, lines):
         if name not in wanted and name.endswith(".tfrecord") and "/" not in name:
             storage.remove(storage.join(output, name))
     if done or stale:
-        logging.info("resuming: %d of %d shards already written%s", len(done), len(wanted),
+        logging.info("resuming: %d of %s already written%s", len(done), counted(len(wanted), "shard"),
                      f"; {len(stale)} from an earlier plan are replaced" if stale else "")
     return done
 

@@ -29,7 +29,7 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
-from trainer.errors import RetryableError, UserError, first_line
+from trainer.errors import RetryableError, UserError, counted, first_line
 from trainer.formats import imagefiles, modeldir
 from trainer.formats.imagefiles import IMAGE_EXTENSIONS, is_hidden, is_image_name
 from trainer.infra import folders, storage
@@ -145,7 +145,8 @@ def predict(model_url, input_location, output_url, batch_size=64):
                 rows.append(_format_row(location, class_names, probabilities, error))
             progress.update(len(batch))
     _write_csv(output_url, class_names, rows)
-    logging.info("Wrote %d predictions to %s (%d files could not be scored)", len(rows), output_url, failures)
+    logging.info("wrote %s to %s (%s could not be scored)", counted(len(rows), "prediction"), output_url,
+                 counted(failures, "file"))
     return len(rows)
 
 

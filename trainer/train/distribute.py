@@ -16,7 +16,7 @@ import os
 
 from absl import logging
 
-from trainer.errors import UserError
+from trainer.errors import UserError, counted
 
 
 def cluster_from_environment(environ=None, num_workers=None, port=None):
@@ -213,6 +213,6 @@ def make_strategy(kind="auto", cpu_replicas=0, num_workers=None, port=None, peer
         cluster = None
     else:
         raise UserError(f"unknown strategy {kind!r}")
-    logging.info("strategy %s: %d replicas in sync, %d GPUs on this node, task %s",
-                 type(strategy).__name__, strategy.num_replicas_in_sync, len(gpus), task_id(cluster))
+    logging.info("strategy %s: %s in sync, %s on this node, task %s", type(strategy).__name__,
+                 counted(strategy.num_replicas_in_sync, "replica"), counted(len(gpus), "GPU"), task_id(cluster))
     return strategy, cluster

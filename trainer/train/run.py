@@ -18,7 +18,7 @@ from absl import logging
 from trainer import __version__
 from trainer.config import VERTEX_MODEL_DIR, VERTEX_TENSORBOARD_DIR, check_config, class_weights
 from trainer.data import records
-from trainer.errors import RetryableError, UserError, first_line
+from trainer.errors import RetryableError, UserError, counted, first_line
 from trainer.formats import jobdir, manifest
 from trainer.infra import folders, storage
 from trainer.infra.kerasapi import keras
@@ -38,12 +38,12 @@ def log_plan(config, strategy, cluster, dataset_manifest, per_replica, steps):
     workers = sum(len(cluster["cluster"].get(kind, [])) for kind in ("chief", "worker")) if cluster else 1
     splits = dataset_manifest["splits"]
     logging.info(
-        "plan: %d worker(s), %d replicas in sync; global batch %d = %d per replica; %d steps per epoch "
-        "(train %d, val %d examples); head: %d epochs at lr %g; fine-tune: %d epochs at lr %g from %s",
-        workers, strategy.num_replicas_in_sync, config.batch_size, per_replica, steps,
-        splits["train"]["count"], splits.get("val", {}).get("count", 0), config.epochs,
-        config.learning_rate, config.fine_tune_epochs, config.fine_tune_learning_rate,
-        config.fine_tune_from)
+        "plan: %s, %s in sync; global batch %d = %d per replica; %s per epoch "
+        "(train %d, val %d examples); head: %s at lr %g; fine-tune: %s at lr %g from %s",
+        counted(workers, "worker"), counted(strategy.num_replicas_in_sync, "replica"), config.batch_size,
+        per_replica, counted(steps, "step"), splits["train"]["count"], splits.get("val", {}).get("count", 0),
+        counted(config.epochs, "epoch"), config.learning_rate, counted(config.fine_tune_epochs, "epoch"),
+        config.fine_tune_learning_rate, config.fine_tune_from)
 
 
 def run(config):
