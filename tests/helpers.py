@@ -23,6 +23,10 @@ from trainer.infra import storage
 # ---------------------------------------------------------------- the command line
 
 
+# What `trainer prepare` writes besides the shards.
+DATASET_FILES = ("dataset.json", "samples.png", "class_counts.png")
+
+
 def run_trainer(*args, check=False, env=None, timeout=900):
     """Runs the real `trainer` command line in a subprocess; returns the CompletedProcess."""
     command = [sys.executable, "-m", "trainer.cli", *args]

@@ -35,7 +35,8 @@ def trained_job(tmp_path_factory, gcs_server):
         "train", f"--data={data}/dataset.json", f"--job_dir={job}", "--backbone=tiny", "--weights=none",
         "--image_size=32", "--batch_size=16", "--epochs=2", "--learning_rate=3e-3", "--dense_units=32",
         "--dropout=0.1", "--fine_tune_epochs=2", "--fine_tune_from=block1_conv1",
-        "--fine_tune_learning_rate=1e-3", "--cpu_replicas=2", "--backup_every_steps=3", "--progress_seconds=0"]
+        "--fine_tune_learning_rate=1e-3", "--cpu_replicas=2", "--backup_every_steps=3", "--progress_seconds=0",
+        "--summary"]
     train = run_trainer(*train_args, check=True)
     return {"local": local, "images": images, "data": data, "job": job, "train": train, "train_args": train_args}
 
@@ -44,6 +45,8 @@ def test_train_logs_the_derived_plan(trained_job):
     log = trained_job["train"].stderr
     assert "2 replicas in sync" in log
     assert "global batch 16 = 8 per replica" in log
+    # --summary: the model's layers and parameter counts at start.
+    assert "block1_conv1" in trained_job["train"].stdout and "Trainable params" in trained_job["train"].stdout
     # Progress within an epoch (every step here, with --progress_seconds=0).
     assert re.search(r"phase head epoch 1/2: step 1/\d+, [\d.]+ img/s, loss [\d.]+, epoch ETA \d+m\d\ds", log), log
 

@@ -14,7 +14,7 @@ from trainer.errors import UserError
 from trainer.evaluate import gate, pictures, scoring
 from trainer.evaluate import metrics as metrics_lib
 from trainer.evaluate import run as evaluate
-from trainer.infra import folders, storage
+from trainer.infra import figures, folders, storage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -465,7 +465,7 @@ def test_long_names_sharing_a_prefix_stay_apart_and_cjk_names_render():
     import warnings
 
     names = ["golden_retriever_puppy_indoor", "golden_retriever_puppy_outdoor", "猫", "小狗", "강아지"]
-    shown = pictures.readable_names(names)
+    shown = figures.readable_names(names)
     assert len(set(shown)) == 5 and all(len(name) <= 18 for name in shown)
     metrics = metrics_lib.compute_metrics([0, 1, 2, 3, 4], np.eye(5), names)
     metrics["calibration"] = metrics_lib.calibration([0, 1, 2, 3, 4], np.eye(5))

@@ -11,9 +11,10 @@ import re
 import threading
 
 import helpers
+import numpy as np
 import pytest
 from helpers import assert_one_line_error, run_trainer
-from PIL import ImageFile
+from PIL import Image, ImageFile
 
 from trainer.errors import UserError
 from trainer.infra import storage
@@ -31,6 +32,15 @@ BAD_REASONS = {
     "bad_not_image.jpg": "not an image",
     "bad_empty.jpg": "empty file",
 }
+
+
+def prepare_plan(source, manifest):
+    """The shard plan prepare made of a class_dirs `source` with the manifest's settings."""
+    images, _ = plan.set_aside_non_images(plan.list_source(str(source), str(source.parent / "elsewhere")))
+    files, _ = plan.label_files(images, manifest["layout"], str(source))
+    files = plan.add_digests(files)
+    files, _ = plan.assign_splits(files, manifest["val_fraction"], manifest["test_fraction"], manifest["split_seed"])
+    return plan.plan_shards(files, manifest["split_seed"], 100.0, None)
 
 
 def md5_of(path):
@@ -139,6 +149,19 @@ def test_class_dirs_local_every_format_and_bad_files(tmp_path):
             assert record["format"] == ("jpeg" if fmt == "cmyk" else "png")
             assert fmt == "png" or record["encoded"] != original
     assert manifest["image_stats"]["width"] == {"min": 40, "max": 40, "mean": 40.0}
+    # A look at the data next to dataset.json: training images of each class, and the counts.
+    from trainer.prepare import preview
+
+    shown = preview._samples(manifest["classes"], prepare_plan(source, manifest), set(reasons), 10**8)
+    train_counts = manifest["splits"]["train"]["class_counts"]
+    assert {name: len(images) for name, images in shown.items()} == {
+        name: min(preview.SAMPLES_PER_CLASS, train_counts[name]) for name in manifest["classes"]}
+    for name in ("samples.png", "class_counts.png"):
+        with Image.open(output / name) as picture:
+            picture.load()
+            assert picture.format == "PNG" and picture.size[0] >= 600, (name, picture.size)
+    with Image.open(output / "samples.png") as picture:  # pictures, not an empty canvas
+        assert np.asarray(picture.convert("L")).std() > 10
 
 
 def test_split_dirs_local(tmp_path):
@@ -443,7 +466,7 @@ def test_overwrite_removes_only_the_old_datasets_files(tmp_path):
 
     assert result.returncode == 0, result.stderr[-3000:]
     new = json.loads((output / "dataset.json").read_text())
-    kept = {"notes.txt", "train-00000-of-00009.tfrecord", "dataset.json"}
+    kept = {"notes.txt", "train-00000-of-00009.tfrecord", *helpers.DATASET_FILES}
     assert sorted(os.listdir(output)) == sorted(
         kept | {shard["file"] for split in new["splits"].values() for shard in split["shards"]})
     assert all(len(split["shards"]) == 1 for split in new["splits"].values())

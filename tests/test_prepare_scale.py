@@ -14,7 +14,7 @@ import time
 import helpers
 import pytest
 import tensorflow as tf
-from helpers import run_trainer
+from helpers import DATASET_FILES, run_trainer
 from test_prepare import assert_one_line_error
 
 from trainer.errors import RetryableError
@@ -73,6 +73,9 @@ def test_local_and_beam_runners_in_separate_processes_write_identical_datasets(t
     assert comparable(local) == comparable(beam) == comparable(in_process)
     assert len(local["skipped"]) == 2 and sum(split["count"] for split in local["splits"].values()) == 24
     assert shard_bytes(outputs["local"]) == shard_bytes(outputs["beam"]) == shard_bytes(str(tmp_path / "inline"))
+    for picture in DATASET_FILES[1:]:  # the look at the data is the same picture too
+        assert len({open(os.path.join(output, picture), "rb").read()
+                    for output in (*outputs.values(), str(tmp_path / "inline"))}) == 1, picture
     for output in (*outputs.values(), str(tmp_path / "inline")):
         assert not os.path.exists(os.path.join(output, shards.STATE_FOLDER))  # cleaned up once finished
 
@@ -131,7 +134,7 @@ def test_rerun_after_sigkill_writes_only_what_is_missing(reports, tmp_path):
     assert shard_bytes(output) == shard_bytes(str(reference))
     for name, written in committed.items():  # committed shards were kept, not written again
         assert os.stat(os.path.join(output, name)).st_mtime_ns == written
-    assert sorted(os.listdir(output)) == sorted(["dataset.json", *shard_bytes(output)])  # nothing left over
+    assert sorted(os.listdir(output)) == sorted([*DATASET_FILES, *shard_bytes(output)])  # nothing left over
 
 
 def test_resume_on_gcs_rewrites_only_uncommitted_or_damaged_shards(gcs_bucket, tmp_path, monkeypatch):
@@ -166,7 +169,7 @@ def test_resume_on_gcs_rewrites_only_uncommitted_or_damaged_shards(gcs_bucket, t
     assert len(first) == 4 and len(written) == total - 2  # all but the two intact committed shards
     assert comparable(again) == comparable(expected)
     assert shard_bytes(output) == shard_bytes(reference)
-    assert sorted(name for name, _ in folders.list_files(output)) == sorted(["dataset.json", *shard_bytes(output)])
+    assert sorted(name for name, _ in folders.list_files(output)) == sorted([*DATASET_FILES, *shard_bytes(output)])
 
 
 def test_bad_input_through_beam_is_the_same_one_line_error(tmp_path):

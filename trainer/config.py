@@ -110,6 +110,8 @@ class TrainConfig:
     strategy: str = _field("auto", "auto: multi_worker when the cluster environment says so, else mirrored.",
                            STRATEGIES, defines_run=False)
     cpu_replicas: int = _field(0, "With no GPU: split the CPU into this many replicas.", defines_run=False)
+    summary: bool = _field(False, "Print the model's layers, output shapes and parameter counts (model.summary()) "
+                           "at start.", defines_run=False)
     progress_seconds: float = _field(30.0, "Within an epoch, log the step, img/s, the epoch's ETA and the loss "
                                      "at most every this many seconds (0: every step).", defines_run=False)
     num_workers: int | None = _field(None, "Workers of a multi-node job (default: from the environment).",

@@ -1,20 +1,15 @@
 """The pictures of an evaluation (`trainer evaluate` writes them next to metrics.json): confusion
 matrix, ROC and PR curves, training curves, a reliability diagram, the most confident mistakes.
 
-Class names stay readable: long names are shortened in the middle, so names that share a prefix
-stay apart, and text falls back to IPAex Gothic (the matplotlib-fontja package: Japanese and most
-Chinese characters) and Nanum Gothic (koreanize-matplotlib: Hangul), which DejaVu Sans lacks.
+Drawn with trainer.infra.figures: class names shortened readably, fonts for any script, plain text.
 """
 
-import functools
-import io
 import math
-import os
 
 import numpy as np
 from absl import logging
 
-from trainer.infra import storage
+from trainer.infra import figures, storage
 
 # The confusion matrix: counts in its cells up to this many classes, names on its axes up to this
 # many, and never a canvas larger than this (inches at 100 dpi).
@@ -22,31 +17,6 @@ CELL_TEXT_CLASSES = 30
 NAMED_CLASSES = 80
 MAX_MATRIX_INCHES = 24
 MISTAKE_COLUMNS = 5  # the mistakes sheet's widest row
-
-# Fallback fonts for class names DejaVu Sans cannot draw: (package, font file, family). They are
-# found without importing the packages (importing them makes their font the only one).
-FALLBACK_FONTS = (("matplotlib_fontja", "ipaexg.ttf", "IPAexGothic"),  # Japanese, most Chinese
-                  ("koreanize_matplotlib", "NanumGothic.ttf", "NanumGothic"))  # Hangul
-
-
-@functools.cache
-def _use_fonts():
-    """DejaVu Sans, falling back to the CJK fonts of FALLBACK_FONTS for characters it lacks; every
-    text as plain text (a class named `a$x^$` is a name, not mathtext to parse)."""
-    import importlib.util
-
-    import matplotlib
-    from matplotlib import font_manager
-
-    families = ["DejaVu Sans"]
-    for package, file_name, family in FALLBACK_FONTS:
-        spec = importlib.util.find_spec(package)
-        if spec is not None:  # without it the report still renders; those names show as boxes
-            font_manager.fontManager.addfont(os.path.join(spec.submodule_search_locations[0], "fonts", file_name))
-            families.append(family)
-    matplotlib.rcParams["font.family"] = families
-    matplotlib.rcParams["text.parse_math"] = False
-
 
 def draw_pictures(metrics, roc_data=None, history=None, mistakes=None):
     """Draws the PNG pictures of an evaluation.
@@ -62,23 +32,23 @@ def draw_pictures(metrics, roc_data=None, history=None, mistakes=None):
       `{file name: PNG bytes}`: confusion_matrix.png, then roc_curve.png, pr_curve.png,
       training_curves.png, reliability.png, mistakes.png when their data is there.
     """
-    _use_fonts()
+    figures.use_fonts()
     roc_data = roc_data if roc_data is not None else metrics.get("curves")
-    figures = {"confusion_matrix.png": _draw_confusion_matrix(metrics)}
+    drawn = {"confusion_matrix.png": _draw_confusion_matrix(metrics)}
     if roc_data is not None and metrics.get("roc_auc") is not None:
-        figures["roc_curve.png"] = _draw_roc_curve(metrics, roc_data["roc"])
-        figures["pr_curve.png"] = _draw_pr_curve(metrics, roc_data["pr"])
+        drawn["roc_curve.png"] = _draw_roc_curve(metrics, roc_data["roc"])
+        drawn["pr_curve.png"] = _draw_pr_curve(metrics, roc_data["pr"])
     if history is not None:
         figure = _draw_training_curves(history)
         if figure is None:
             logging.warning("history has no epochs: no training_curves.png")
         else:
-            figures["training_curves.png"] = figure
+            drawn["training_curves.png"] = figure
     if metrics.get("calibration"):
-        figures["reliability.png"] = _draw_reliability(metrics)
+        drawn["reliability.png"] = _draw_reliability(metrics)
     if mistakes is not None:
-        figures["mistakes.png"] = _draw_mistakes(mistakes, metrics["classes"])
-    return {name: _to_png(figure) for name, figure in figures.items()}
+        drawn["mistakes.png"] = _draw_mistakes(mistakes, metrics["classes"])
+    return {name: figures.to_png(figure) for name, figure in drawn.items()}
 
 
 def write_pictures(output_url, pictures):
@@ -90,41 +60,6 @@ def write_pictures(output_url, pictures):
     return urls
 
 
-def _new_figure(width, height, columns=1, rows=1):
-    # A Figure on its own Agg canvas: no pyplot, so no global state and no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(rows, columns)
-    return figure, axes
-
-
-def _to_png(figure):
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def _short(name, limit=18):
-    """`name` within `limit` characters: the start, an ellipsis, and the end (where names that
-    share a prefix differ: `golden_retriever_adult` and `golden_retriever_puppy` stay apart)."""
-    if len(name) <= limit:
-        return name
-    head = (limit - 1) // 2
-    return name[:head] + "…" + name[-(limit - 1 - head):]
-
-
-def readable_names(names, limit=18):
-    """`_short` names, lengthened until no two are the same."""
-    for width in range(limit, max(map(len, names), default=0) + 1):
-        shown = [_short(name, width) for name in names]
-        if len(set(shown)) == len(set(names)):
-            return shown
-    return list(names)
-
-
 def _draw_confusion_matrix(metrics):
     """Counts in the cells; colour is the share of the true class, so small classes still show.
 
@@ -134,10 +69,10 @@ def _draw_confusion_matrix(metrics):
     metrics.json keeps every count. Above NAMED_CLASSES the axes are class indices.
     """
     counts = np.asarray(metrics["confusion_matrix"])
-    names = readable_names(metrics["classes"])
+    names = figures.readable_names(metrics["classes"])
     num_classes = len(names)
     size = min(MAX_MATRIX_INCHES, max(4.5, 1.5 + 0.5 * num_classes))
-    figure, axes = _new_figure(size + 1.2, size)
+    figure, axes = figures.new_figure(size + 1.2, size)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     colorbar = figure.colorbar(image, ax=axes, shrink=0.8)
@@ -167,17 +102,17 @@ def _title_prefix(metrics):
 
 
 def _draw_roc_curve(metrics, roc):
-    figure, axes = _new_figure(5, 5)
+    figure, axes = figures.new_figure(5, 5)
     axes.plot(roc["false_positive_rate"], roc["true_positive_rate"], linewidth=2,
               label=f"ROC AUC = {metrics['roc_auc']:.4f}")
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
     _finish_unit_square(axes, "false positive rate", "true positive rate", "lower right")
-    axes.set_title(f"{_title_prefix(metrics)}ROC curve (positive: {_short(metrics['classes'][1])})")
+    axes.set_title(f"{_title_prefix(metrics)}ROC curve (positive: {figures.short(metrics['classes'][1])})")
     return figure
 
 
 def _draw_pr_curve(metrics, pr):
-    figure, axes = _new_figure(5, 5)
+    figure, axes = figures.new_figure(5, 5)
     axes.step(pr["recall"], pr["precision"], where="post", linewidth=2,
               label=f"PR AUC (average precision) = {metrics['pr_auc']:.4f}")
     # A classifier that guesses scores the positive class's share at every recall.
@@ -185,7 +120,7 @@ def _draw_pr_curve(metrics, pr):
     axes.axhline(positives, linestyle="--", color="grey", label=f"chance ({positives:.2f})")
     _finish_unit_square(axes, "recall", "precision", "lower left")
     axes.set_title(f"{_title_prefix(metrics)}precision-recall "
-                   f"(positive: {_short(metrics['classes'][1])})")
+                   f"(positive: {figures.short(metrics['classes'][1])})")
     return figure
 
 
@@ -209,7 +144,7 @@ def _draw_training_curves(history):
     if not epochs:
         return None
     x = np.arange(1, len(epochs) + 1)
-    figure, (loss_axes, accuracy_axes) = _new_figure(11, 4.2, columns=2)
+    figure, (loss_axes, accuracy_axes) = figures.new_figure(11, 4.2, columns=2)
     for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
         for key, style, label in ((metric, "-o", "train"), (f"val_{metric}", "--s", "validation")):
             values = np.array([epoch.get(key, np.nan) for epoch in epochs], dtype=np.float64)
@@ -233,7 +168,7 @@ def _draw_training_curves(history):
 
 def _draw_reliability(metrics):
     rows = metrics["calibration"]["bins"]
-    figure, (axes, counts) = _new_figure(10, 4.5, columns=2)
+    figure, (axes, counts) = figures.new_figure(10, 4.5, columns=2)
     centers = [(row["lower"] + row["upper"]) / 2 for row in rows]
     width = rows[0]["upper"] - rows[0]["lower"]
     filled = [(center, row) for center, row in zip(centers, rows, strict=True) if row["count"]]
@@ -259,9 +194,9 @@ def _draw_mistakes(mistakes, class_names):
     # A near-square grid of at most MISTAKE_COLUMNS columns, whatever the count.
     columns = min(MISTAKE_COLUMNS, max(2, math.ceil(math.sqrt(len(mistakes)))))
     rows = max(1, -(-len(mistakes) // columns))
-    figure, axes = _new_figure(2.6 * columns, 2.9 * rows + 0.4, columns=columns, rows=rows)
+    figure, axes = figures.new_figure(2.6 * columns, 2.9 * rows + 0.4, columns=columns, rows=rows)
     axes = np.atleast_1d(axes).ravel()
-    names = readable_names(class_names, limit=16)
+    names = figures.readable_names(class_names, limit=16)
     for index, panel in enumerate(axes):
         panel.set_axis_off()
         if index < len(mistakes):

@@ -26,6 +26,9 @@ from trainer.formats import timestamps
 from trainer.infra import storage
 
 MANIFEST_NAME = "dataset.json"
+# Written next to the manifest, before it (trainer.prepare.preview): a look at the data.
+SAMPLES_PICTURE = "samples.png"
+CLASS_COUNTS_PICTURE = "class_counts.png"
 MANIFEST_KIND = "trainer-dataset"
 SCHEMA_VERSION = 2  # what `trainer prepare` writes (2: splits by content, duplicates, ignored, warnings)
 SCHEMA_VERSIONS = (1, 2)  # what the readers accept (they read only fields both have)

@@ -27,9 +27,16 @@ from absl import logging
 
 from trainer.errors import UserError, counted
 from trainer.formats import imagefiles
-from trainer.formats.manifest import MANIFEST_NAME, SPLITS, new_manifest, shard_name
+from trainer.formats.manifest import (
+    CLASS_COUNTS_PICTURE,
+    MANIFEST_NAME,
+    SAMPLES_PICTURE,
+    SPLITS,
+    new_manifest,
+    shard_name,
+)
 from trainer.infra import storage
-from trainer.prepare import plan, runners, shards
+from trainer.prepare import plan, preview, runners, shards
 
 # Skipped files listed one by one in the closing log (all of them are in dataset.json).
 SKIPPED_LOGGED = 20
@@ -124,7 +131,8 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
         split_seed=split_seed, max_side=max_side, classes=classes, splits=written["splits"],
         image_stats=written["image_stats"], skipped=skipped, ignored=plan.ignored_summary(ignored),
         duplicates=duplicates, warnings=warnings, seconds=round(time.monotonic() - started, 2))
-    storage.write_json(storage.join(output, MANIFEST_NAME), manifest)
+    preview.write_preview(output, classes, shards_plan, manifest, max_pixels)
+    storage.write_json(storage.join(output, MANIFEST_NAME), manifest)  # the commit point: last
     shards.clean(output)
     _log_summary(manifest, output)
     return manifest
@@ -171,6 +179,8 @@ def remove_dataset(output):
         names = []
     # The manifest goes first: should we stop half-way, the folder is no longer a (broken) dataset.
     storage.remove(location)
+    for name in (SAMPLES_PICTURE, CLASS_COUNTS_PICTURE):
+        storage.remove(storage.join(output, name))
     shards.clean(output)
     removed = 0
     for name in names:

@@ -225,6 +225,8 @@ def train_phases(run, dataset_manifest, steps, feature_cache):
         compile_phase(run, model, "head", num_classes, steps)
     if config.fine_tune_epochs:
         model_lib.check_fine_tune_from(model, config.fine_tune_from)
+    if config.summary and run.is_chief:  # the layers, their shapes, and what the head phase trains
+        model.summary(line_length=110, expand_nested=True, print_fn=lambda line, **_: print(line, flush=True))
     if warning := random_frozen_base_warning(config):
         logging.warning("%s", warning)
     validate = bool(dataset_manifest["splits"].get("val", {}).get("count"))
