@@ -128,6 +128,30 @@ def test_an_unreachable_store_ends_every_command_in_exit_75(stored, gcs_server, 
             proxy.close()
 
 
+def test_a_store_that_goes_bad_mid_run_ends_every_command_in_exit_75(stored, gcs_server, tmp_path):
+    """Mid-run, once the store has answered the command's first requests: connections reset (aiohttp's
+    ServerDisconnectedError), every request answered 503 (gcsfs's HttpError after its retries), or
+    answers that trickle at 1 byte/s (only the whole-request deadline ends those). Every command
+    ends in 75, never 70, with one line and no traceback."""
+    commands, proxies = {}, []
+    for fault in ("cut", "503", "drip"):
+        (tmp_path / fault).mkdir()
+        for name, args in every_command(stored, tmp_path / fault, fault).items():
+            proxy = FaultProxy(gcs_server)
+            proxy.go_bad_after(2048, fault)  # after the first answers: the command is at work
+            proxies.append(proxy)
+            commands[(fault, name)] = start(proxy, *args)
+    try:
+        started = time.monotonic()
+        for key, process in commands.items():
+            code, stderr = finish(process, started)
+            assert code == 75, (key, stderr[-3000:])
+            assert_one_line(stderr, "retryable error: storage")
+    finally:
+        for proxy in proxies:
+            proxy.close()
+
+
 def test_a_missing_output_bucket_is_one_line_and_exit_1_before_any_work(stored, proxy, tmp_path):
     commands = every_command(stored, tmp_path, "x")
     outputs = {"prepare": "--output=gs://no-such-bucket/data", "train": "--job_dir=gs://no-such-bucket/job",

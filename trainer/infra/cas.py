@@ -7,6 +7,7 @@ their folder; other fsspec stores fall back to compare-then-write, which is not 
 """
 
 import fcntl
+import functools
 import hashlib
 import os
 
@@ -33,8 +34,9 @@ def read_with_generation(location):
             while True:  # the object may change between the metadata and the content: reread
                 blob = gcs.blob(location)
                 try:
-                    blob.reload(**gcs.call_options())
-                    data = blob.download_as_bytes(if_generation_match=blob.generation, **gcs.call_options())
+                    gcs.bounded(functools.partial(blob.reload, **gcs.call_options()), location)
+                    data = gcs.bounded(functools.partial(blob.download_as_bytes, if_generation_match=blob.generation,
+                                                         **gcs.call_options()), location)
                     return data, blob.generation
                 except exceptions.NotFound:
                     return None, 0
@@ -63,8 +65,8 @@ def write_if_generation(location, data, generation):
 
         with faults.translate_gcs_errors(location):
             try:
-                gcs.blob(location).upload_from_string(data, if_generation_match=generation,
-                                                       **gcs.call_options())
+                gcs.bounded(lambda: gcs.blob(location).upload_from_string(data, if_generation_match=generation,
+                                                                           **gcs.call_options()), location)
                 return True
             except exceptions.PreconditionFailed:
                 return False

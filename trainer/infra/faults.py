@@ -2,10 +2,13 @@
 errors mapped to the exit-code protocol (trainer.errors) in one place.
 
 Deadlines (docs/faults.md): every request to an object store gives up when connecting, or waiting
-for the next bytes of an answer, takes longer than `request_timeout_seconds()`; the clients retry
-a failed request a bounded number of times (gcsfs: ATTEMPTS in all, with 1-16 s of backoff between
-them), so a stalled or unreachable store ends an operation within about ATTEMPTS x TIMEOUT + 40 s
-(2.7 min by default).
+for the next bytes of an answer, takes longer than `request_timeout_seconds()`, and when the whole
+request takes longer than `request_total_seconds()` (TOTAL_FACTOR x the timeout: a store that
+trickles bytes, never quite stalling, is given up on too; the default 80 s lets the largest
+request, gcsfs's 50 MiB upload chunk, run at 640 KiB/s). The clients retry a failed request a
+bounded number of times (gcsfs: ATTEMPTS in all, with 1-16 s of backoff between them), and a
+google-cloud-storage call ends within `client_deadline_seconds()` whatever happens, so a
+stalled, dripping or unreachable store ends an operation within minutes (docs/faults.md).
 
 `configure(environ)` is the one step that reads TRAINER_STORAGE_TIMEOUT_SECONDS and writes the
 environment the clients read (TensorFlow's own gs:// client, gcsfs against an emulator); the
@@ -20,6 +23,7 @@ from trainer.errors import RetryableError, UserError, disk_full, first_line
 DEFAULT_TIMEOUT_SECONDS = 20.0
 TIMEOUT_VARIABLE = "TRAINER_STORAGE_TIMEOUT_SECONDS"
 ATTEMPTS = 6  # gcsfs's own (GCSFileSystem.retries); the other clients are given the same
+TOTAL_FACTOR = 4  # a whole request's deadline, in units of the timeout
 # What a storage client raises when the service cannot be reached (after its own retries).
 UNREACHABLE = (ConnectionError, TimeoutError)
 
@@ -30,9 +34,15 @@ def request_timeout_seconds():
     return _settings["timeout"]
 
 
+def request_total_seconds():
+    """The deadline of one whole request (connect, send, the complete answer)."""
+    return TOTAL_FACTOR * request_timeout_seconds()
+
+
 def client_deadline_seconds():
-    """google-cloud-storage (the compare-and-swap writes): the deadline of a call's retries together."""
-    return ATTEMPTS * request_timeout_seconds() + 40
+    """google-cloud-storage (the compare-and-swap writes): the deadline of one call, its retries
+    together (160 s by default)."""
+    return 2 * request_total_seconds()
 
 
 def tensorflow_gcs_environment(timeout):
@@ -87,7 +97,9 @@ def translate_errors(location, remote):
     except FileNotFoundError:
         raise
     except UNREACHABLE as error:
-        reason = first_line(error) if str(error) else f"no answer within {request_timeout_seconds():g} s"
+        reason = first_line(error) if str(error) else (
+            f"no complete answer within the deadlines ({request_timeout_seconds():g} s for the next bytes, "
+            f"{request_total_seconds():g} s for a whole request)")
         raise RetryableError(f"storage unreachable at {location}: {reason}") from error
     except OSError as error:
         # A full disk, or a permission problem, is the user's to fix; aiohttp's connection errors

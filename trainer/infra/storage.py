@@ -85,7 +85,8 @@ def fsspec_filesystem(location):
         import aiohttp
 
         options["requests_timeout"] = aiohttp.ClientTimeout(
-            total=None, sock_connect=faults.request_timeout_seconds(), sock_read=faults.request_timeout_seconds())
+            total=faults.request_total_seconds(), sock_connect=faults.request_timeout_seconds(),
+            sock_read=faults.request_timeout_seconds())
     return fsspec.core.url_to_fs(location, **options)
 
 
