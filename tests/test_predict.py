@@ -104,6 +104,20 @@ def test_cli_predict_on_a_folder(tmp_path, exported):
     assert "100%" in result.stderr  # the progress bar reached the end
 
 
+def test_an_image_over_max_image_bytes_keeps_its_row_with_the_reason(tmp_path, exported):
+    export_dir, _ = exported
+    images = {name: blob for name, blob in make_images().items() if name.endswith(".jpg") and "broken" not in name}
+    write_folder(str(tmp_path / "images"), images)
+    largest = max(images, key=lambda name: len(images[name]))
+    limit = len(images[largest]) - 1
+    predict.predict(export_dir, str(tmp_path / "images"), str(tmp_path / "out.csv"), max_image_bytes=limit)
+    rows = {row["path"].rsplit("images/", 1)[-1]: row for row in read_csv(str(tmp_path / "out.csv"))}
+    assert sorted(rows) == sorted(images)
+    assert rows[largest]["error"] == f"too large: more than --max_image_bytes={limit} bytes"
+    assert rows[largest]["predicted_class"] == ""
+    assert all(row["predicted_class"] for name, row in rows.items() if name != largest)
+
+
 def test_predict_on_a_gcs_glob(tmp_path, exported, gcs_bucket):
     export_dir, classifier = exported
     model_url = f"{gcs_bucket}/job/model"

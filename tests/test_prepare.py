@@ -332,6 +332,31 @@ def test_images_declaring_more_pixels_than_max_pixels_are_skipped_without_decodi
                                       "--max_pixels=0"), "--max_pixels must be at least 1")
 
 
+def test_images_larger_than_max_image_bytes_are_skipped_and_read_no_further(tmp_path, monkeypatch):
+    source = tmp_path / "images"
+    helpers.write_images(str(source), "class_dirs", per_class=4, size=(40, 30))
+    big = helpers.image_bytes("png", size=(400, 300), seed=3)
+    helpers.write_file(str(source), "dogs/huge.png", big)
+    limit = len(big) - 1
+    reads = []
+    real_read_many = storage.read_many
+
+    def watched(locations, max_bytes=None):
+        reads.append(max_bytes)
+        return real_read_many(locations, max_bytes)
+
+    monkeypatch.setattr(storage, "read_many", watched)
+    manifest = prepare.prepare_dataset(str(source), str(tmp_path / "data"), workers=1, num_shards=1,
+                                       max_image_bytes=limit)
+    assert manifest["skipped"] == [{"file": "dogs/huge.png",
+                                    "reason": f"too large: more than --max_image_bytes={limit} bytes"}]
+    assert set(reads) == {limit}  # every read of an image is capped
+    assert sum(split["count"] for split in manifest["splits"].values()) == 8
+    assert storage.read_many([str(source / "dogs" / "huge.png")], 10) == [big[:11]]
+    assert_one_line_error(run_trainer("prepare", f"--source={source}", f"--output={tmp_path / 'x'}",
+                                      "--max_image_bytes=0"), "--max_image_bytes must be at least 1")
+
+
 def test_truncated_images_are_skipped_even_when_pillow_would_pad_them(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     source = tmp_path / "photos"

@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config, errors  # noqa: E402
-from trainer.formats.imagefiles import MAX_PIXELS  # noqa: E402
+from trainer.formats.imagefiles import MAX_IMAGE_BYTES, MAX_PIXELS  # noqa: E402
 from trainer.formats.manifest import LAYOUTS, SPLITS  # noqa: E402
 from trainer.infra import faults, tfstart  # noqa: E402
 
@@ -43,6 +43,8 @@ def define_prepare_flags():
     flags.DEFINE_integer("max_side", None, "Re-encode images whose longer side exceeds this many pixels.")
     flags.DEFINE_integer("max_pixels", MAX_PIXELS, "Skip (with the reason in dataset.json) an image whose header "
                          "declares more pixels than this: a decompression bomb, not a photo (108 MP phone photos fit).")
+    flags.DEFINE_integer("max_image_bytes", MAX_IMAGE_BYTES, "Skip (with the reason) an image file larger than "
+                         "this; no read goes further, so no stream can hold a worker (1 GiB: any real photo fits).")
     flags.DEFINE_bool("overwrite", False, "Replace a dataset already at --output.")
     flags.DEFINE_integer("workers", None, "--runner=local: parallel decode/encode processes (default: all cores).")
     flags.DEFINE_string("runner", "local", "local (a process pool on this machine), or an Apache Beam runner: "
@@ -66,7 +68,7 @@ def run_prepare(argv):
         val_fraction=FLAGS.val_fraction, test_fraction=FLAGS.test_fraction,
         split_seed=FLAGS.split_seed, shard_size_mb=FLAGS.shard_size_mb,
         num_shards=FLAGS.num_shards, max_side=FLAGS.max_side, max_pixels=FLAGS.max_pixels,
-        overwrite=FLAGS.overwrite,
+        max_image_bytes=FLAGS.max_image_bytes, overwrite=FLAGS.overwrite,
         workers=FLAGS.workers, labels=FLAGS.labels, strict=FLAGS.strict,
         allow_missing_classes=FLAGS.allow_missing_classes, runner=FLAGS.runner, allow_http=FLAGS.allow_http,
         pipeline_args=tuple(_PASSTHROUGH))
@@ -125,6 +127,8 @@ def define_predict_flags():
     flags.DEFINE_string("input", None, "A folder, a glob, or a gs:// prefix of images.")
     flags.DEFINE_string("output", None, "CSV to write: path, predicted class, one probability per class.")
     flags.DEFINE_integer("batch_size", 64, "Images scored per batch.")
+    flags.DEFINE_integer("max_image_bytes", MAX_IMAGE_BYTES, "An image file larger than this gets its row with the "
+                         "reason instead of a score; no read goes further.")
     flags.mark_flags_as_required(["model", "input", "output"])
 
 
@@ -133,7 +137,7 @@ def run_predict(argv):
 
     _no_extra_args(argv)
     predict.predict(model_url=FLAGS.model, input_location=FLAGS.input, output_url=FLAGS.output,
-                    batch_size=FLAGS.batch_size)
+                    batch_size=FLAGS.batch_size, max_image_bytes=FLAGS.max_image_bytes)
 
 
 def define_promote_flags():

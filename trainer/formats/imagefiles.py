@@ -26,6 +26,9 @@ RESIZED_JPEG_QUALITY = 90  # --max_side: the point is to cut bytes and decode ti
 # --max_pixels: more pixels than this in one image is a decompression bomb, not a photo (a 140 KB
 # PNG can declare 12000 x 12000). 108 MP, the largest phone photos, stays within it.
 MAX_PIXELS = 120_000_000
+# --max_image_bytes: no photo is this large (a 108 MP JPEG is ~30 MB, an uncompressed 16-bit
+# 100 MP TIFF 600 MB); reads stop here, so no stream (an endless http answer) can hold a worker.
+MAX_IMAGE_BYTES = 1 << 30
 # What counts as an image by name: what Pillow decodes and `trainer prepare` stores (as is, or
 # converted to PNG/JPEG). Any other file is ignored, listed in dataset.json, and never a class.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
@@ -126,6 +129,13 @@ def _skip_reason(error):
     if "truncated" in message:
         return "truncated image"
     return f"corrupt image ({type(error).__name__}: {message})"
+
+
+def too_large(data, max_bytes):
+    """The skip reason for data read with a `max_bytes` cap (`storage.read_many`) that hit it, or None."""
+    if max_bytes and data is not None and len(data) > max_bytes:
+        return f"too large: more than --max_image_bytes={max_bytes} bytes"
+    return None
 
 
 def encode_or_skip(data, max_side=None, max_pixels=MAX_PIXELS):

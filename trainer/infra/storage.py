@@ -230,8 +230,11 @@ def read_bytes(location):
         return handle.read()
 
 
-def read_many(locations):
+def read_many(locations, max_bytes=None):
     """The bytes of each location, in order, or None for one that does not exist.
+
+    With `max_bytes`, at most `max_bytes + 1` bytes of each are read: a result longer than
+    `max_bytes` says the file is larger (and no stream can be read without end).
 
     On object stores the requests run concurrently in fsspec's event loop (one batch, no thread
     per request): at tens of milliseconds a request, reading one object at a time would leave the
@@ -241,14 +244,15 @@ def read_many(locations):
         return []
     schemes = {location.split("://", 1)[0] if is_url(location) else "" for location in locations}
     if len(schemes) > 1:  # a label file may name images on several stores
-        return [value for location in locations for value in read_many([location])]
+        return [value for location in locations for value in read_many([location], max_bytes)]
     if not is_url(locations[0]):
         for location in locations:
             check_regular_file(location)
     with translate_errors(locations[0]):
         filesystem, _ = fsspec_filesystem(locations[0])
         paths = [fsspec_filesystem(location)[1] for location in locations]
-        results = filesystem.cat_ranges(paths, None, None, on_error="return")
+        ends = None if max_bytes is None else [max_bytes + 1] * len(paths)
+        results = filesystem.cat_ranges(paths, None if ends is None else [0] * len(paths), ends, on_error="return")
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, FileNotFoundError):
                 raise result

@@ -24,11 +24,13 @@ THUMBNAIL_SIDE = 128
 NAMED_BARS = 60  # class_counts.png names its classes up to this many, then shows the sorted profile
 
 
-def write_preview(output, classes, shards_plan, manifest, max_pixels=imagefiles.MAX_PIXELS):
+def write_preview(output, classes, shards_plan, manifest, max_pixels=imagefiles.MAX_PIXELS,
+                  max_image_bytes=imagefiles.MAX_IMAGE_BYTES):
     """Draws samples.png and class_counts.png into `output`; returns their URLs."""
     figures.use_fonts()
     skipped = {entry["file"] for entry in manifest["skipped"]}
-    pictures = {SAMPLES_PICTURE: _draw_samples(classes, _samples(classes, shards_plan, skipped, max_pixels)),
+    pictures = {SAMPLES_PICTURE: _draw_samples(classes, _samples(classes, shards_plan, skipped, max_pixels,
+                                                                        max_image_bytes)),
                 CLASS_COUNTS_PICTURE: _draw_counts(manifest)}
     urls = []
     for name, figure in pictures.items():
@@ -38,7 +40,7 @@ def write_preview(output, classes, shards_plan, manifest, max_pixels=imagefiles.
     return urls
 
 
-def _samples(classes, shards_plan, skipped, max_pixels):
+def _samples(classes, shards_plan, skipped, max_pixels, max_image_bytes=imagefiles.MAX_IMAGE_BYTES):
     """{class: [RGB arrays]}: the first training images of each shown class, in the plan's order
     (the one the shards hold), read at most 2 x SAMPLES_PER_CLASS per class so that a few
     undecodable files still leave a full row."""
@@ -49,8 +51,9 @@ def _samples(classes, shards_plan, skipped, max_pixels):
             candidates[file.label].append(file)
     found = {name: [] for name in shown}
     for name, files in candidates.items():
-        for data in storage.read_many([file.location for file in files]):
-            stored = imagefiles.encode_or_skip(data, max_side=THUMBNAIL_SIDE, max_pixels=max_pixels) if data else None
+        for data in storage.read_many([file.location for file in files], max_image_bytes):
+            usable = data and not imagefiles.too_large(data, max_image_bytes)
+            stored = imagefiles.encode_or_skip(data, max_side=THUMBNAIL_SIDE, max_pixels=max_pixels) if usable else None
             if stored and "skip" not in stored and len(found[name]) < SAMPLES_PER_CLASS:
                 found[name].append(np.asarray(Image.open(io.BytesIO(stored["encoded"])).convert("RGB")))
     return found

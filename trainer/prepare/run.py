@@ -43,7 +43,7 @@ SKIPPED_LOGGED = 20
 
 def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, test_fraction=0.15, split_seed=0,
                     shard_size_mb=100.0, num_shards=None, max_side=None, overwrite=False, workers=None,
-                    max_pixels=imagefiles.MAX_PIXELS,
+                    max_pixels=imagefiles.MAX_PIXELS, max_image_bytes=imagefiles.MAX_IMAGE_BYTES,
                     labels=None, strict=False, allow_missing_classes=False, runner="local", pipeline_args=(),
                     allow_http=False):
     """Turns a folder of images, or a label file's images, into sharded TFRecords plus `dataset.json`.
@@ -59,6 +59,7 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
       num_shards: shards per split (overrides shard_size_mb; at most one per image).
       max_side: re-encode images whose longer side exceeds this many pixels (None: never).
       max_pixels: skip images whose header declares more pixels than this (decompression bombs).
+      max_image_bytes: skip images larger than this; no read goes further.
       overwrite: replace a dataset already at `output` (only its own files are removed).
       workers: decode/encode processes (default: all cores; 1: in this process).
       labels: instead of `source`, a Vertex AI CSV or JSONL label file (trainer.prepare.labelfile).
@@ -77,7 +78,8 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
         bad label-file rows, nothing usable, or an existing dataset at `output` without `overwrite`.
     """
     started = time.monotonic()
-    check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers, max_pixels)
+    check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers, max_pixels,
+                  max_image_bytes)
     if runner != "local":
         runners.beam_options(runner, pipeline_args)  # a missing Beam or a bad option answers before any work
     elif pipeline_args:
@@ -113,7 +115,8 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
     if overwrite:
         remove_dataset(output)
 
-    written = write_dataset(output, shards_plan, classes, max_side, workers, runner, pipeline_args, max_pixels)
+    written = write_dataset(output, shards_plan, classes, max_side, workers, runner, pipeline_args, max_pixels,
+                            max_image_bytes)
     undecodable = [{"file": entry["file"], "reason": entry["reason"]} for entry in written["skipped"]]
     skipped = sorted(skipped + undecodable, key=lambda entry: entry["file"])
     try:
@@ -131,14 +134,15 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
         split_seed=split_seed, max_side=max_side, classes=classes, splits=written["splits"],
         image_stats=written["image_stats"], skipped=skipped, ignored=plan.ignored_summary(ignored),
         duplicates=duplicates, warnings=warnings, seconds=round(time.monotonic() - started, 2))
-    preview.write_preview(output, classes, shards_plan, manifest, max_pixels)
+    preview.write_preview(output, classes, shards_plan, manifest, max_pixels, max_image_bytes)
     storage.write_json(storage.join(output, MANIFEST_NAME), manifest)  # the commit point: last
     shards.clean(output)
     _log_summary(manifest, output)
     return manifest
 
 
-def check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers, max_pixels=1):
+def check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers, max_pixels=1,
+                  max_image_bytes=1):
     """Raises UserError for option values that cannot work."""
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= value < 1:  # also catches NaN
@@ -149,7 +153,7 @@ def check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_si
     if not (shard_size_mb > 0 and math.isfinite(shard_size_mb)):
         raise UserError(f"--shard_size_mb must be a positive number, got {shard_size_mb}")
     for name, value in (("num_shards", num_shards), ("max_side", max_side), ("workers", workers),
-                        ("max_pixels", max_pixels)):
+                        ("max_pixels", max_pixels), ("max_image_bytes", max_image_bytes)):
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
 
@@ -196,7 +200,7 @@ def remove_dataset(output):
 
 
 def write_dataset(output, shards_plan, classes, max_side, workers, runner="local", pipeline_args=(),
-                  max_pixels=imagefiles.MAX_PIXELS):
+                  max_pixels=imagefiles.MAX_PIXELS, max_image_bytes=imagefiles.MAX_IMAGE_BYTES):
     """Writes every planned shard not yet committed, on `runner`, and merges the shards' reports.
 
     Returns:
@@ -206,7 +210,7 @@ def write_dataset(output, shards_plan, classes, max_side, workers, runner="local
     label_of = {name: index for index, name in enumerate(classes)}
     lines = [shards.plan_line(shard_name(split, index, len(shards_plan[split])),
                               [(file.path, file.location, file.label, label_of[file.label], file.digest, file.size)
-                               for file in files], max_side, max_pixels)
+                               for file in files], max_side, max_pixels, max_image_bytes)
              for split in SPLITS for index, files in enumerate(shards_plan[split])]
     interactive = sys.stderr.isatty()
     total = sum(len(files) for split in SPLITS for files in shards_plan[split])

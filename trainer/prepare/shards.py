@@ -46,9 +46,9 @@ def state_location(output, *parts):
     return storage.join(output, STATE_FOLDER, *parts)
 
 
-def plan_line(name, files, max_side, max_pixels=imagefiles.MAX_PIXELS):
+def plan_line(name, files, max_side, max_pixels=imagefiles.MAX_PIXELS, max_image_bytes=imagefiles.MAX_IMAGE_BYTES):
     """One shard's plan as canonical JSON bytes. `files`: `(path, location, label, index, md5, size)`."""
-    return json.dumps({"name": name, "max_side": max_side, "max_pixels": max_pixels,
+    return json.dumps({"name": name, "max_side": max_side, "max_pixels": max_pixels, "max_image_bytes": max_image_bytes,
                        "files": [list(file) for file in files]},
                       sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
@@ -97,22 +97,25 @@ def batches(sizes, count, size_bytes):
         yield start, len(sizes)
 
 
-def read_ahead(locations, sizes):
-    """Yields the bytes of `locations` in order (None for a missing file), reading the next batch
-    (`storage.read_many`: concurrent requests) while the caller works on this one."""
+def read_ahead(locations, sizes, max_bytes=None):
+    """Yields the bytes of `locations` in order (None for a missing file; at most `max_bytes` + 1
+    of each), reading the next batch (`storage.read_many`: concurrent requests) while the caller
+    works on this one."""
     ranges = list(batches(sizes, READ_BATCH, READ_BATCH_BYTES))
     with futures.ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
-        pending = reader.submit(storage.read_many, locations[slice(*ranges[0])]) if ranges else None
+        pending = reader.submit(storage.read_many, locations[slice(*ranges[0])], max_bytes) if ranges else None
         for index in range(len(ranges)):
             current = pending.result()
             if index + 1 < len(ranges):
-                pending = reader.submit(storage.read_many, locations[slice(*ranges[index + 1])])
+                pending = reader.submit(storage.read_many, locations[slice(*ranges[index + 1])], max_bytes)
             yield from current
 
 
-def _encode_read(data, max_side, max_pixels):
+def _encode_read(data, max_side, max_pixels, max_bytes):
     if data is None:
         return {"skip": "file disappeared while preparing"}
+    if reason := imagefiles.too_large(data, max_bytes):
+        return {"skip": reason}
     return imagefiles.encode_or_skip(data, max_side, max_pixels)
 
 
@@ -163,9 +166,10 @@ def write_shard(output, offset, length, decoders=1):
     with (imagefiles.strict_decoding(), multiprocessing.pool.ThreadPool(decoders) as decoder,
           storage.open_file(storage.join(output, task["name"]), "wb") as shard):
         # Reads run a batch ahead; `decoders` threads decode (Pillow releases the GIL), in order.
-        data = read_ahead([file[1] for file in files], [file[5] for file in files])
-        results = imap_bounded(decoder, lambda item: _encode_read(item, task["max_side"], task["max_pixels"]), data,
-                               2 * decoders)
+        limit = task.get("max_image_bytes", imagefiles.MAX_IMAGE_BYTES)
+        data = read_ahead([file[1] for file in files], [file[5] for file in files], limit)
+        results = imap_bounded(decoder, lambda item: _encode_read(item, task["max_side"], task["max_pixels"], limit),
+                               data, 2 * decoders)
         for (path, _, label, index, *_), result in zip(files, results, strict=True):
             if "skip" in result:
                 skipped.append({"file": path, "reason": result["skip"], "class": label})

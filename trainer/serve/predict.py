@@ -62,15 +62,19 @@ def list_images(input_location):
     return images
 
 
-def _read(location):
+def _read(location, max_bytes=imagefiles.MAX_IMAGE_BYTES):
     """(the bytes training would have stored, None), or (None, reason) for a file that cannot be
-    read or is not a whole image."""
+    read, is larger than `max_bytes` (no more is read), or is not a whole image."""
     try:
-        data = storage.read_bytes(location)
+        data = storage.read_many([location], max_bytes)[0]
     except RetryableError:
         raise
     except (OSError, UserError) as error:
         return None, f"cannot read: {error}"
+    if data is None:
+        return None, "cannot read: the file disappeared"
+    if reason := imagefiles.too_large(data, max_bytes):
+        return None, reason
     encoded = imagefiles.encode_or_skip(data)
     if "skip" in encoded:
         return None, f"cannot decode: {encoded['skip']}"
@@ -101,7 +105,7 @@ def _format_row(location, class_names, probabilities, error):
     return [location, predicted] + [f"{float(value):.6f}" for value in probabilities] + [""]
 
 
-def predict(model_url, input_location, output_url, batch_size=64):
+def predict(model_url, input_location, output_url, batch_size=64, max_image_bytes=imagefiles.MAX_IMAGE_BYTES):
     """Scores every image at `input_location` with the exported model; writes the CSV.
 
     Args:
@@ -109,6 +113,7 @@ def predict(model_url, input_location, output_url, batch_size=64):
       input_location: a folder or URL prefix, a glob pattern, or one image file.
       output_url: the CSV to write (local path or URL).
       batch_size: images per call of the serving signature.
+      max_image_bytes: a larger image file gets its row with the reason; no read goes further.
 
     Returns:
       The number of rows written (one per image file, including files that failed).
@@ -116,8 +121,9 @@ def predict(model_url, input_location, output_url, batch_size=64):
     Raises:
       UserError: missing model or input, no image files, batch_size < 1.
     """
-    if batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    if batch_size < 1 or max_image_bytes < 1:
+        raise UserError(f"--batch_size and --max_image_bytes must be at least 1, got {batch_size} and "
+                        f"{max_image_bytes}")
     if modeldir.is_tflite(model_url):
         raise UserError(f"{model_url} is a TensorFlow Lite file, which takes decoded pixels: trainer predict scores "
                         "an export's image-bytes signature (--model=JOB_DIR/model); score a .tflite file on a split "
@@ -134,7 +140,7 @@ def predict(model_url, input_location, output_url, batch_size=64):
             tqdm(total=len(locations), unit="img", desc="predict", file=sys.stderr) as progress:
         for start in range(0, len(locations), batch_size):
             batch = locations[start:start + batch_size]
-            contents = list(pool.map(_read, batch))
+            contents = list(pool.map(lambda location: _read(location, max_image_bytes), batch))
             readable = [index for index, (content, _) in enumerate(contents) if content is not None]
             scores = dict(zip(readable, _score(serve, [contents[index][0] for index in readable]), strict=True))
             for index, location in enumerate(batch):
