@@ -11,7 +11,7 @@ import threading
 import pytest
 from helpers import run_trainer
 
-from trainer.errors import RetryableError, UserError
+from trainer.errors import UserError
 from trainer.evaluate import gate
 from trainer.formats import production as production_layout
 from trainer.infra import cas, folders, storage
@@ -342,14 +342,30 @@ def test_version_names_sort_by_time_and_differ_by_model():
     assert production_layout.version_name("ffffffff", morning) < production_layout.version_name("00000000", evening)
 
 
-def test_version_already_claimed_is_retryable(gcs_bucket, monkeypatch):
+def test_the_same_model_promoted_again_in_the_same_second_gets_the_next_name(gcs_bucket, monkeypatch):
     production = f"{gcs_bucket}/production"
-    candidate = make_candidate(gcs_bucket, "claimed", 0.9)
-    monkeypatch.setattr(production_layout, "version_name", lambda model_id: "20260101T000000Z-taken")
-    storage.write_bytes(f"{production}/versions/20260101T000000Z-taken/CLAIM", b"{}")
-    with pytest.raises(RetryableError, match="already being written"):
-        promote.promote(candidate, production)
-    assert not storage.exists(f"{production}/LATEST")
+    # Every promotion below happens "in the same second".
+    monkeypatch.setattr(production_layout, "version_name", lambda model_id: f"20260101T000000Z-{model_id[:8]}")
+    first = make_candidate(gcs_bucket, "first", 0.9)
+    version_a = promote.promote(first, production)
+    version_b = promote.promote(make_candidate(gcs_bucket, "second", 0.95, versus=production), production)
+    # Back to the first model (a rollback through the gate): its name of this second is taken.
+    metrics = storage.read_json(f"{first}/eval/metrics.json")
+    served = latest(production)
+    metrics["comparison"] = {"production": {"url": production, "version": served["version"],
+                                            "model_id": served["model_id"], "classes": ["cats", "dogs"]},
+                             "passed": True, "reason": "not significantly worse"}
+    storage.write_json(f"{first}/eval/metrics.json", metrics)
+    version_a2 = promote.promote(first, production)
+    assert version_a2 == f"{version_a}-2" and len({version_a, version_b, version_a2}) == 3
+    assert latest(production)["version"] == version_a2 and sorted(versions(production)) == sorted(
+        [version_a, version_b, version_a2])
+    assert_model_copied_whole(first, production, version_a2)
+    # A name claimed by another promotion that is still copying is left to it, too.
+    storage.write_bytes(f"{production}/versions/{version_b}-2/CLAIM", b"{}")
+    third = make_candidate(gcs_bucket, "third", 0.97, versus=production)
+    monkeypatch.setattr(production_layout, "version_name", lambda model_id: version_b)
+    assert promote.promote(third, production) == f"{version_b}-3"
 
 
 def test_versions_that_a_killed_promotion_claimed_are_removed_once_abandoned(gcs_bucket):

@@ -34,6 +34,7 @@ from trainer.formats import production as layout
 from trainer.infra import cas, folders, storage
 
 PROMOTED_SPLIT = "test"
+MAX_NAME_ATTEMPTS = 100  # names tried for one version: `version_name`, then `-2` ... `-100`
 ABANDONED_CLAIM_HOURS = 24  # a claimed version without COMPLETE this old was left by a killed promotion
 
 
@@ -70,11 +71,15 @@ def promote(candidate, production, min_accuracy=None, allow_class_change=False):
     comparison = metrics.get("comparison", {})
     logging.info("gate passed: %s", comparison.get("reason") or
                  f"test accuracy {metrics['accuracy']:.4f}, no production model yet")
-    version = layout.version_name(metrics["model_id"])
+    version = claim_version(candidate, production, metrics["model_id"])
     record = publish_version(candidate, production, version, metrics)
     if not cas.write_if_generation(layout.pointer_url(production), _to_json(record), generation):
         discard_version(production, version)
         now, _ = layout.read_pointer(production)
+        if now and now.get("model_id") == metrics["model_id"]:  # a concurrent promotion of this very model
+            logging.info("%s became production version %s in a concurrent promotion (the same model)", candidate,
+                         now["version"])
+            return now["version"]
         raise gate.GateFailed(f"not promoted: production moved to version {now and now['version']} while this "
                               "promotion ran; evaluate the candidate against it (--production) and promote again")
     log_promotion(production, version, pointer)
@@ -138,21 +143,33 @@ def read_candidate(candidate):
     return metrics
 
 
+def claim_version(candidate, production, model_id):
+    """A new version name, claimed (its CLAIM created only-if-absent): `version_name`, or with
+    `-2`, `-3`, ... when that name is taken (the same model promoted again in the same second, or
+    concurrently). The names still sort by time.
+
+    Raises:
+      RetryableError: MAX_NAME_ATTEMPTS names in a row were taken.
+    """
+    base = layout.version_name(model_id)
+    claim = _to_json({"candidate": candidate, "host": socket.gethostname(), "pid": os.getpid(),
+                      "claimed": timestamps.now_text()})
+    for attempt in range(1, MAX_NAME_ATTEMPTS + 1):
+        version = base if attempt == 1 else f"{base}-{attempt}"
+        if cas.write_if_absent(layout.version_url(production, version, layout.CLAIM), claim):
+            return version
+    raise RetryableError(f"production versions {base} to {base}-{MAX_NAME_ATTEMPTS} are all taken: promote again")
+
+
 def publish_version(candidate, production, version, metrics):
-    """Copies the candidate into a new, immutable production version; LATEST is not touched.
+    """Copies the candidate into the claimed production `version`; LATEST is not touched.
 
     Returns:
       The pointer record for this version (also written as its COMPLETE marker).
 
     Raises:
-      RetryableError: the version name is taken (another promotion of the same model in the
-        same second), or a copy came out incomplete.
+      RetryableError: a copy came out incomplete.
     """
-    claim = {"candidate": candidate, "host": socket.gethostname(), "pid": os.getpid(),
-             "claimed": timestamps.now_text()}
-    if not cas.write_if_absent(layout.version_url(production, version, layout.CLAIM), _to_json(claim)):
-        raise RetryableError(f"production version {version} is already being written by "
-                             "another promotion of the same model")
     copy_model(jobdir.JobDir(candidate).model_url, layout.version_url(production, version, layout.MODEL))
     storage.write_json(layout.version_url(production, version, layout.METRICS), metrics)
     record = layout.pointer_record(version, metrics["model_id"], candidate, metrics["accuracy"])
