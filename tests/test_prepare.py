@@ -3,6 +3,7 @@
 import base64
 import collections
 import hashlib
+import io
 import json
 import multiprocessing.pool
 import os
@@ -355,6 +356,38 @@ def test_images_larger_than_max_image_bytes_are_skipped_and_read_no_further(tmp_
     assert storage.read_many([str(source / "dogs" / "huge.png")], 10) == [big[:11]]
     assert_one_line_error(run_trainer("prepare", f"--source={source}", f"--output={tmp_path / 'x'}",
                                       "--max_image_bytes=0"), "--max_image_bytes must be at least 1")
+
+
+def test_a_phone_photo_held_sideways_is_stored_upright_for_training_and_predict(tmp_path):
+    from PIL import ImageOps
+
+    from trainer.formats import imagefiles
+    from trainer.serve import predict
+
+    stored_pixels = helpers.make_image(0, size=(40, 30), seed=5)  # as the sensor wrote them: landscape
+    exif = Image.Exif()
+    exif[imagefiles.EXIF_ORIENTATION] = 6  # "turn 90 degrees clockwise to view"
+    buffer = io.BytesIO()
+    stored_pixels.save(buffer, "JPEG", quality=95, exif=exif)
+    source = tmp_path / "images"
+    helpers.write_images(str(source), "class_dirs", per_class=3, size=(40, 30))
+    helpers.write_file(str(source), "cats/phone.jpg", buffer.getvalue())
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))).convert("RGB"))
+    assert upright.shape == (40, 30, 3)  # portrait, as a viewer shows it
+
+    prepare.prepare_dataset(str(source), str(tmp_path / "data"), workers=1, num_shards=1, val_fraction=0,
+                            test_fraction=0)
+    _, records = read_records(str(tmp_path / "data"), tmp_path)
+    [record] = [record for record in records["train"] if record["filename"] == "cats/phone.jpg"]
+    assert (record["width"], record["height"]) == (30, 40)
+    pixels = np.asarray(Image.open(io.BytesIO(record["encoded"])).convert("RGB")).astype(int)
+    # The same picture (re-encoded once), turned the right way: not upside down.
+    assert np.abs(pixels - upright).mean() < 0.5 * np.abs(pixels - upright[::-1, ::-1]).mean()
+    # predict gives the model the very bytes training stored.
+    assert predict._read(str(source / "cats" / "phone.jpg"))[0] == record["encoded"]
+    # An upright JPEG keeps its bytes.
+    plain = (source / "cats" / "cats_0000.jpg").read_bytes()
+    assert imagefiles.encode_image(plain)["encoded"] == plain
 
 
 def test_truncated_images_are_skipped_even_when_pillow_would_pad_them(tmp_path, monkeypatch):

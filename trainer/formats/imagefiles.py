@@ -14,14 +14,15 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Pillow's names for files whose bytes TensorFlow's JPEG decoder reads as they are (MPO: the
 # multi-picture JPEG many cameras write; its first frame is a plain JPEG).
 JPEG_FORMATS = ("JPEG", "MPO")
 # Modes of a JPEG kept byte for byte: `decode_image(channels=3)` turns both into RGB.
 KEPT_JPEG_MODES = ("RGB", "L")
-CONVERTED_JPEG_QUALITY = 95  # CMYK/YCCK JPEGs: near-lossless, and still a JPEG
+CONVERTED_JPEG_QUALITY = 95  # CMYK/YCCK JPEGs, and turned phone photos: near-lossless, still a JPEG
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a camera held the picture (1: as stored)
 RESIZED_JPEG_QUALITY = 90  # --max_side: the point is to cut bytes and decode time
 # --max_pixels: more pixels than this in one image is a decompression bomb, not a photo (a 140 KB
 # PNG can declare 12000 x 12000). 108 MP, the largest phone photos, stays within it.
@@ -90,8 +91,11 @@ class TooManyPixels(ValueError):
 def encode_image(data, max_side=None, max_pixels=MAX_PIXELS):
     """Fully decodes one image and returns what its record stores.
 
-    Original bytes are kept for RGB or greyscale JPEGs within `max_side`; other JPEGs (CMYK) become
-    RGB JPEGs, other formats lossless RGB PNGs, and images over `max_side` resized RGB JPEGs.
+    Original bytes are kept for RGB or greyscale JPEGs within `max_side` that are stored upright;
+    other JPEGs (CMYK, or with an EXIF orientation: a phone held sideways) become RGB JPEGs, other
+    formats lossless RGB PNGs, and images over `max_side` resized RGB JPEGs. The EXIF orientation
+    is applied (the pixels turned as a photo viewer shows them), so that every record, and every
+    image predict scores, is upright: the model learns what people see.
 
     Returns:
       dict with `encoded` (bytes), `format` ("jpeg" or "png"), `width`, `height` of the stored image.
@@ -108,12 +112,18 @@ def encode_image(data, max_side=None, max_pixels=MAX_PIXELS):
         # Decode at 1/2, 1/4 or 1/8 scale (still at least `target`): several times faster.
         image.draft(None, target)
     image.load()  # the full decode: truncated or corrupt data fails here
-    if target is None and image.format in JPEG_FORMATS and image.mode in KEPT_JPEG_MODES:
+    source_format = image.format
+    turned = image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
+    if target is None and source_format in JPEG_FORMATS and image.mode in KEPT_JPEG_MODES and not turned:
         return {"encoded": data, "format": "jpeg", "width": image.size[0], "height": image.size[1]}
+    if turned:
+        image = ImageOps.exif_transpose(image)
+        if target:
+            target = fit_within(image.size, max_side)
     rgb = to_rgb(image)
     if target:
         return _encoded(rgb.resize(target, Image.Resampling.LANCZOS), "jpeg", RESIZED_JPEG_QUALITY)
-    if image.format in JPEG_FORMATS:
+    if source_format in JPEG_FORMATS:
         return _encoded(rgb, "jpeg", CONVERTED_JPEG_QUALITY)
     return _encoded(rgb, "png")
 
