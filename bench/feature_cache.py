@@ -83,16 +83,16 @@ def train_on_workers(args, workers, work, share_cores=False):
 
 
 def phase_seconds(log_text):
-    """Seconds from the logged plan to the end of the head phase (absl log timestamps)."""
+    """Seconds from the logged plan to the end of the head phase (the log's UTC timestamps)."""
     import datetime
 
     def stamp(line):
-        return datetime.datetime.strptime(line.split()[1], "%H:%M:%S.%f")
+        return datetime.datetime.fromisoformat(line.split()[0].rstrip("Z"))
 
     lines = log_text.splitlines()
-    start = next(line for line in lines if "] plan:" in line)
+    start = next(line for line in lines if " I plan:" in line)
     end = next(line for line in lines if "phase head finished" in line)
-    return (stamp(end) - stamp(start)).total_seconds() % 86400  # absl stamps have no date: past midnight
+    return (stamp(end) - stamp(start)).total_seconds()
 
 
 def main():

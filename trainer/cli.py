@@ -235,10 +235,10 @@ _exit = errors.exit_process
 
 
 def _short_format():
-    """`2026-12-07T05:44:00Z I message`: the UTC time and the level, for terminals and Kubernetes logs."""
+    """`2026-12-07T05:44:00.123Z I message`: the UTC time and the level, for terminals and Kubernetes logs."""
     import time
 
-    formatter = std_logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+    formatter = std_logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname).1s %(message)s", "%Y-%m-%dT%H:%M:%S")
     formatter.converter = time.gmtime
     return formatter
 
