@@ -15,7 +15,7 @@ setup(
         # Keras 2 (tf-keras): Keras 3's fit fails under MultiWorkerMirroredStrategy with TF 2.21
         # (keras-team/keras#20585); see docs/architecture.md and trainer/kerasapi.py.
         "tf-keras==2.21.*",
-        "tensorboard==2.21.*",  # the TensorBoard callback's summaries (tensorflow no longer pulls it in)
+        "tensorboard==2.21.*",  # summaries and the profiler's traces (tensorflow no longer pulls it in)
         "google-cloud-storage>=2.18",
         "fsspec>=2024.6",
         "gcsfs>=2024.6",
@@ -25,6 +25,7 @@ setup(
         "matplotlib>=3.8",
         "scikit-learn>=1.4",  # metrics, and the offline demo dataset (handwritten digits)
         "tqdm>=4.66",
+        "nvidia-ml-py>=12.535",  # GPU utilisation and memory during training (NVML; absent without a GPU)
         # Fonts with CJK glyphs for class names in the report's pictures (trainer/report.py).
         "matplotlib-fontja>=1.1",
         "koreanize-matplotlib>=0.1.1",

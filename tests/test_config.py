@@ -9,6 +9,7 @@ import pytest
 from absl import flags
 
 from trainer import config
+from trainer.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,3 +119,19 @@ def test_the_modern_preset_parses_passes_the_checks_and_fine_tunes_from_the_docu
         "efficientnet_v2_s", "adamw", "cosine", "balanced", True)
     assert parsed.early_stopping_patience == 3 and parsed.fine_tune_epochs == 10
     assert parsed.fine_tune_from == suggested_layers()["efficientnet_v2_s"]  # checked against the built base
+
+
+@pytest.mark.parametrize("text", ["5", "3,2", "0,4", "a,b", "1,2,3"])
+def test_profile_steps_must_be_a_range_of_steps(text):
+    with pytest.raises(UserError, match="--profile_steps must be A,B with 1 <= A <= B"):
+        config.parse_profile_steps(text)
+    assert config.parse_profile_steps("10,20") == (10, 20)
+
+
+def test_without_a_gpu_there_is_nothing_to_sample_and_no_error():
+    from trainer.infra import devices
+
+    sampler = devices.GpuSampler()
+    assert not sampler.active and sampler.take() is None
+    sampler.stop()
+    assert devices.describe() == {"count": 0, "names": [], "driver": None, "memory_mib": None}

@@ -36,7 +36,7 @@ def trained_job(tmp_path_factory, gcs_server):
         "--image_size=32", "--batch_size=16", "--epochs=2", "--learning_rate=3e-3", "--dense_units=32",
         "--dropout=0.1", "--fine_tune_epochs=2", "--fine_tune_from=block1_conv1",
         "--fine_tune_learning_rate=1e-3", "--cpu_replicas=2", "--backup_every_steps=3", "--progress_seconds=0",
-        "--summary"]
+        "--summary", "--profile_steps=2,3"]
     train = run_trainer(*train_args, check=True)
     return {"local": local, "images": images, "data": data, "job": job, "train": train, "train_args": train_args}
 
@@ -63,6 +63,12 @@ def test_job_dir_holds_config_history_tensorboard_and_model(trained_job):
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(phases["fine_tune"][-1])
     files = [name for name, _ in folders.list_files(job)]
     assert any(name.startswith("tensorboard/") for name in files)
+    # --profile_steps=2,3: a Profiler trace of each phase, in the job_dir's TensorBoard folder.
+    for phase in ("head", "fine_tune"):
+        assert any(name.startswith(f"tensorboard/{phase}/profile/plugins/profile/") and name.endswith(".xplane.pb")
+                   for name in files), files
+    # No GPU here: no GPU figures, and no error for their absence.
+    assert not any(key.startswith("gpu_") for phase in history["phases"] for entry in phase["epochs"] for key in entry)
     assert "model/saved_model.pb" in files and "model/metadata.json" in files
     assert "DONE" in files
 

@@ -112,6 +112,8 @@ class TrainConfig:
     cpu_replicas: int = _field(0, "With no GPU: split the CPU into this many replicas.", defines_run=False)
     summary: bool = _field(False, "Print the model's layers, output shapes and parameter counts (model.summary()) "
                            "at start.", defines_run=False)
+    profile_steps: str = _field(None, "A,B: a TensorFlow Profiler trace of steps A to B of each phase into the "
+                                "job_dir's TensorBoard folder (e.g. 10,20).", defines_run=False)
     progress_seconds: float = _field(30.0, "Within an epoch, log the step, img/s, the epoch's ETA and the loss "
                                      "at most every this many seconds (0: every step).", defines_run=False)
     num_workers: int | None = _field(None, "Workers of a multi-node job (default: from the environment).",
@@ -258,7 +260,22 @@ def check_config(config):
     if config.warmup_epochs and config.lr_schedule != "cosine":
         raise UserError("--warmup_epochs needs --lr_schedule=cosine")
     parse_class_weight(config.class_weight)
+    if config.profile_steps:
+        parse_profile_steps(config.profile_steps)
     check_backbone(config.backbone, config.image_size)
+
+
+def parse_profile_steps(text):
+    """`--profile_steps=A,B` as (A, B), 1 <= A <= B; raises UserError if malformed."""
+    from trainer.errors import UserError
+
+    try:
+        first, last = (int(part) for part in text.split(","))
+    except ValueError:
+        first = last = 0
+    if not 1 <= first <= last:
+        raise UserError(f"--profile_steps must be A,B with 1 <= A <= B (steps of a phase), got {text!r}")
+    return first, last
 
 
 def parse_class_weight(text):

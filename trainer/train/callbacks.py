@@ -81,6 +81,10 @@ class EpochRecorder(keras.callbacks.Callback):
         for writer in self.writers.values():
             writer.close()
 
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.run.gpus:
+            self.run.gpus.take()  # the epoch's own window
+
     def on_epoch_end(self, epoch, logs=None):
         logging.info("phase %s: epoch %d done", self.phase, epoch + 1)
         if not self.run.is_chief:
@@ -94,6 +98,11 @@ class EpochRecorder(keras.callbacks.Callback):
         record = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
                   "learning_rate": float(keras.backend.get_value(optimizer.learning_rate)),
                   "step": int(optimizer.iterations.numpy())}
+        gpu = self.run.gpus.take() if self.run.gpus else None
+        if gpu:  # absent on a machine without GPUs
+            record.update(gpu)
+            logging.info("phase %s epoch %d: %s", self.phase, epoch + 1,
+                         ", ".join(f"{name.replace('_', ' ')} {value:g}" for name, value in gpu.items()))
         epochs.append(record)
         record_skipped_data(self.run)
         self.run.job.write_history(history)
@@ -151,6 +160,40 @@ class Progress(keras.callbacks.Callback):
         logging.info("phase %s epoch %d/%d: step %d/%d, %.1f img/s, loss %.4f, epoch ETA %s", self.phase,
                      self.epoch + 1, self.epochs, done, self.steps, done * self.global_batch / elapsed, loss,
                      _duration(elapsed / done * (self.steps - done)))
+
+
+class Profiler(keras.callbacks.Callback):
+    """--profile_steps=A,B: a TensorFlow Profiler trace of steps A to B (counted from the start of
+    each phase's fit) into `log_dir` (JOB_DIR/tensorboard/<phase>/profile after the epoch's sync;
+    TensorBoard's Profile tab, with the tensorboard-plugin-profile package, shows it)."""
+
+    def __init__(self, first, last, log_dir):
+        super().__init__()
+        self.first, self.last, self.log_dir = first, last, log_dir
+        self.step, self.running = 0, False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        import tensorflow as tf
+
+        self.step += 1
+        if self.step == self.first and not self.running:
+            tf.profiler.experimental.start(self.log_dir)
+            self.running = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.running and self.step >= self.last:
+            self._stop()
+
+    def on_train_end(self, logs=None):
+        if self.running:
+            self._stop()
+
+    def _stop(self):
+        import tensorflow as tf
+
+        tf.profiler.experimental.stop()
+        self.running = False
+        logging.info("profiled steps %d-%d into %s", self.first, self.step, self.log_dir)
 
 
 def _duration(seconds):

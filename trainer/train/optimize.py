@@ -88,3 +88,11 @@ def compile_model(model, num_classes, learning_rate, jit_compile=False, optimize
                     else keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
     model.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate=learning_rate), loss=loss,
                   metrics=[accuracy], jit_compile=jit_compile)
+
+
+def mixed_precision_policy():
+    """--mixed_precision's Keras policy: float16 with loss scaling on GPUs; CPUs (tests) have no
+    fast float16, bfloat16 works there."""
+    import tensorflow as tf
+
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"

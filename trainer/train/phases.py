@@ -10,13 +10,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainer.config import parse_profile_steps
 from trainer.data import augment, pipeline
 from trainer.errors import UserError, first_line
 from trainer.formats import jobdir
 from trainer.infra.kerasapi import keras
 from trainer.train import featurecache, optimize
 from trainer.train import model as model_lib
-from trainer.train.callbacks import EarlyStopping, EpochRecorder, Progress, SyncedBackupAndRestore
+from trainer.train.callbacks import EarlyStopping, EpochRecorder, Profiler, Progress, SyncedBackupAndRestore
 
 
 def make_datasets(run, validate=True):
@@ -81,6 +82,8 @@ def fit_phase(run, model, phase, epochs, train_data, val_data, steps, val_steps=
         EpochRecorder(run, phase, tensorboard_dir),
         *([early] if early else []),
         Progress(phase, epochs, steps, run.config.batch_size, run.config.progress_seconds),
+        *([Profiler(*parse_profile_steps(run.config.profile_steps), os.path.join(tensorboard_dir, phase, "profile"))]
+          if run.config.profile_steps else []),
         backup,
     ]
     if early and early.stopped():  # an earlier attempt stopped early and was killed before the phase completed
@@ -214,8 +217,7 @@ def train_phases(run, dataset_manifest, steps, feature_cache):
     config, strategy = run.config, run.strategy
     num_classes = len(dataset_manifest["classes"])
     if config.mixed_precision:
-        # float16 with loss scaling on GPUs; CPUs (tests) have no fast float16, bfloat16 works there.
-        policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+        policy = optimize.mixed_precision_policy()
         keras.mixed_precision.set_global_policy(policy)
         logging.info("mixed precision: %s (the output layer stays float32)", policy)
     with strategy.scope():

@@ -20,7 +20,7 @@ from trainer.config import VERTEX_MODEL_DIR, VERTEX_TENSORBOARD_DIR, check_confi
 from trainer.data import records
 from trainer.errors import RetryableError, UserError, counted, first_line
 from trainer.formats import jobdir, manifest
-from trainer.infra import folders, storage
+from trainer.infra import devices, folders, storage
 from trainer.infra.kerasapi import keras
 from trainer.train import distribute, export, featurecache, guards, phases
 from trainer.train.state import DeadlinePassed, Preempted, Run, derive_batches
@@ -92,6 +92,8 @@ def train_and_export(config, job, dataset_manifest, dataset, deadline_seconds, s
                 history=job.load_history(names), damage=records.DamageReport(),
                 tensorboard_copy=os.environ.get(VERTEX_TENSORBOARD_DIR))
     state.worker, state.workers = distribute.worker_position(cluster)
+    sampler = devices.GpuSampler()
+    state.gpus = sampler if sampler.active else None
     state.num_classes = len(classes)
     state.class_weights = class_weights(config.class_weight, classes,
                                         dataset_manifest["splits"]["train"]["class_counts"])
@@ -131,6 +133,7 @@ def train_and_export(config, job, dataset_manifest, dataset, deadline_seconds, s
         raise RetryableError(f"lost contact with a peer worker ({type(error).__name__}: {first_line(error)})") \
             from error
     finally:
+        sampler.stop()
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)

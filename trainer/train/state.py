@@ -40,6 +40,7 @@ class Run:
     active_backups: list = dataclasses.field(default_factory=list)  # what SIGTERM asks to back up
     class_weights: dict | None = None  # class index -> weight of its training examples (--class_weight)
     num_classes: int = 2
+    gpus: object = None  # trainer.infra.devices.GpuSampler when the machine has GPUs
 
 
 def derive_batches(global_batch, replicas, train_count, steps_cap=None):
