@@ -21,6 +21,8 @@ WORKDIR /opt/trainer
 COPY setup.py ./
 COPY trainer/ trainer/
 COPY configs/ configs/
+# The GPU-node benchmark runs from this image too (`make submit-bench`, docs/benchmarks.md §4).
+COPY bench/ bench/
 
 # A regular (not editable) install; configs/ stays in the workdir for --flagfile=configs/....
 RUN python3 -m pip install --no-cache-dir . \

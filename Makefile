@@ -47,7 +47,7 @@ demo: install
 #   make submit-eval IMAGE=... DATA=... JOB_DIR=gs://b/runs/r1   (-> JOB_DIR/eval/metrics.json)
 #   make submit-* ... QUEUE=team-a          (Kueue: the LocalQueue that admits the run)
 #   make submit-vertex IMAGE=... DATA=... JOB_DIR=gs://b/runs/r1 REGION=us-central1 [WORKERS=2] [SPOT=1]
-.PHONY: image push image-dataflow push-dataflow render submit-train submit-eval submit-vertex status logs wait
+.PHONY: image push image-dataflow push-dataflow render submit-train submit-eval submit-vertex submit-bench bench-gpu status logs wait
 
 BUILDER ?= docker
 IMAGE ?= us-docker.pkg.dev/YOUR_PROJECT/trainer/image-transfer-trainer:$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
@@ -139,6 +139,16 @@ submit-vertex:
 	else file=$$(mktemp); printf '%s\n' "$$spec" > "$$file" && \
 		$(GCLOUD) ai custom-jobs create --region="$$REGION" --display-name="$$run" --config="$$file"; \
 		code=$$?; rm -f "$$file"; exit $$code; fi
+
+# The GPU-node benchmark (bench/gpu_node.py, docs/benchmarks.md §4): here, or as a Job on one GPU node.
+bench-gpu: install
+	$(PY) -m bench.gpu_node --output=bench_output
+
+submit-bench:
+	@if [ -z "$$OUTPUT" ]; then echo "usage: make submit-bench IMAGE=... OUTPUT=gs://.../bench [ACCELERATOR=nvidia-l4] [GPUS=1] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
+	@$(CHECK_IMAGE); run="$${RUN:-bench-$(RUN_STAMP)}"; $(RENDER_COMMON); \
+	manifest="$$($(RENDER_PY) k8s/render.py k8s/bench --command=bench --name="$$run" "$$@" \
+		--set=output="$$OUTPUT")" && $(APPLY)
 
 status:
 	$(KUBECTL) get cronjobs,jobs,pods -l $(SELECTOR)

@@ -35,6 +35,8 @@ import yaml
 
 WORKLOAD_KINDS = ("Job", "JobSet", "CronJob")
 TRAINER_COMMANDS = ("prepare", "train", "evaluate", "predict", "promote")
+# The GPU-node benchmark's container (k8s/bench): the trainer's image running `python3 -m bench.gpu_node`.
+BENCH_COMMAND = ["python3", "-m", "bench.gpu_node"]
 ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
 WORKLOAD_IDENTITY_ANNOTATION = "iam.gke.io/gcp-service-account"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -88,7 +90,10 @@ def containers(template):
 
 
 def trainer_command(container):
-    """The trainer subcommand a container runs (the image's ENTRYPOINT is `trainer`), or None."""
+    """The trainer subcommand a container runs (the image's ENTRYPOINT is `trainer`), "bench" for
+    the GPU-node benchmark, or None."""
+    if container.get("command") == BENCH_COMMAND:
+        return "bench"
     args = container.get("args") or []
     return args[0] if args and args[0] in TRAINER_COMMANDS and not container.get("command") else None
 
@@ -242,7 +247,7 @@ def customize(objects, args):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overlay", help="a kustomize folder, e.g. k8s/overlays/gpu-spot")
-    parser.add_argument("--command", choices=TRAINER_COMMANDS,
+    parser.add_argument("--command", choices=(*TRAINER_COMMANDS, "bench"),
                         help="keep only the workload running this trainer command")
     parser.add_argument("--name", help="the run's name (must be a DNS label, <= 40 characters)")
     parser.add_argument("--image")
@@ -293,7 +298,7 @@ def check_workload_args(objects, command):
     for workload in (o for o in objects if o["kind"] in WORKLOAD_KINDS):
         for _, template in pod_templates(workload):
             for container in containers(template):
-                if trainer_command(container) == command:
+                if trainer_command(container) == command and command in TRAINER_COMMANDS:
                     check_trainer_args(container["args"])
 
 

@@ -122,3 +122,30 @@ def test_evaluate_classes_smoke(tmp_path):
     [run] = results["runs"]
     assert run["classes"] == 40 and run["seconds"] > 0 and run["peak_rss_bytes"] > 20 * 2**20
     assert "40 classes:" in table
+
+
+@pytest.mark.timeout(600)
+def test_gpu_node_smoke_measures_every_figure_within_its_budget_on_cpu(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_node", "--smoke", f"--output={tmp_path}", f"--work_dir={tmp_path}",
+         "--budget_seconds=400", "--min_seconds=1"], cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    with open(os.path.join(tmp_path, "gpu_node.json")) as file:
+        results = json.load(file)
+    trained = ["seed_fp32", "seed_mixed", "seed_jit", "seed_mixed_jit", "fine_tune", "modern_mixed"]
+    expected = ["reader_full_size", "reader_max_side", *[name for base in trained[:4] for name in
+                                                         (base, f"{base}_synthetic")],
+                "extract", "cached_head", "fine_tune", "fine_tune_synthetic", "modern_mixed", "modern_mixed_synthetic"]
+    measured = {entry["name"]: entry for entry in results["measurements"]}
+    assert list(measured) == expected
+    # Every figure was measured (the budget left room for each) and each training figure has its
+    # input-bound ratio; on CPU there is no GPU figure, and no error for it.
+    for entry in measured.values():
+        assert entry.get("images_per_second", 0) > 0 and "skipped" not in entry, entry
+        assert not any(key.startswith("gpu_") for key in entry), entry
+    for name in trained:
+        assert measured[name]["input_bound_ratio"] > 0
+    assert results["gpus"] == {"count": 0, "names": [], "driver": None, "memory_mib": None}
+    assert results["replicas"] == 1 and results["tensorflow"] and results["cores_per_gpu"]["value"] > 0
+    assert results["budget_seconds"] == 400 and results["seconds"] > 0
+    assert "CPU cores one GPU needs" in result.stdout and "modern_mixed" in result.stdout

@@ -76,10 +76,12 @@ def test_installs_the_package_from_only_what_it_needs():
     steps = instructions()
     copies = [args.split() for name, args in steps if name == "COPY"]
     sources = {source.rstrip("/") for args in copies for source in args[:-1]}
-    assert sources == {"setup.py", "trainer", "configs"}
-    for source in sources:
+    assert sources == {"setup.py", "trainer", "configs", "bench"}
+    for source in sources - {"bench"}:
         assert os.path.exists(os.path.join(ROOT, source))
         assert source not in dockerignore()
+    # Of bench/, only the GPU-node benchmark and what it imports reach the image.
+    assert {"!bench/__init__.py", "!bench/common.py", "!bench/gpu_node.py"} <= set(dockerignore())
     runs = " ".join(args for name, args in steps if name == "RUN")
     assert "pip install --no-cache-dir ." in runs and "-e ." not in runs
     # The manifests' --flagfile=configs/... resolve against the image's workdir.

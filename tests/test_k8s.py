@@ -146,6 +146,23 @@ def test_every_object_validates_strictly(overlay, version):
         validate(item, version)
 
 
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_gpu_node_benchmark_job_validates_and_submits_with_its_image_gpus_and_output(version):
+    for item in rendered("bench"):
+        validate(item, version)
+    result = subprocess.run(["make", "-s", "submit-bench", "DRY_RUN=1", "IMAGE=r.example/t:1", "OUTPUT=gs://b/bench",
+                             "GPUS=4", "ARGS=--budget_seconds=300"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    [job] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "r.example/t:1" and container["command"] == ["python3", "-m", "bench.gpu_node"]
+    assert container["args"] == ["--output=gs://b/bench", "--budget_seconds=300"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert job["spec"]["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-accelerator"] == "nvidia-l4"
+    # The image holds the module the Job runs.
+    assert os.path.isfile(os.path.join(ROOT, "bench", "gpu_node.py"))
+
+
 def test_validation_is_strict():
     """The checks above would catch a misspelt field, in a Job and in the JobSet alike."""
     job = json.loads(json.dumps(next(i for i in rendered("base") if i["kind"] == "Job")))
