@@ -43,6 +43,7 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # The label each controller puts on a run's pods, with the run's name: what the NetworkPolicy selects.
 RUN_POD_LABELS = {"JobSet": "jobset.sigs.k8s.io/jobset-name", "Job": "batch.kubernetes.io/job-name"}
 SHAPES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.yaml")
+QUEUES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kueue", "queues.yaml")
 
 
 def load_shapes():
@@ -60,6 +61,35 @@ def shape_of(shapes, accelerator, gpus):
         raise SystemExit(f"render: {accelerator} nodes come with {', '.join(map(str, rows))} GPUs, not {gpus} "
                          "(k8s/shapes.yaml)")
     return rows[gpus]
+
+
+def _quantity(value):
+    """A Kubernetes quantity as a number (GiB for memory and storage)."""
+    text = str(value)
+    for suffix, scale in (("Gi", 1.0), ("Mi", 1 / 1024), ("Ti", 1024.0)):
+        if text.endswith(suffix):
+            return float(text[:-len(suffix)]) * scale
+    return float(text)
+
+
+def queue_misfit(shapes, accelerator, gpus, workers):
+    """Why a run of `workers` pods of the (accelerator, gpus) shape can never be admitted by the
+    shipped k8s/kueue/queues.yaml, or None when it fits its flavor's quota."""
+    with open(QUEUES_FILE) as handle:
+        objects = [item for item in yaml.safe_load_all(handle) if item]
+    flavors = {item["metadata"]["name"]: item["spec"]["nodeLabels"].get(ACCELERATOR_LABEL)
+               for item in objects if item["kind"] == "ResourceFlavor"}
+    quotas = {flavor["name"]: {item["name"]: _quantity(item["nominalQuota"]) for item in flavor["resources"]}
+              for queue in objects if queue["kind"] == "ClusterQueue"
+              for group in queue["spec"]["resourceGroups"] for flavor in group["flavors"]}
+    quota = next((quotas[name] for name, label in flavors.items() if label == accelerator and name in quotas), None)
+    if quota is None:
+        return f"k8s/kueue/queues.yaml has no flavor for {accelerator}"
+    row = shape_of(shapes, accelerator, gpus)
+    needed = {"cpu": _quantity(row["cpu"]) * workers, "memory": _quantity(row["memory"]) * workers,
+              "ephemeral-storage": _quantity(shapes["ephemeral_storage"]) * workers, "nvidia.com/gpu": gpus * workers}
+    over = [f"{name} {needed[name]:g} > {quota[name]:g}" for name in needed if needed[name] > quota.get(name, 0)]
+    return f"{workers} x {accelerator} x {gpus} needs more than the queue's quota ({', '.join(over)})" if over else None
 
 
 def kustomize(overlay):
@@ -214,6 +244,9 @@ def customize(objects, args):
     gpus = args.gpus or shapes["default"]["gpus"]
     shape = shape_of(shapes, accelerator, gpus) if (args.accelerator or args.gpus) else None
     workloads = [o for o in objects if o["kind"] in WORKLOAD_KINDS]
+    if args.queue and (misfit := queue_misfit(shapes, accelerator, gpus, args.workers or 1)):
+        print(f"render: warning: queue {args.queue!r}, as k8s/kueue/queues.yaml ships it, can never admit this run: "
+              f"{misfit}", file=sys.stderr)
     if args.name:
         trainers = [w for w in workloads if runs_command(w, "train") and _multi_worker(w)]
         for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):

@@ -25,6 +25,9 @@ from trainer.train import distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K8S = os.path.join(ROOT, "k8s")
+sys.path.insert(0, K8S)
+import render  # noqa: E402 - k8s/render.py
+
 OVERLAYS = ["base"] + [f"overlays/{name}" for name in sorted(os.listdir(os.path.join(K8S, "overlays")))]
 KUBERNETES_VERSIONS = ["1.32", kubernetes_validate.latest_version()]
 WORKLOAD_KINDS = ("Job", "JobSet", "CronJob")
@@ -656,26 +659,45 @@ def test_queue_labels_the_workload_kueue_manages_and_creates_it_suspended(overla
     assert QUEUE_LABEL not in yaml.safe_dump(plain) and "suspend" not in json.dumps(plain)
 
 
-def test_kueue_example_queues_match_the_gpu_nodes():
+# Kueue's CRD schemas at a tagged release (tests/schemas/kueue/README.md: source, licence).
+KUEUE_SCHEMAS = {kind: closed(json.load(open(os.path.join(ROOT, "tests", "schemas", "kueue",  # noqa: SIM115
+                                                          f"{plural}-v1beta2-v0.19.2.json"))))
+                 for kind, plural in (("ResourceFlavor", "resourceflavors"), ("ClusterQueue", "clusterqueues"),
+                                      ("LocalQueue", "localqueues"))}
+
+
+def test_kueue_queues_validate_and_admit_every_shape_the_makefile_offers():
     objects = [doc for doc in yaml.safe_load_all(open(os.path.join(K8S, "kueue", "queues.yaml"))) if doc]
-    kinds = {item["kind"]: item for item in objects}
-    assert sorted(kinds) == ["ClusterQueue", "LocalQueue", "ResourceFlavor"]
-    flavor, cluster_queue, local_queue = kinds["ResourceFlavor"], kinds["ClusterQueue"], kinds["LocalQueue"]
-    assert flavor["spec"]["nodeLabels"]["cloud.google.com/gke-accelerator"] == SHAPES["default"]["accelerator"]
+    for item in objects:  # the current API (v1beta1 is deprecated since Kueue v0.16), strictly
+        assert item["apiVersion"] == "kueue.x-k8s.io/v1beta2", item["kind"]
+        jsonschema.validate(item, KUEUE_SCHEMAS[item["kind"]])
+    flavors = {item["metadata"]["name"]: item for item in objects if item["kind"] == "ResourceFlavor"}
+    (cluster_queue,) = [item for item in objects if item["kind"] == "ClusterQueue"]
+    (local_queue,) = [item for item in objects if item["kind"] == "LocalQueue"]
     assert local_queue["spec"]["clusterQueue"] == cluster_queue["metadata"]["name"]
     (group,) = cluster_queue["spec"]["resourceGroups"]
-    assert {"cpu", "memory", "nvidia.com/gpu", "ephemeral-storage"} <= set(group["coveredResources"])
-    (quota,) = group["flavors"]
-    assert quota["name"] == flavor["metadata"]["name"]
-    # The quota is a whole number of nodes of the default shape (here 4): no resource runs out first.
-    default = SHAPES["default"]
-    row = SHAPES["accelerators"][default["accelerator"]]["gpus"][default["gpus"]]
-    per_pod = {"cpu": float(row["cpu"]), "memory": quantity_gib(row["memory"]),
-               "ephemeral-storage": quantity_gib(SHAPES["ephemeral_storage"]), "nvidia.com/gpu": default["gpus"]}
-    nominal = {r["name"]: r["nominalQuota"] for r in quota["resources"]}
-    pods = {name: (quantity_gib(value) if isinstance(value, str) else float(value)) / per_pod[name]
-            for name, value in nominal.items()}
-    assert set(pods.values()) == {4.0}, pods
+    assert {"cpu", "memory", "nvidia.com/gpu", "ephemeral-storage"} == set(group["coveredResources"])
+    # A flavor per accelerator of k8s/shapes.yaml, each with a quota of whole nodes of its largest shape.
+    assert sorted(flavor["spec"]["nodeLabels"]["cloud.google.com/gke-accelerator"] for flavor in flavors.values()) \
+        == sorted(SHAPES["accelerators"])
+    assert {quota["name"] for quota in group["flavors"]} == set(flavors)
+    # Every single-node shape is admitted, and 4 nodes of each; a fifth is warned about at render time.
+    for accelerator, entry in SHAPES["accelerators"].items():
+        for gpus in entry["gpus"]:
+            assert render.queue_misfit(SHAPES, accelerator, gpus, 1) is None, (accelerator, gpus)
+        assert render.queue_misfit(SHAPES, accelerator, max(entry["gpus"]), 4) is None, accelerator
+        assert "needs more than the queue's quota" in render.queue_misfit(SHAPES, accelerator, max(entry["gpus"]), 5)
+    result = subprocess.run([sys.executable, os.path.join(K8S, "render.py"), "k8s/overlays/multiworker-jobset",
+                             "--command=train", "--queue=team-a", "--workers=5", "--gpus=4"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "can never admit this run: 5 x nvidia-l4 x 4" in result.stderr, result.stderr
+
+
+def test_kueue_schemas_are_strict():
+    flavor = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "x"},
+              "spec": {"nodeLabel": {"a": "b"}}}
+    with pytest.raises(jsonschema.ValidationError, match="nodeLabel"):
+        jsonschema.validate(flavor, KUEUE_SCHEMAS["ResourceFlavor"])
 
 
 # ---- NetworkPolicy -------------------------------------------------------------------------------
