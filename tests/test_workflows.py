@@ -201,3 +201,21 @@ def test_retrain_waits_fit_its_timeout_and_a_cancel_cleans_up():
     assert cleanup and '"app.kubernetes.io/instance=$RUN"' in cleanup[0]["run"]
     assert workflow["permissions"] == {} and job["permissions"] == {"contents": "read", "id-token": "write"}
     assert "--production=$PRODUCTION" in script  # production scored on the same examples
+
+
+# The first major of each action whose action.yml says `runs.using: node24` (read at the tags
+# pinned: GitHub's runners no longer provide Node 20).
+NODE24_MAJORS = {"actions/checkout": 5, "actions/setup-python": 6, "actions/upload-artifact": 6,
+                 "google-github-actions/auth": 3, "google-github-actions/setup-gcloud": 3,
+                 "google-github-actions/get-gke-credentials": 3}
+
+
+def test_every_action_is_pinned_to_a_release_that_runs_on_node24():
+    import glob
+
+    pinned = []
+    for path in glob.glob(os.path.join(WORKFLOWS, "*.yml")):
+        pinned += re.findall(r"uses: ([\w.-]+/[\w.-]+)@([0-9a-f]{40})  # v(\d+)\.\d+\.\d+", open(path).read())
+    assert {name for name, _, _ in pinned} == set(NODE24_MAJORS)
+    for name, _, major in pinned:
+        assert int(major) >= NODE24_MAJORS[name], (name, major)
