@@ -18,7 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/trainer
 
 # Only what the package needs (.dockerignore keeps the rest out of the build context).
-COPY setup.py ./
+COPY setup.py requirements-prepare.txt ./
 COPY trainer/ trainer/
 COPY configs/ configs/
 # The GPU-node benchmark runs from this image too (`make submit-bench`, docs/benchmarks.md §4).

@@ -1,6 +1,12 @@
 """Distributed transfer-learning trainer for image classifiers (see README.md)."""
 
+import os
+
 from setuptools import find_packages, setup
+
+# `trainer prepare`'s own requirements (no TensorFlow): one list, for this install and the Dataflow image.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "requirements-prepare.txt")) as _file:
+    PREPARE_REQUIRES = [line.strip() for line in _file if line.strip() and not line.startswith("#")]
 
 setup(
     name="image-transfer-trainer",
@@ -16,19 +22,9 @@ setup(
         # (keras-team/keras#20585); see docs/architecture.md and trainer/kerasapi.py.
         "tf-keras==2.21.*",
         "tensorboard==2.21.*",  # summaries and the profiler's traces (tensorflow no longer pulls it in)
-        "google-cloud-storage>=2.18",
-        "fsspec>=2024.6",
-        "gcsfs>=2024.6",
-        "absl-py>=2.1",
-        "numpy>=1.26",
-        "pillow>=10.0",
-        "matplotlib>=3.8",
         "scikit-learn>=1.4",  # metrics, and the offline demo dataset (handwritten digits)
-        "tqdm>=4.66",
         "nvidia-ml-py>=12.535",  # GPU utilisation and memory during training (NVML; absent without a GPU)
-        # Fonts with CJK glyphs for class names in the report's pictures (trainer/report.py).
-        "matplotlib-fontja>=1.1",
-        "koreanize-matplotlib>=0.1.1",
+        *PREPARE_REQUIRES,
     ],
     extras_require={
         "dev": [

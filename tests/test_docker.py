@@ -76,7 +76,7 @@ def test_installs_the_package_from_only_what_it_needs():
     steps = instructions()
     copies = [args.split() for name, args in steps if name == "COPY"]
     sources = {source.rstrip("/") for args in copies for source in args[:-1]}
-    assert sources == {"setup.py", "trainer", "configs", "bench"}
+    assert sources == {"setup.py", "trainer", "configs", "bench", "requirements-prepare.txt"}
     for source in sources - {"bench"}:
         assert os.path.exists(os.path.join(ROOT, source))
         assert source not in dockerignore()
@@ -97,7 +97,15 @@ def test_dataflow_worker_image_is_beams_sdk_of_the_pinned_beam_with_this_package
     setup = open(os.path.join(ROOT, "setup.py")).read()
     assert f'"apache-beam[gcp]=={match.group(2)}.*"' in setup  # the launcher's Beam, or workers refuse
     assert match.group(1) == "3.11"  # the launcher's Python (docs: Prepare at scale)
-    assert 'pip install --no-cache-dir ".[beam]"' in text
+    # prepare's requirements only, no TensorFlow (the image's build checks it is absent too).
+    assert "pip install --no-cache-dir -r requirements-prepare.txt" in text and "--no-deps ." in text
+    requirements = open(os.path.join(ROOT, "requirements-prepare.txt")).read().lower()
+    assert not re.search(r"^(tensorflow|tf-keras|keras|tensorboard)", requirements, re.MULTILINE)
+    # Every module a worker runs imports without TensorFlow.
+    probe = ("import sys; sys.modules['tensorflow'] = None; import trainer.prepare.runners, trainer.prepare.shards, "
+             "trainer.prepare.run")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
     assert not re.search(r"^ENTRYPOINT", text, re.MULTILINE)  # Beam's boot stays the entrypoint
     if hadolint():
         dockerfile = os.path.join(ROOT, "Dockerfile.dataflow")
