@@ -475,6 +475,69 @@ def test_jobset_workers_find_each_other():
         assert cluster["task"] == {"type": "worker", "index": index}
 
 
+# ---- Kubeflow Trainer v2 (k8s/trainer-v2) ----------------------------------------------------------
+
+# Trainer v2's CRD schemas at a tagged release (tests/schemas/kubeflow-trainer/README.md: source, licence).
+TRAINER_V2_SCHEMAS = {kind: closed(json.load(open(os.path.join(  # noqa: SIM115 - read once at import
+    ROOT, "tests", "schemas", "kubeflow-trainer", f"{plural}-v1alpha1-v2.3.0.json"))))
+    for kind, plural in (("ClusterTrainingRuntime", "clustertrainingruntimes"), ("TrainJob", "trainjobs"))}
+
+
+def trainer_v2(name):
+    return yaml.safe_load(open(os.path.join(K8S, "trainer-v2", name)))  # noqa: SIM115
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_trainer_v2_runtime_and_trainjob_validate_and_the_runtime_is_the_jobsets(version):
+    import importlib.util
+
+    runtime, trainjob = trainer_v2("runtime.yaml"), trainer_v2("trainjob.yaml")
+    jsonschema.validate(runtime, TRAINER_V2_SCHEMAS["ClusterTrainingRuntime"])
+    jsonschema.validate(trainjob, TRAINER_V2_SCHEMAS["TrainJob"])
+    spec = runtime["spec"]["template"]["spec"]
+    jsonschema.validate({"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": {"name": "x"},
+                         "spec": spec}, JOBSET_SCHEMA)
+    for rjob in spec["replicatedJobs"]:
+        kubernetes_validate.validate(as_job(rjob["template"]), version, strict=True)
+    # Generated from the JobSet overlay, and still the same: the exit-code policies, shapes, pods.
+    loader = importlib.util.spec_from_file_location("generate", os.path.join(K8S, "trainer-v2", "generate.py"))
+    generate = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(generate)
+    assert runtime == generate.rendered_runtime(), "run python k8s/trainer-v2/generate.py"
+    assert trainjob["spec"]["runtimeRef"]["name"] == runtime["metadata"]["name"]
+    # Trainer v2's conventions: the `node` replicated job of the trainer step, its `node` container.
+    (rjob,) = spec["replicatedJobs"]
+    assert rjob["name"] == "node" and rjob["template"]["metadata"]["labels"][
+        "trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    (container,) = rjob["template"]["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == "node"
+    codes = {code for rule in rjob["template"]["spec"]["podFailurePolicy"]["rules"] if "onExitCodes" in rule
+             for code in rule["onExitCodes"]["values"]}
+    assert codes == {errors.EXIT_BAD_INPUT, errors.EXIT_SOFTWARE, errors.EXIT_RETRYABLE}
+
+
+def test_trainer_v2_nodes_find_each_other_from_what_trainer_v2_gives_their_pods():
+    runtime, trainjob = trainer_v2("runtime.yaml"), trainer_v2("trainjob.yaml")
+    (rjob,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    (container,) = rjob["template"]["spec"]["template"]["spec"]["containers"]
+    # Trainer v2 merges the TrainJob's env into the `node` container and names the JobSet after it.
+    container = {**container, "env": [*container["env"], *trainjob["spec"]["trainer"]["env"]]}
+    name, nodes = trainjob["metadata"]["name"], trainjob["spec"]["trainer"]["numNodes"]
+    port = int(flag_value(trainjob["spec"]["trainer"]["args"], "worker_port"))
+    labels = {"jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": "node",
+              "jobset.sigs.k8s.io/job-index": "0", "jobset.sigs.k8s.io/replicatedjob-replicas": "1"}
+    expected = [f"{name}-node-0-{index}.{name}:{port}" for index in range(nodes)]
+    for index in range(nodes):
+        cluster = distribute.cluster_from_environment(pod_environment(container, labels, index))
+        assert cluster["cluster"]["worker"] == expected and cluster["task"] == {"type": "worker", "index": index}
+    # One node: no cluster, MirroredStrategy on its GPUs.
+    single = {**container, "env": [e for e in container["env"] if e["name"] != "TRAINER_NUM_WORKERS"]
+              + [{"name": "TRAINER_NUM_WORKERS", "value": "1"}]}
+    assert distribute.cluster_from_environment(pod_environment(single, labels, 0)) is None
+    # The TrainJob's args are a whole trainer command line.
+    parse_with_trainer({"train": [trainjob["spec"]["trainer"]["args"][1:]]})
+
+
 def test_indexed_job_workers_find_each_other():
     objects = rendered("overlays/multiworker-indexed")
     service = next(i for i in objects if i["kind"] == "Service")
