@@ -39,6 +39,41 @@ def gcs_bucket(gcs_server):
     yield f"gs://{name}"
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (`mlflow server`, sqlite backend) on loopback; yields its URL."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from helpers import free_ports
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    (port,) = free_ports(1)
+    log = open(folder / "server.log", "w")  # noqa: SIM115 - open while the server runs
+    process = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--default-artifact-root", str(folder / "artifacts")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
 # The modules that take longest, first: `make test` spreads modules over the workers in the order
 # they are collected (pytest-xdist's loadscope), so the long ones start at once and the workers
 # finish together instead of one of them running a long module alone at the end.

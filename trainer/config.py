@@ -112,6 +112,11 @@ class TrainConfig:
     cpu_replicas: int = _field(0, "With no GPU: split the CPU into this many replicas.", defines_run=False)
     summary: bool = _field(False, "Print the model's layers, output shapes and parameter counts (model.summary()) "
                            "at start.", defines_run=False)
+    tracking_uri: str = _field(None, "An MLflow tracking server (http://host:5000): the run's parameters, each "
+                               "epoch's metrics and the final ones are logged there. A server that fails never stops "
+                               "training (a warning, then training goes on).", defines_run=False)
+    experiment: str = _field(None, "The MLflow experiment of --tracking_uri (default: image-transfer-trainer).",
+                             defines_run=False)
     profile_steps: str = _field(None, "A,B: a TensorFlow Profiler trace of steps A to B of each phase into the "
                                 "job_dir's TensorBoard folder (e.g. 10,20).", defines_run=False)
     progress_seconds: float = _field(30.0, "Within an epoch, log the step, img/s, the epoch's ETA and the loss "

@@ -106,6 +106,9 @@ class EpochRecorder(keras.callbacks.Callback):
         epochs.append(record)
         record_skipped_data(self.run)
         self.run.job.write_history(history)
+        if self.run.tracker:
+            self.run.tracker.log_metrics({f"{self.phase}_{name}": value for name, value in record.items()
+                                          if name not in ("epoch", "step")}, epoch + 1)
         self.write_scalars(record)
         self.run.job.sync_tensorboard(self.tensorboard_dir)
         if self.run.tensorboard_copy:

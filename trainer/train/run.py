@@ -20,7 +20,7 @@ from trainer.config import VERTEX_MODEL_DIR, VERTEX_TENSORBOARD_DIR, check_confi
 from trainer.data import records
 from trainer.errors import RetryableError, UserError, counted, first_line
 from trainer.formats import jobdir, manifest
-from trainer.infra import devices, folders, storage
+from trainer.infra import devices, folders, storage, tracking
 from trainer.infra.kerasapi import keras
 from trainer.train import distribute, export, featurecache, guards, phases
 from trainer.train.state import DeadlinePassed, Preempted, Run, derive_batches
@@ -108,6 +108,10 @@ def train_and_export(config, job, dataset_manifest, dataset, deadline_seconds, s
         job.write_config({**config.to_dict(), "tool_version": __version__, "dataset": dataset, "classes": classes,
                           "plan": {"replicas": strategy.num_replicas_in_sync, "per_replica_batch": per_replica,
                                    "steps_per_epoch": steps}})
+    if is_chief and config.tracking_uri:
+        state.tracker = tracking.Tracker(config.tracking_uri, config.experiment, job.url)
+        state.tracker.start({key: value for key, value in config.to_dict().items() if value is not None},
+                            {"job_dir": job.url, "dataset_digest": dataset["digest"], "tool_version": __version__})
     guards.install_stop_handlers(state, deadline_seconds)
     try:
         model = phases.train_phases(state, dataset_manifest, steps, feature_cache)
@@ -119,10 +123,17 @@ def train_and_export(config, job, dataset_manifest, dataset, deadline_seconds, s
             publish_for_vertex(job)
             job.mark_done()
             logging.info("done: model exported to %s", model_url)
+            if state.tracker:
+                final = state.history["phases"][-1]["epochs"][-1] if state.history["phases"][-1]["epochs"] else {}
+                state.tracker.log_metrics({f"final_{name}": value for name, value in final.items()
+                                           if name not in ("epoch", "step")}, final.get("step", 0))
+                state.tracker.finish()
     except Preempted as error:
         raise RetryableError(f"preempted ({error.args[0] if error.args else 'SIGTERM'}); the backup is committed, "
                              "rerun to resume") from error
     except DeadlinePassed as error:
+        if state.tracker:
+            state.tracker.finish("FAILED")
         raise UserError(guards.deadline_message(config, job.first_started())) from error
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
             tf.errors.AbortedError) as error:

@@ -41,6 +41,7 @@ class Run:
     class_weights: dict | None = None  # class index -> weight of its training examples (--class_weight)
     num_classes: int = 2
     gpus: object = None  # trainer.infra.devices.GpuSampler when the machine has GPUs
+    tracker: object = None  # trainer.infra.tracking.Tracker of --tracking_uri (the chief's)
 
 
 def derive_batches(global_batch, replicas, train_count, steps_cap=None):
