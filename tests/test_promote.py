@@ -382,3 +382,35 @@ def test_versions_that_a_killed_promotion_claimed_are_removed_once_abandoned(gcs
     promote.remove_abandoned_claims(production)
     # The killed one goes; one that may still be copying, and every complete version, stay.
     assert versions(production) == sorted([version, "20260101T000000Z-running0"])
+
+
+def test_promotions_register_each_version_in_mlflow_with_the_champion_alias(gcs_bucket, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    from trainer.errors import RetryableError
+
+    production = f"{gcs_bucket}/production"
+    registry = f"mlflow://{mlflow_server.split('://', 1)[1]}/pets-{gcs_bucket[-6:]}"
+    name = registry.rsplit("/", 1)[1]
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    first = promote.promote(make_candidate(gcs_bucket, "first", 0.9), production, registry_url=registry)
+    second_candidate = make_candidate(gcs_bucket, "second", 0.95, versus=production)
+    second = promote.promote(second_candidate, production, registry_url=registry)
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.tags["production_version"] == second and champion.version == "2"
+    assert champion.tags["model_id"] == latest(production)["model_id"]
+    assert champion.source == f"{production}/versions/{second}/model"
+    assert client.get_model_version(name, "1").tags["production_version"] == first
+    # Promoting it again registers nothing new: the alias stays on its version.
+    assert promote.promote(second_candidate, production, registry_url=registry) == second
+    assert len(client.search_model_versions(f"name='{name}'")) == 2
+    # A registry that fails after the switch: production serves the new version, and the error says
+    # how to register it.
+    third = make_candidate(gcs_bucket, "third", 0.97, versus=production)
+    down = f"mlflow://127.0.0.1:9/{name}"
+    with pytest.raises(RetryableError, match=r"production now serves .* but registering it in mlflow://127\.0\.0\.1:9/"
+                                             r".* Register it by running the promotion again: trainer promote "):
+        promote.promote(third, production, registry_url=down)
+    assert latest(production)["candidate"] == third
+    with pytest.raises(UserError, match="--registry='vertex:/x': expected mlflow://HOST:PORT/MODEL"):
+        promote.promote(third, production, registry_url="vertex:/x")

@@ -145,6 +145,8 @@ def define_promote_flags():
     flags.DEFINE_string("production", None, "The production location that serving reads.")
     flags.DEFINE_float("min_accuracy", None, "Also require at least this test accuracy.")
     flags.DEFINE_bool("allow_class_change", False, "Let a model with other classes replace production's.")
+    flags.DEFINE_string("registry", None, "After the switch, register the version in MLflow's Model Registry as a new "
+                        "version of one model with the alias champion: mlflow://HOST:PORT/MODEL (or mlflow+https://).")
     flags.mark_flags_as_required(["candidate", "production"])
 
 
@@ -153,7 +155,8 @@ def run_promote(argv):
 
     _no_extra_args(argv)
     promote.promote(candidate=FLAGS.candidate, production=FLAGS.production,
-                    min_accuracy=FLAGS.min_accuracy, allow_class_change=FLAGS.allow_class_change)
+                    min_accuracy=FLAGS.min_accuracy, allow_class_change=FLAGS.allow_class_change,
+                    registry_url=FLAGS.registry)
 
 
 def define_tflite_flags():

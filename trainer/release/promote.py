@@ -32,13 +32,14 @@ from trainer.evaluate import gate
 from trainer.formats import jobdir, modeldir, timestamps
 from trainer.formats import production as layout
 from trainer.infra import cas, folders, storage
+from trainer.release import registry
 
 PROMOTED_SPLIT = "test"
 MAX_NAME_ATTEMPTS = 100  # names tried for one version: `version_name`, then `-2` ... `-100`
 ABANDONED_CLAIM_HOURS = 24  # a claimed version without COMPLETE this old was left by a killed promotion
 
 
-def promote(candidate, production, min_accuracy=None, allow_class_change=False):
+def promote(candidate, production, min_accuracy=None, allow_class_change=False, registry_url=None):
     """Promotes the candidate's model to production if its evaluation passes the gate.
 
     Args:
@@ -46,6 +47,8 @@ def promote(candidate, production, min_accuracy=None, allow_class_change=False):
       production: the production location (local path or URL) that consumers read.
       min_accuracy: also require at least this test accuracy (None: no floor).
       allow_class_change: let a model with other classes replace production's.
+      registry_url: also register the promoted version there (trainer.release.registry), after
+        production switched to it.
 
     Returns:
       The name of the production version that now holds the candidate's model.
@@ -57,7 +60,23 @@ def promote(candidate, production, min_accuracy=None, allow_class_change=False):
     """
     candidate = candidate.rstrip("/")
     production = production.rstrip("/")
+    if registry_url:
+        registry.parse(registry_url)  # a typo fails before any work
     storage.check_writable(production)
+    version = switch(candidate, production, min_accuracy, allow_class_change)
+    if registry_url:
+        pointer, _ = layout.read_pointer(production)
+        flags = f" --min_accuracy={min_accuracy}" if min_accuracy is not None else ""
+        flags += " --allow_class_change" if allow_class_change else ""
+        registry.register(registry_url, {**pointer, "source": storage.join(production, *pointer["model"].split("/"))},
+                          read_candidate(candidate),
+                          f"trainer promote --candidate={candidate} --production={production}{flags} "
+                          f"--registry={registry_url}")
+    return version
+
+
+def switch(candidate, production, min_accuracy=None, allow_class_change=False):
+    """The gate and the switch of LATEST (see `promote`); returns the version production serves."""
     metrics = read_candidate(candidate)
     remove_abandoned_claims(production)
     pointer, generation = layout.read_pointer(production)
