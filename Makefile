@@ -47,7 +47,7 @@ demo: install
 #   make submit-eval IMAGE=... DATA=... JOB_DIR=gs://b/runs/r1   (-> JOB_DIR/eval/metrics.json)
 #   make submit-* ... QUEUE=team-a          (Kueue: the LocalQueue that admits the run)
 #   make submit-vertex IMAGE=... DATA=... JOB_DIR=gs://b/runs/r1 REGION=us-central1 [WORKERS=2] [SPOT=1]
-.PHONY: image push image-dataflow push-dataflow render submit-train submit-eval submit-vertex submit-bench bench-gpu status logs wait
+.PHONY: image push image-dataflow push-dataflow render submit-train submit-eval submit-vertex submit-tune submit-vertex-tune submit-bench bench-gpu status logs wait
 
 BUILDER ?= docker
 IMAGE ?= us-docker.pkg.dev/YOUR_PROJECT/trainer/image-transfer-trainer:$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
@@ -138,6 +138,30 @@ submit-vertex:
 	if [ -n "$$DRY_RUN" ]; then printf '%s\n' "$$spec"; \
 	else file=$$(mktemp); printf '%s\n' "$$spec" > "$$file" && \
 		$(GCLOUD) ai custom-jobs create --region="$$REGION" --display-name="$$run" --config="$$file"; \
+		code=$$?; rm -f "$$file"; exit $$code; fi
+
+# Hyperparameter tuning (configs/search_space.yaml, rendered by k8s/tune.py): Katib in the cluster,
+# or Vertex AI's HyperparameterTuningJob. Each trial trains on its own job_dir under JOB_DIR.
+submit-tune:
+	@if [ -z "$$DATA" ] || [ -z "$$JOB_DIR" ]; then echo "usage: make submit-tune DATA=gs://.../dataset.json JOB_DIR=gs://.../tune/NAME [GPUS=1] [ACCELERATOR=nvidia-l4] [ARGS='--epochs=5'] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
+	@$(CHECK_IMAGE); run="$${RUN:-tune-$(RUN_STAMP)}"; set -f; set -- --image="$$IMAGE" --gpus="$$GPUS" \
+		--accelerator="$$ACCELERATOR"; for arg in $$ARGS; do set -- "$$@" "--set=$${arg#--}"; done; \
+	manifest="$$($(RENDER_PY) k8s/tune.py --target=katib --name="$$run" "$$@" --set=data="$$DATA" \
+		--set=job_dir="$$JOB_DIR")" && \
+	if [ -n "$$DRY_RUN" ]; then printf '%s\n' "$$manifest"; \
+	else printf '%s\n' "$$manifest" | $(KUBECTL) apply -f - && echo "submitted $$run: $(KUBECTL) get experiment $$run; the best \
+		trial: $(KUBECTL) get experiment $$run -o jsonpath='{.status.currentOptimalTrial}'"; fi
+
+submit-vertex-tune:
+	@if [ -z "$$DATA" ] || [ -z "$$JOB_DIR" ]; then echo "usage: make submit-vertex-tune DATA=gs://.../dataset.json JOB_DIR=gs://.../tune/NAME [REGION=us-central1] [GPUS=1] [ACCELERATOR=nvidia-l4] [SPOT=1] [GSA=...] [ARGS='--epochs=5'] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
+	@$(CHECK_IMAGE); run="$${RUN:-tune-$(RUN_STAMP)}"; set -f; set -- --image="$$IMAGE" --gpus="$$GPUS" \
+		--accelerator="$$ACCELERATOR"; if [ -n "$$SPOT" ]; then set -- "$$@" --spot; fi; \
+	if [ -n "$$GSA" ]; then set -- "$$@" --service-account-email="$$GSA"; fi; \
+	for arg in $$ARGS; do set -- "$$@" "--set=$${arg#--}"; done; \
+	spec="$$($(RENDER_PY) k8s/tune.py --target=vertex "$$@" --set=data="$$DATA" --set=job_dir="$$JOB_DIR")" && \
+	if [ -n "$$DRY_RUN" ]; then printf '%s\n' "$$spec"; \
+	else file=$$(mktemp); printf '%s\n' "$$spec" > "$$file" && \
+		$(GCLOUD) ai hp-tuning-jobs create --region="$$REGION" --display-name="$$run" --config="$$file"; \
 		code=$$?; rm -f "$$file"; exit $$code; fi
 
 # The GPU-node benchmark (bench/gpu_node.py, docs/benchmarks.md §4): here, or as a Job on one GPU node.

@@ -24,6 +24,7 @@ setup(
         "tensorboard==2.21.*",  # summaries and the profiler's traces (tensorflow no longer pulls it in)
         "scikit-learn>=1.4",  # metrics, and the offline demo dataset (handwritten digits)
         "nvidia-ml-py>=12.535",  # GPU utilisation and memory during training (NVML; absent without a GPU)
+        "cloudml-hypertune>=0.1.0.dev6",  # --tuning_metric on Vertex AI's hyperparameter tuning
         "mlflow-skinny>=3.0",  # --tracking_uri: the MLflow client (trainer/infra/tracking.py)
         *PREPARE_REQUIRES,
     ],
@@ -41,7 +42,8 @@ setup(
             "pyyaml>=6",
             "psutil>=5.9",
             "ruff>=0.6",
-            "mlflow>=3.0",  # a real MLflow tracking server for the tracking tests (tests/conftest.py)
+            "mlflow>=3.0",
+            "google-cloud-aiplatform>=1.60",  # Vertex AI's own protos check the rendered job specs  # a real MLflow tracking server for the tracking tests (tests/conftest.py)
             "zizmor>=1.32",  # GitHub workflow security audit (make lint; tests/test_workflows.py)
             "apache-beam==2.77.*",  # `trainer prepare --runner=DirectRunner` in the tests
             "cryptography>=42",  # the test CA behind TensorFlow's own gs:// client (tests/tlsproxy.py)

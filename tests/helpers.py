@@ -429,3 +429,17 @@ def assert_tensorboard_matches_history(job_dir, local_dir):
                     assert found.get((phase["name"], tag), {}).get(entry["epoch"]) == pytest.approx(value), \
                         (phase["name"], tag, entry["epoch"], found.get((phase["name"], tag)))
     return found
+
+
+def closed(schema):
+    """An OpenAPI schema with unknown fields refused wherever it lists the known ones (as the API
+    server's strict field validation does; structural schemas otherwise prune them silently)."""
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {key: closed(value) for key, value in schema.items()}
+    if ("properties" in schema and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        schema["additionalProperties"] = False
+    return schema

@@ -19,6 +19,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from helpers import closed
 
 from trainer import errors
 from trainer.train import distribute
@@ -82,20 +83,6 @@ def as_job(template, name="validated"):
     """A JobSet's Job template as a standalone batch/v1 Job, for the Kubernetes schema."""
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": name, **template.get("metadata", {})}, "spec": template["spec"]}
-
-
-def closed(schema):
-    """An OpenAPI schema with unknown fields refused wherever it lists the known ones (as the API
-    server's strict field validation does; structural schemas otherwise prune them silently)."""
-    if isinstance(schema, list):
-        return [closed(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    schema = {key: closed(value) for key, value in schema.items()}
-    if ("properties" in schema and "additionalProperties" not in schema
-            and not schema.get("x-kubernetes-preserve-unknown-fields")):
-        schema["additionalProperties"] = False
-    return schema
 
 
 # The JobSet CRD's own schema at a tagged release (tests/schemas/jobset/README.md: source, licence).

@@ -112,6 +112,9 @@ class TrainConfig:
     cpu_replicas: int = _field(0, "With no GPU: split the CPU into this many replicas.", defines_run=False)
     summary: bool = _field(False, "Print the model's layers, output shapes and parameter counts (model.summary()) "
                            "at start.", defines_run=False)
+    tuning_metric: str = _field(None, "Hyperparameter tuning: at the end, report this metric of the epoch the model "
+                                "keeps (val_accuracy, val_loss, ...) as a `NAME=VALUE` line on stdout (Katib's "
+                                "collector) and through cloudml-hypertune (Vertex AI).", defines_run=False)
     tracking_uri: str = _field(None, "An MLflow tracking server (http://host:5000): the run's parameters, each "
                                "epoch's metrics and the final ones are logged there. A server that fails never stops "
                                "training (a warning, then training goes on).", defines_run=False)

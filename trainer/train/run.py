@@ -34,6 +34,27 @@ def publish_for_vertex(job):
         logging.info("model copied to %s (AIP_MODEL_DIR)", target)
 
 
+def report_tuning_metric(name, history, early_stopping):
+    """Reports `name` of the epoch the exported model keeps (the final phase's best val_loss with
+    early stopping, else its last epoch) the way each tuning service reads it: a `NAME=VALUE` line on
+    stdout (Katib's StdOut collector) and cloudml-hypertune's metrics file (Vertex AI).
+
+    Raises:
+      UserError: the history has no such metric (a typo, or val_* without a validation split).
+    """
+    import hypertune
+
+    epochs = history["phases"][-1]["epochs"]
+    kept = min(epochs, key=lambda entry: entry.get("val_loss", 0)) if early_stopping else epochs[-1]
+    if name not in kept:
+        raise UserError(f"--tuning_metric={name}: the epochs record {', '.join(sorted(kept))}")
+    print(f"{name}={kept[name]:.6g}", flush=True)
+    hypertune.HyperTune().report_hyperparameter_tuning_metric(
+        hyperparameter_metric_tag=name, metric_value=kept[name], global_step=kept.get("step", 0))
+    logging.info("tuning metric: %s=%g (epoch %d of the %s phase)", name, kept[name], kept["epoch"],
+                 history["phases"][-1]["name"])
+
+
 def log_plan(config, strategy, cluster, dataset_manifest, per_replica, steps):
     workers = sum(len(cluster["cluster"].get(kind, [])) for kind in ("chief", "worker")) if cluster else 1
     splits = dataset_manifest["splits"]
@@ -123,6 +144,8 @@ def train_and_export(config, job, dataset_manifest, dataset, deadline_seconds, s
             publish_for_vertex(job)
             job.mark_done()
             logging.info("done: model exported to %s", model_url)
+            if config.tuning_metric:
+                report_tuning_metric(config.tuning_metric, state.history, config.early_stopping_patience)
             if state.tracker:
                 final = state.history["phases"][-1]["epochs"][-1] if state.history["phases"][-1]["epochs"] else {}
                 state.tracker.log_metrics({f"final_{name}": value for name, value in final.items()
