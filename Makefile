@@ -73,7 +73,7 @@ RUN_STAMP := $(shell date -u +%Y%m%d-%H%M%S)
 # `DATA='x; cmd'` is a (bad) location, not a command.
 # Make itself would expand `$(...)` in them (DATA='$(shell cmd)'): they are taken as literal text.
 USER_VARIABLES := IMAGE DATAFLOW_IMAGE GPUS WORKERS MULTI ACCELERATOR SPLIT TAIL TIMEOUT REGION DATA JOB_DIR MODEL OUTPUT RUN \
-	OVERLAY ARGS GSA QUEUE DRY_RUN FOLLOW SPOT
+	OVERLAY ARGS GSA QUEUE DRY_RUN FOLLOW SPOT TENSORBOARD EXPERIMENT
 $(foreach v,$(USER_VARIABLES),$(if $(filter command line environment,$(origin $(v))),\
 	$(eval override $(v) := $$(value $(v)))))
 export $(USER_VARIABLES)
@@ -128,11 +128,13 @@ submit-eval:
 
 # Vertex AI custom training (k8s/vertex.py): the same image and trainer flags, no cluster needed.
 submit-vertex:
-	@if [ -z "$$DATA" ] || [ -z "$$JOB_DIR" ]; then echo "usage: make submit-vertex DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [REGION=us-central1] [GPUS=1] [ACCELERATOR=nvidia-l4] [WORKERS=1] [SPOT=1] [GSA=...] [ARGS='--epochs=2'] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
+	@if [ -z "$$DATA" ] || [ -z "$$JOB_DIR" ]; then echo "usage: make submit-vertex DATA=gs://.../dataset.json JOB_DIR=gs://.../runs/NAME [REGION=us-central1] [GPUS=1] [ACCELERATOR=nvidia-l4] [WORKERS=1] [SPOT=1] [GSA=...] [TENSORBOARD=projects/.../tensorboards/ID] [EXPERIMENT=...] [ARGS='--epochs=2'] [RUN=name] [DRY_RUN=1]" >&2; exit 2; fi
 	@$(CHECK_IMAGE); run="$${RUN:-train-$(RUN_STAMP)}"; set -f; set -- --image="$$IMAGE" --gpus="$$GPUS" \
 		--accelerator="$$ACCELERATOR" --workers="$$WORKERS"; \
 	if [ -n "$$SPOT" ]; then set -- "$$@" --spot; fi; \
 	if [ -n "$$GSA" ]; then set -- "$$@" --service-account-email="$$GSA"; fi; \
+	if [ -n "$$TENSORBOARD" ]; then set -- "$$@" --tensorboard="$$TENSORBOARD"; fi; \
+	if [ -n "$$EXPERIMENT" ]; then set -- "$$@" --experiment="$$EXPERIMENT"; fi; \
 	for arg in $$ARGS; do set -- "$$@" "--set=$${arg#--}"; done; \
 	spec="$$($(RENDER_PY) k8s/vertex.py "$$@" --set=data="$$DATA" --set=job_dir="$$JOB_DIR")" && \
 	if [ -n "$$DRY_RUN" ]; then printf '%s\n' "$$spec"; \

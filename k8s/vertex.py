@@ -43,7 +43,8 @@ def trainer_args(overrides, workers):
     return args
 
 
-def custom_job_spec(image, accelerator, gpus, workers, overrides, spot=False, service_account=None):
+def custom_job_spec(image, accelerator, gpus, workers, overrides, spot=False, service_account=None, tensorboard=None,
+                    experiment=None):
     """The CustomJobSpec (as YAML-ready dicts) of one training run."""
     shapes = render.load_shapes()
     shape = render.shape_of(shapes, accelerator, gpus)
@@ -75,6 +76,15 @@ def custom_job_spec(image, accelerator, gpus, workers, overrides, spot=False, se
     }
     if service_account:
         spec["serviceAccount"] = service_account
+    if tensorboard:  # Vertex AI TensorBoard: AIP_TENSORBOARD_LOG_DIR's event files are uploaded there
+        if not tensorboard.startswith("projects/") or "/tensorboards/" not in tensorboard:
+            raise SystemExit(f"vertex: TENSORBOARD={tensorboard!r}: expected projects/P/locations/R/tensorboards/ID")
+        spec["tensorboard"] = tensorboard
+        if not service_account:
+            raise SystemExit("vertex: TENSORBOARD needs GSA (a service account: Vertex AI uploads event files as it)")
+    if experiment:  # Vertex AI Experiments: the job is a run of this experiment
+        spec["experiment"] = experiment
+        spec["experimentRun"] = f"run-{job_dir.rstrip('/').rsplit('/', 1)[-1]}".lower()
     return spec
 
 
@@ -87,6 +97,9 @@ def parse_args(argv):
     parser.add_argument("--set", action="append", default=[], metavar="FLAG[=VALUE]")
     parser.add_argument("--spot", action="store_true", help="Spot VMs (preemptible; the run resumes)")
     parser.add_argument("--service-account-email")
+    parser.add_argument("--tensorboard", help="a Vertex AI TensorBoard: projects/P/locations/R/tensorboards/ID")
+    parser.add_argument("--experiment", help="a Vertex AI Experiment: projects/P/locations/R/metadataStores/default/"
+                                             "contexts/NAME")
     args = parser.parse_args(argv)
     if args.workers < 1 or args.gpus < 1:
         parser.error("--workers and --gpus must be at least 1")
@@ -96,7 +109,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     spec = custom_job_spec(args.image, args.accelerator, args.gpus, args.workers, args.set, spot=args.spot,
-                           service_account=args.service_account_email)
+                           service_account=args.service_account_email, tensorboard=args.tensorboard,
+                           experiment=args.experiment)
     sys.stdout.write(yaml.safe_dump(spec, sort_keys=False, default_flow_style=False))
 
 

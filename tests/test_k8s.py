@@ -821,6 +821,27 @@ def test_vertex_spec_several_workers_is_a_chief_pool_and_a_worker_pool():
     parse_with_trainer({"train": [args[1:]]})
 
 
+def test_vertex_specs_are_custom_job_specs_by_aiplatforms_own_proto_with_tensorboard_and_experiment():
+    from google.cloud.aiplatform_v1.types import CustomJobSpec
+
+    board = "projects/p/locations/us-central1/tensorboards/123"
+    experiment = "projects/p/locations/us-central1/metadataStores/default/contexts/pets"
+    result = subprocess.run(["make", "-s", "submit-vertex", "DRY_RUN=1", "IMAGE=r.example/t:1", "DATA=gs://b/d.json",
+                             "JOB_DIR=gs://b/runs/Pets-2", "WORKERS=2", "GSA=t@p.iam.gserviceaccount.com",
+                             f"TENSORBOARD={board}", f"EXPERIMENT={experiment}"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    spec = CustomJobSpec.from_json(json.dumps(yaml.safe_load(result.stdout)))  # unknown fields refused
+    assert spec.tensorboard == board and spec.experiment == experiment and spec.experiment_run == "run-pets-2"
+    assert len(spec.worker_pool_specs) == 2
+    for args in (["--workers=3", "--spot"], ["--accelerator=nvidia-h100-80gb", "--gpus=8"]):
+        CustomJobSpec.from_json(json.dumps(vertex_spec(*args)))
+    no_account = subprocess.run(["make", "-s", "submit-vertex", "DRY_RUN=1", "IMAGE=r.example/t:1",
+                                 "DATA=gs://b/d.json", "JOB_DIR=gs://b/r", f"TENSORBOARD={board}"],
+                                capture_output=True, text=True, cwd=ROOT)
+    assert no_account.returncode != 0 and "TENSORBOARD needs GSA" in no_account.stderr
+
+
 def test_make_submit_vertex_dry_run_prints_the_spec():
     result = subprocess.run(["make", "-s", "submit-vertex", "DRY_RUN=1", "IMAGE=r.example/t:1", "DATA=gs://b/d.json",
                              "JOB_DIR=gs://b/runs/v2", "WORKERS=2"], capture_output=True, text=True, cwd=ROOT)
