@@ -90,10 +90,28 @@ def assert_one_line(stderr, expected):
     return last
 
 
-def test_an_unreachable_store_ends_every_command_in_exit_75(stored, gcs_server, tmp_path):
-    """A store that stalls (accepts, never answers) and one that refuses (nothing listens): every
-    command ends in 75, all of them at once (they wait on their deadlines side by side)."""
+def start_going_bad_mid_run(stored, gcs_server, tmp_path):
+    """Every command against a store that goes bad once it has answered the command's first
+    requests: connections reset (aiohttp's ServerDisconnectedError), every request answered 503
+    (gcsfs's HttpError after its retries), or answers that trickle at 1 byte/s (only the
+    whole-request deadline ends those). Returns ({(fault, command): process}, proxies)."""
+    processes, proxies = {}, []
+    for fault in ("cut", "503", "drip"):
+        (tmp_path / fault).mkdir()
+        for name, args in every_command(stored, tmp_path / fault, fault).items():
+            proxy = FaultProxy(gcs_server)
+            proxy.go_bad_after(2048, fault)  # after the first answers: the command is at work
+            proxies.append(proxy)
+            processes[(fault, name)] = start(proxy, *args)
+    return processes, proxies
+
+
+def test_a_store_that_stalls_refuses_or_goes_bad_mid_run_ends_every_command_in_exit_75(stored, gcs_server, tmp_path):
+    """A store that stalls (accepts, never answers), one that refuses (nothing listens), and ones
+    that go bad mid-run (`start_going_bad_mid_run`): every command ends in 75 with one line, never
+    70, all of them at once (they wait on their deadlines side by side)."""
     proxies = {fault: FaultProxy(gcs_server) for fault in ("stall", "refuse")}
+    mid_run, mid_run_proxies = start_going_bad_mid_run(stored, gcs_server, tmp_path)
     try:
         commands = {}
         for fault, proxy in proxies.items():
@@ -110,7 +128,7 @@ def test_an_unreachable_store_ends_every_command_in_exit_75(stored, gcs_server, 
         code, stderr = finish(interrupted)
         assert code == 75 and "Traceback" not in stderr, stderr[-3000:]
         assert stderr.strip().splitlines()[-1] == "interrupted (SIGINT); rerun to go on", stderr[-3000:]
-        for key, process in processes.items():
+        for key, process in {**processes, **mid_run}.items():
             code, stderr = finish(process, started)
             assert code == 75, (key, stderr[-3000:])
             last = assert_one_line(stderr, "retryable error: storage")
@@ -124,31 +142,7 @@ def test_an_unreachable_store_ends_every_command_in_exit_75(stored, gcs_server, 
             code, stderr = finish(process)
             assert code == 0, (name, stderr[-3000:])
     finally:
-        for proxy in proxies.values():
-            proxy.close()
-
-
-def test_a_store_that_goes_bad_mid_run_ends_every_command_in_exit_75(stored, gcs_server, tmp_path):
-    """Mid-run, once the store has answered the command's first requests: connections reset (aiohttp's
-    ServerDisconnectedError), every request answered 503 (gcsfs's HttpError after its retries), or
-    answers that trickle at 1 byte/s (only the whole-request deadline ends those). Every command
-    ends in 75, never 70, with one line and no traceback."""
-    commands, proxies = {}, []
-    for fault in ("cut", "503", "drip"):
-        (tmp_path / fault).mkdir()
-        for name, args in every_command(stored, tmp_path / fault, fault).items():
-            proxy = FaultProxy(gcs_server)
-            proxy.go_bad_after(2048, fault)  # after the first answers: the command is at work
-            proxies.append(proxy)
-            commands[(fault, name)] = start(proxy, *args)
-    try:
-        started = time.monotonic()
-        for key, process in commands.items():
-            code, stderr = finish(process, started)
-            assert code == 75, (key, stderr[-3000:])
-            assert_one_line(stderr, "retryable error: storage")
-    finally:
-        for proxy in proxies:
+        for proxy in [*proxies.values(), *mid_run_proxies]:
             proxy.close()
 
 
