@@ -202,3 +202,4 @@ bench: install
 	$(PY) -m bench.feature_cache --workers=2 --per_class=600 --batch_size=32 --output=bench_output
 	$(PY) -m bench.sigterm --output=bench_output
 	$(PY) -m bench.evaluate_classes --output=bench_output
+	$(PY) -m bench.prepare_plan --output=bench_output

@@ -149,3 +149,16 @@ def test_gpu_node_smoke_measures_every_figure_within_its_budget_on_cpu(tmp_path)
     assert results["replicas"] == 1 and results["tensorflow"] and results["cores_per_gpu"]["value"] > 0
     assert results["budget_seconds"] == 400 and results["seconds"] > 0
     assert "CPU cores one GPU needs" in result.stdout and "modern_mixed" in result.stdout
+
+
+@pytest.mark.timeout(600)
+def test_prepare_plan_smoke_plans_a_fabricated_listing_in_a_process_per_size(tmp_path):
+    results, table = run_bench("prepare_plan", tmp_path)
+    assert [size["entries"] for size in results["sizes"]] == [2000, 20000]
+    for size in results["sizes"]:
+        # Every listed image is planned (no image read), into shards whose plan lines were written.
+        assert size["planned"] == size["entries"] and size["shards"] >= 3 and size["plan_bytes"] > 0
+        assert size["planner_bytes"] > 0
+    assert results["bytes_per_image"] > 0 and results["entries_per_cpu_second"] > 0
+    check_ratios(results)
+    assert "bytes per listed image" in table
