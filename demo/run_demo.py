@@ -90,7 +90,7 @@ def main():
           f"(10 classes: chance is 0.10)")
     print("Artifacts (copied from the GCS server to local disk):")
     for label, path in [
-        ("dataset (shards + dataset.json)", os.path.join(output, "data")),
+        ("dataset (shards, dataset.json, samples.png, class_counts.png)", os.path.join(output, "data")),
         ("exported SavedModel", os.path.join(job_local, "model")),
         ("metrics", os.path.join(job_local, "eval", "metrics.json")),
         ("pictures", os.path.join(job_local, "eval", "*.png")),
