@@ -4,14 +4,17 @@
     python -m bench.prepare_plan --smoke --output=/tmp/bench            # tests: 2k and 20k
 
 The listing is fabricated: `synthetic://N` is an fsspec filesystem that answers the listing calls
-prepare makes (folder by folder) with N class-folder objects of photo-like sizes and MD5s, as a
-GCS bucket does, without any request or file. Each size is planned in its own process, from the
-listing to the shard plan lines (`trainer.prepare.shards.plan_line`): listing, layout, labels,
-splits by content digest, duplicates, class checks, stratified shards. The process's peak RSS
-(getrusage) less that of the same process before planning gives the planner's memory; the slope
-between two sizes is bytes per listed image; entries/s is on one core (the planner is single-
-threaded). Results: OUTPUT/prepare_plan.json. Issue 24's goals: <= 100 bytes per image and <= 1 GiB
-at 10 million in the launcher, >= 50,000 entries/s.
+prepare makes (folder by folder) with N objects of photo-like sizes and MD5s in class folders of
+FOLDER_SIZE, as a GCS bucket does, without any request or file. (Folders of a fixed size: the
+listing holds a few folders at a time, so its memory follows the folder size, not the total.)
+Each size is planned in its own process, from the listing to the stored plan
+(`trainer.prepare.run.plan_dataset` and `store_plan`, the functions prepare runs): listing,
+layout, labels, splits by content digest, duplicates, class checks, stratified shards, and
+OUTPUT/.prepare/plan.jsonl written to a temporary folder. The process's peak RSS (getrusage) less
+that of the same process before planning gives the planner's memory; the slope between two sizes
+is bytes per listed image; entries/s is on one core (the planner is single-threaded).
+Results: OUTPUT/prepare_plan.json. Issue 24's goals: <= 100 bytes per image and <= 1 GiB at 10
+million in the launcher, >= 50,000 entries/s.
 """
 
 import argparse
@@ -25,13 +28,13 @@ import time
 
 from bench import common
 
-CLASSES = 100
+FOLDER_SIZE = 1000  # images per class folder (ImageNet's classes hold about 1,300)
 GOAL_BYTES_PER_IMAGE = 100
 GOAL_ENTRIES_PER_SECOND = 50_000
 
 
 def register_synthetic_filesystem():
-    """`synthetic://N/` lists N objects under CLASSES class folders (sizes and MD5s as GCS reports)."""
+    """`synthetic://N/` lists N objects in class folders of FOLDER_SIZE (sizes and MD5s as GCS reports)."""
     import fsspec
     from fsspec.spec import AbstractFileSystem
 
@@ -45,13 +48,14 @@ def register_synthetic_filesystem():
             path = self._strip_protocol(path).rstrip("/")
             parts = path.split("/")
             count = int(parts[0])
+            classes = max(2, count // FOLDER_SIZE)
             if len(parts) == 1:  # the class folders
-                entries = [{"name": f"{path}/class_{index:03d}", "type": "directory", "size": 0}
-                           for index in range(CLASSES)]
+                entries = [{"name": f"{path}/class_{index:05d}", "type": "directory", "size": 0}
+                           for index in range(classes)]
             else:  # one class folder's objects
                 label = int(parts[1].split("_")[1])
                 entries = []
-                for index in range(label, count, CLASSES):
+                for index in range(label, count, classes):
                     digest = base64.b64encode(hashlib.md5(f"{index}".encode()).digest()).decode()  # noqa: S324
                     entries.append({"name": f"{path}/img_{index:09d}.jpg", "type": "file",
                                     "size": 40_000 + (index * 7919) % 160_000, "md5Hash": digest})
@@ -67,29 +71,25 @@ def register_synthetic_filesystem():
 def plan_in_this_process(entries):
     """Plans `synthetic://entries/` here; returns its figures (run in a child process per size)."""
     import resource
+    import tempfile
 
     register_synthetic_filesystem()
-    from trainer.prepare import plan, shards
+    from trainer.prepare import catalog
+    from trainer.prepare import run as prepare
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     started, cpu = time.perf_counter(), time.process_time()
     source = f"synthetic://{entries}"
-    images, ignored = plan.set_aside_non_images(plan.list_source(source, "/nonexistent-output"))
-    layout = plan.resolve_layout([entry[0] for entry in images], "auto", source)
-    files, _ = plan.label_files(images, layout, source)
-    classes = plan.find_classes(files, source)
-    files = plan.add_digests(files)
-    files, duplicates = plan.assign_splits(files, 0.15, 0.15, 0)
-    plan.check_classes(files, classes, conflicts=duplicates["conflicts"])
-    shards_plan = plan.plan_shards(files, 0, 100.0)
-    label_of = {name: index for index, name in enumerate(classes)}
-    plan_bytes = sum(len(shards.plan_line(f"{split}-{index}", [(f.path, f.location, f.label, label_of[f.label],
-                                                                f.digest, f.size) for f in members], None))
-                     for split, pieces in shards_plan.items() for index, members in enumerate(pieces))
+    with tempfile.TemporaryDirectory() as output, catalog.Catalog(source, 0) as table:
+        planned = prepare.plan_dataset(table, source, output, None, "auto", 0.15, 0.15, 0)
+        plan_entries, _ = prepare.store_plan(table, output, planned["classes"], 0, 100.0, None, None)
+        plan_bytes = sum(length for *_, length in plan_entries)
+        table_bytes = os.path.getsize(os.path.join(table.folder, "plan.sqlite"))
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"entries": entries, "planned": len(files), "shards": sum(map(len, shards_plan.values())),
-            "plan_bytes": plan_bytes, "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+    return {"entries": entries, "planned": sum(planned["counts"].values()), "shards": len(plan_entries),
+            "plan_bytes": plan_bytes, "table_bytes": table_bytes, "seconds": round(seconds, 2),
+            "cpu_seconds": round(cpu, 2),
             "rss_before": before, "rss_peak": peak, "planner_bytes": peak - before}
 
 

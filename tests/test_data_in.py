@@ -282,12 +282,12 @@ def test_flat_names_without_a_class_prefix_are_skipped_not_classes(tmp_path):
 def test_check_classes_directly():
     from trainer.prepare import plan
 
-    files = [plan.SourceFile(f"{c}/{i}", "", 1, c, "train", str(i)) for c in ("a", "b") for i in range(6)]
-    assert plan.check_classes(files, ["a", "b"]) == []
+    images = {("a", "train"): 6, ("b", "train"): 6}
+    assert plan.check_classes(images, ["a", "b"]) == []
     with pytest.raises(UserError, match="'c' has no training images"):
-        plan.check_classes([*files, plan.SourceFile("c/0", "", 1, "c", "test", "x")], ["a", "b", "c"])
+        plan.check_classes({**images, ("c", "test"): 1}, ["a", "b", "c"])
     counts = collections.Counter(w["kind"] for w in plan.check_classes(
-        [*files, plan.SourceFile("c/0", "", 1, "c", "test", "x")], ["a", "b", "c"], allow_missing_classes=True))
+        {**images, ("c", "test"): 1}, ["a", "b", "c"], allow_missing_classes=True))
     assert counts == {"no_training_images": 1, "few_images": 1}
 
 
@@ -326,3 +326,25 @@ def test_http_rows_need_allow_http_and_class_names_have_a_length_limit(tmp_path)
     labels.write_text("http://127.0.0.1:9/internal.jpg,cats\nb.jpg,dogs\n")
     rows = labelfile.read_label_file(str(labels), allow_http=True)
     assert [row[1] for row in rows] == ["http://127.0.0.1:9/internal.jpg", str(tmp_path / "b.jpg")]
+
+
+def test_a_full_disk_under_the_plan_table_is_one_line_and_exit_1(tmp_path):
+    """The plan is made in a table on TMPDIR (trainer.prepare.catalog); files there may not grow past
+    128 KB (RLIMIT_FSIZE: writes fail as on a full disk) while 4,000 listed images need more."""
+    import resource
+    import subprocess
+    import sys
+
+    source = tmp_path / "photos"
+    for index in range(4000):
+        helpers.write_file(str(source), f"{'ab'[index % 2]}/{index:05d}.jpg", b"%d" % index)
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (128 * 1024, 128 * 1024))
+
+    result = subprocess.run([sys.executable, "-m", "trainer.cli", "prepare", f"--source={source}",
+                             f"--output={tmp_path / 'data'}", "--workers=1"],
+                            capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
+    assert last_error(result).startswith("error: no space left on device for the plan's table"), result.stderr[-2000:]
+    assert "TMPDIR" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "data" / "dataset.json").exists()

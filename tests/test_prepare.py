@@ -7,7 +7,6 @@ import io
 import json
 import multiprocessing.pool
 import os
-import random
 import re
 import threading
 
@@ -19,7 +18,7 @@ from PIL import Image, ImageFile
 
 from trainer.errors import UserError
 from trainer.infra import storage
-from trainer.prepare import plan, shards
+from trainer.prepare import catalog, plan, shards
 from trainer.prepare import run as prepare
 
 EXAMPLE_KEYS = {"image/encoded", "image/format", "image/class/label", "image/class/text",
@@ -35,13 +34,13 @@ BAD_REASONS = {
 }
 
 
-def prepare_plan(source, manifest):
-    """The shard plan prepare made of a class_dirs `source` with the manifest's settings."""
-    images, _ = plan.set_aside_non_images(plan.list_source(str(source), str(source.parent / "elsewhere")))
-    files, _ = plan.label_files(images, manifest["layout"], str(source))
-    files = plan.add_digests(files)
-    files, _ = plan.assign_splits(files, manifest["val_fraction"], manifest["test_fraction"], manifest["split_seed"])
-    return plan.plan_shards(files, manifest["split_seed"], 100.0, None)
+def preview_candidates(source, manifest, work):
+    """The files prepare's plan of `source` (with the manifest's settings) offers samples.png."""
+    with catalog.Catalog(str(source), manifest["split_seed"]) as table:
+        planned = prepare.plan_dataset(table, str(source), str(work), None, manifest["layout"],
+                                       manifest["val_fraction"], manifest["test_fraction"], manifest["split_seed"])
+        _, samples = prepare.store_plan(table, str(work), planned["classes"], manifest["split_seed"], 100.0, None, None)
+    return samples
 
 
 def md5_of(path):
@@ -153,7 +152,7 @@ def test_class_dirs_local_every_format_and_bad_files(tmp_path):
     # A look at the data next to dataset.json: training images of each class, and the counts.
     from trainer.prepare import preview
 
-    shown = preview._samples(manifest["classes"], prepare_plan(source, manifest), set(reasons), 10**8)
+    shown = preview._samples(preview_candidates(source, manifest, tmp_path / "plan"), set(reasons), 10**8)
     train_counts = manifest["splits"]["train"]["class_counts"]
     assert {name: len(images) for name, images in shown.items()} == {
         name: min(preview.SAMPLES_PER_CLASS, train_counts[name]) for name in manifest["classes"]}
@@ -419,13 +418,25 @@ def test_imap_bounded_keeps_a_bounded_window():
     assert consumed == [value * 2 for value in range(40)]
 
 
-def test_stratified_shuffle_mixes_every_run_of_four():
-    files = [plan.SourceFile(f"{label}/{index}", f"/{label}/{index}", 1, label, "train", None)
-             for label in ("a", "b") for index in range(50)]
-    ordered = plan.stratified_shuffle(files, random.Random(3))
-    assert sorted(ordered) == sorted(files)
-    assert all(len({file.label for file in ordered[start:start + 4]}) == 2 for start in range(97))
-    assert ordered == plan.stratified_shuffle(list(reversed(files)), random.Random(3))
+def stratified(rows, seed=3, count=1):
+    """The shards of the catalog's stratified order of `rows` ((path, label) in train) as (path, label) lists."""
+    with catalog.Catalog(seed=seed) as table:
+        table.add_label_rows([(None, path, label, "train") for path, label in rows])
+        table.db.execute("UPDATE files SET digest = path, split = 0")
+        return [[(path, label) for path, _, label, *_ in shard] for shard in table.shards("train", count)]
+
+
+def test_stratified_order_mixes_every_run_of_four_whatever_the_listing_order():
+    rows = [(f"{label}/{index}", label) for label in ("a", "b") for index in range(50)]
+    [ordered] = stratified(rows)
+    assert sorted(ordered) == sorted(rows)
+    assert all(len({label for _, label in ordered[start:start + 4]}) == 2 for start in range(97))
+    assert ordered == stratified(list(reversed(rows)))[0]
+    assert ordered != stratified(rows, seed=4)[0]
+    # Cut into consecutive shards of (nearly) equal size, each with its share of both classes.
+    pieces = stratified([*rows, *((f"c/{index}", "c") for index in range(25))], count=5)
+    assert [len(piece) for piece in pieces] == [25] * 5
+    assert all(collections.Counter(label for _, label in piece) == {"a": 10, "b": 10, "c": 5} for piece in pieces)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from test_prepare import assert_one_line_error
 from trainer.errors import RetryableError
 from trainer.formats import tfrecord
 from trainer.infra import folders, storage
+from trainer.infra.beam import options as beam_options
 from trainer.prepare import run as prepare
-from trainer.prepare import runners, shards
+from trainer.prepare import shards
 
 # What differs between two runs that wrote the same dataset.
 VOLATILE = ("created", "seconds")
@@ -222,7 +223,7 @@ def test_readmes_dataflow_command_has_only_known_flags_and_beam_options():
     defined = source[source.index("def define_prepare_flags"):source.index("def run_prepare")]
     for word in ours[2:]:
         assert f'("{word.lstrip("-").split("=", 1)[0]}"' in defined, word
-    options = runners.beam_options("DataflowRunner", beam).get_all_options()
+    options = beam_options("DataflowRunner", beam).get_all_options()
     for name in ("project", "region", "temp_location", "service_account_email", "machine_type",
                  "max_num_workers", "sdk_container_image"):
         assert options[name], name

@@ -2,10 +2,10 @@
 stores), globs, copying a tree, and content digests (a model's id, trainer.formats.modeldir)."""
 
 import base64
+import collections
 import glob as globmodule
 import hashlib
 import os
-import posixpath
 import stat
 from concurrent import futures
 
@@ -24,54 +24,81 @@ def list_files(location, with_md5=False):
     `md5_and_size`). Relative paths always use `/`. Raises FileNotFoundError when `location` does
     not exist.
     """
+    files = sorted(iter_files(location))
+    return files if with_md5 else [(name, size) for name, size, _ in files]
+
+
+def iter_files(location):
+    """`list_files(location, with_md5=True)` in no particular order, as a stream: memory holds one
+    folder's listing at a time, whatever the number of files. Raises FileNotFoundError (before
+    the first entry) when `location` does not exist."""
     with storage.translate_errors(location):
         if not storage.is_url(location):
-            files = _list_local_files(storage.local_path(location))
-            return [(name, size, None) for name, size in files] if with_md5 else files
+            yield from ((name, size, None) for name, size in _walk_local_files(storage.local_path(location)))
+            return
         if not storage.isdir(location):
             raise FileNotFoundError(location)
         filesystem, path = storage.fsspec_filesystem(location)
         path = path.rstrip("/")
-        found = _find_in_parallel(filesystem, path)
-        files = sorted(
-            (posixpath.relpath(name, path), int(info.get("size") or 0), info.get("md5Hash"))
-            for name, info in found.items()
-            if info.get("type") != "directory" and not name.endswith("/")
-        )
-        return files if with_md5 else [(name, size) for name, size, _ in files]
+        start = len(path) + 1  # every name is `path/...` (posixpath.relpath would cost more than the rest)
+        for name, size, md5 in _find_in_parallel(filesystem, path):
+            yield name[start:], size, md5
+
+
+def _map_window(pool, function, items, window):
+    """`pool.map` with at most `window` calls started ahead of the consumer, results in order."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _compact(entries):
+    """`(name, is_folder, size, md5)` of a listing's entries: the store's info dicts (a kilobyte or
+    more each) are dropped in the listing thread, not kept while they wait for the consumer."""
+    return [(info["name"], info.get("type") == "directory", int(info.get("size") or 0), info.get("md5Hash"))
+            for info in entries]
 
 
 def _find_in_parallel(filesystem, path):
-    """`{name: info}` of every object under `path` of an object store, listed folder by folder.
+    """Yields `(name, size, md5)` of every object under `path` of an object store, listed folder by folder.
 
     A listing is a sequence of pages of 1,000 objects, one request each: 10 million objects are
     10,000 requests in a row. The first LIST_DEPTH levels of folders (class folders, or split
     folders of class folders) are listed one request each, and the folders below them are listed
-    side by side, LIST_THREADS at a time.
+    side by side, LIST_THREADS at a time. Memory holds the listings of those LIST_THREADS
+    folders, not the whole tree.
     """
-    found, folders = {}, [path]
+    folders = [path]
     with futures.ThreadPoolExecutor(LIST_THREADS) as pool:
         for _ in range(LIST_DEPTH):
             deeper = []
-            for entries in pool.map(lambda folder: filesystem.ls(folder, detail=True), folders):
-                for info in entries:
-                    if info.get("type") == "directory":
-                        deeper.append(info["name"].rstrip("/"))
-                    else:
-                        found[info["name"]] = info
+            for entries in _map_window(pool, lambda folder: _compact(filesystem.ls(folder, detail=True)), folders,
+                                       LIST_THREADS):
+                for name, is_folder, size, md5 in entries:
+                    if is_folder:
+                        deeper.append(name.rstrip("/"))
+                    elif not name.endswith("/"):
+                        yield name, size, md5
             folders = deeper
-        for part in pool.map(lambda folder: filesystem.find(folder, detail=True), folders):
-            found.update(part)
-    return found
+        for entries in _map_window(pool, lambda folder: _compact(filesystem.find(folder, detail=True).values()),
+                                   folders, LIST_THREADS):
+            for name, is_folder, size, md5 in entries:
+                if not is_folder and not name.endswith("/"):
+                    yield name, size, md5
 
 
-def _list_local_files(root):
-    """`list_files` of a local folder: symbolic links are followed, each real folder listed once
-    (a link loop ends there); dangling links, and what is not a regular file (a device, a FIFO, a
-    socket, or a link to one: reading it could block or never end), are left out and logged."""
+def _walk_local_files(root):
+    """`iter_files` of a local folder, as `(relative_path, size)`: symbolic links are followed, each
+    real folder listed once (a link loop ends there); dangling links, and what is not a regular
+    file (a device, a FIFO, a socket, or a link to one: reading it could block or never end), are
+    left out and logged."""
     if not os.path.isdir(root):
         raise FileNotFoundError(root)
-    files, seen, dangling, special = [], set(), 0, []
+    seen, dangling, special = set(), 0, []
     for folder, folders, names in os.walk(root, followlinks=True):
         status = os.stat(folder)
         if (status.st_dev, status.st_ino) in seen:
@@ -89,7 +116,7 @@ def _list_local_files(root):
             if not stat.S_ISREG(status.st_mode):
                 special.append(relative)
                 continue
-            files.append((relative, status.st_size))
+            yield relative, status.st_size
     if dangling or special:
         from absl import logging
 
@@ -98,7 +125,6 @@ def _list_local_files(root):
         if special:
             logging.warning("%s: left out %d files that are not regular files (devices, FIFOs, sockets): %s", root,
                             len(special), ", ".join(sorted(special)[:5]) + (", ..." if len(special) > 5 else ""))
-    return sorted(files)
 
 
 def glob(pattern):

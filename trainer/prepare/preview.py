@@ -24,13 +24,30 @@ THUMBNAIL_SIDE = 128
 NAMED_BARS = 60  # class_counts.png names its classes up to this many, then shows the sorted profile
 
 
-def write_preview(output, classes, shards_plan, manifest, max_pixels=imagefiles.MAX_PIXELS,
+class Samples:
+    """The candidates for samples.png, offered the training shards in plan order (the order the
+    shards hold): the first 2 x SAMPLES_PER_CLASS files of each shown class, so that a few
+    undecodable files still leave a full row."""
+
+    def __init__(self, classes):
+        self.found = {name: [] for name in classes[:PREVIEW_CLASSES]}
+
+    def offer(self, files):
+        """`files`: `(path, location, label, ...)` of one training shard."""
+        for path, location, label, *_ in files:
+            kept = self.found.get(label)
+            if kept is not None and len(kept) < 2 * SAMPLES_PER_CLASS:
+                kept.append((path, location))
+
+
+def write_preview(output, classes, candidates, manifest, max_pixels=imagefiles.MAX_PIXELS,
                   max_image_bytes=imagefiles.MAX_IMAGE_BYTES):
-    """Draws samples.png and class_counts.png into `output`; returns their URLs."""
+    """Draws samples.png and class_counts.png into `output`; returns their URLs.
+
+    `candidates`: {class: [(path, location)]}, a `Samples`' `found`."""
     figures.use_fonts()
     skipped = {entry["file"] for entry in manifest["skipped"]}
-    pictures = {SAMPLES_PICTURE: _draw_samples(classes, _samples(classes, shards_plan, skipped, max_pixels,
-                                                                        max_image_bytes)),
+    pictures = {SAMPLES_PICTURE: _draw_samples(classes, _samples(candidates, skipped, max_pixels, max_image_bytes)),
                 CLASS_COUNTS_PICTURE: _draw_counts(manifest)}
     urls = []
     for name, figure in pictures.items():
@@ -40,18 +57,12 @@ def write_preview(output, classes, shards_plan, manifest, max_pixels=imagefiles.
     return urls
 
 
-def _samples(classes, shards_plan, skipped, max_pixels, max_image_bytes=imagefiles.MAX_IMAGE_BYTES):
-    """{class: [RGB arrays]}: the first training images of each shown class, in the plan's order
-    (the one the shards hold), read at most 2 x SAMPLES_PER_CLASS per class so that a few
-    undecodable files still leave a full row."""
-    shown = set(classes[:PREVIEW_CLASSES])
-    candidates = {name: [] for name in shown}
-    for file in (file for shard in shards_plan.get("train", []) for file in shard):
-        if file.label in shown and file.path not in skipped and len(candidates[file.label]) < 2 * SAMPLES_PER_CLASS:
-            candidates[file.label].append(file)
-    found = {name: [] for name in shown}
+def _samples(candidates, skipped, max_pixels, max_image_bytes=imagefiles.MAX_IMAGE_BYTES):
+    """{class: [RGB arrays]}: up to SAMPLES_PER_CLASS decoded thumbnails of each class's candidates."""
+    found = {name: [] for name in candidates}
     for name, files in candidates.items():
-        for data in storage.read_many([file.location for file in files], max_image_bytes):
+        locations = [location for path, location in files if path not in skipped]
+        for data in storage.read_many(locations, max_image_bytes):
             usable = data and not imagefiles.too_large(data, max_image_bytes)
             stored = imagefiles.encode_or_skip(data, max_side=THUMBNAIL_SIDE, max_pixels=max_pixels) if usable else None
             if stored and "skip" not in stored and len(found[name]) < SAMPLES_PER_CLASS:

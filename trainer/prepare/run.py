@@ -12,8 +12,9 @@ The pipeline, top to bottom:
      only the shards not yet committed;
   6. `dataset.json` last, from the shards' reports: a folder without it is not a dataset.
 
-Memory stays flat with the number of images: only the plan (file names) is held, and each shard
-keeps a bounded window of images in flight.
+Memory stays flat with the number of images: the plan is made in a table on the launcher's disk
+(trainer.prepare.catalog) and streamed to OUTPUT/.prepare/plan.jsonl a shard at a time, and each
+shard keeps a bounded window of images in flight.
 """
 
 import collections
@@ -35,8 +36,8 @@ from trainer.formats.manifest import (
     new_manifest,
     shard_name,
 )
-from trainer.infra import storage
-from trainer.prepare import plan, preview, runners, shards
+from trainer.infra import beam, storage
+from trainer.prepare import catalog, plan, preview, runners, shards
 
 # Skipped files listed one by one in the closing log (all of them are in dataset.json).
 SKIPPED_LOGGED = 20
@@ -81,42 +82,29 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
     check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers, max_pixels,
                   max_image_bytes)
     if runner != "local":
-        runners.beam_options(runner, pipeline_args)  # a missing Beam or a bad option answers before any work
+        beam.options(runner, pipeline_args)  # a missing Beam or a bad option answers before any work
     elif pipeline_args:
         raise UserError(f"pipeline options ({pipeline_args[0]} ...) are for a Beam --runner, not --runner=local")
     if (source is None) == (labels is None):
         raise UserError("give either --source (a folder of images) or --labels (a Vertex AI CSV/JSONL file)")
     workers = workers or os.cpu_count() or 1
     check_output(output, overwrite)
-    origin, skipped, ignored, lines = source or labels, [], [], None
+    origin = source or labels
     if not storage.is_url(origin):
         origin = os.path.expanduser(origin)  # dataset.json names the folder, not the shell's shorthand
-    if labels:
-        from trainer.prepare import labelfile
+    with catalog.Catalog(None if labels else source, split_seed) as table:
+        planned = plan_dataset(table, source, output, labels, layout, val_fraction, test_fraction, split_seed,
+                               strict, allow_missing_classes, allow_http, origin)
+        if overwrite:
+            remove_dataset(output)
+        entries, samples = store_plan(table, output, planned["classes"], split_seed, shard_size_mb, num_shards,
+                                      max_side, max_pixels, max_image_bytes)
+    layout, classes, skipped = planned["layout"], planned["classes"], planned["skipped"]
+    _log_plan(output, layout, classes, planned["counts"], planned["sizes"], entries, skipped,
+              workers if runner == "local" else runner)
 
-        layout = "labels"
-        rows = labelfile.read_label_file(labels, allow_http=allow_http)
-        files, lines = plan.files_from_label_rows(rows), {location: line for line, location, _, _ in rows}
-        logging.info("labels: %d images in %s (%d with their own split)", len(rows), labels,
-                     sum(split is not None for *_, split in rows))
-    else:
-        images, ignored = plan.set_aside_non_images(plan.list_source(source, output))
-        if not images:
-            raise UserError(f"nothing to prepare: no image files in {source} ({len(ignored)} other files)")
-        layout = plan.resolve_layout([entry[0] for entry in images], layout, source)
-        files, skipped = plan.label_files(images, layout, source)
-    classes = plan.find_classes(files, origin)
-    files = plan.add_digests(files, lines=lines, origin=origin)
-    files, duplicates = plan.assign_splits(files, val_fraction, test_fraction, split_seed)
-    warnings = plan.check_classes(files, classes, strict=strict, allow_missing_classes=allow_missing_classes,
-                                  conflicts=duplicates["conflicts"])
-    shards_plan = plan.plan_shards(files, split_seed, shard_size_mb, num_shards)
-    _log_plan(output, layout, classes, shards_plan, skipped, workers if runner == "local" else runner)
-    if overwrite:
-        remove_dataset(output)
-
-    written = write_dataset(output, shards_plan, classes, max_side, workers, runner, pipeline_args, max_pixels,
-                            max_image_bytes)
+    written = write_dataset(output, entries, classes, sum(planned["counts"].values()), workers, runner,
+                            pipeline_args)
     undecodable = [{"file": entry["file"], "reason": entry["reason"]} for entry in written["skipped"]]
     skipped = sorted(skipped + undecodable, key=lambda entry: entry["file"])
     try:
@@ -132,13 +120,75 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
     manifest = new_manifest(
         source=origin, layout=layout, val_fraction=val_fraction, test_fraction=test_fraction,
         split_seed=split_seed, max_side=max_side, classes=classes, splits=written["splits"],
-        image_stats=written["image_stats"], skipped=skipped, ignored=plan.ignored_summary(ignored),
-        duplicates=duplicates, warnings=warnings, seconds=round(time.monotonic() - started, 2))
-    preview.write_preview(output, classes, shards_plan, manifest, max_pixels, max_image_bytes)
+        image_stats=written["image_stats"], skipped=skipped, ignored=planned["ignored"],
+        duplicates=planned["duplicates"], warnings=planned["warnings"], seconds=round(time.monotonic() - started, 2))
+    preview.write_preview(output, classes, samples, manifest, max_pixels, max_image_bytes)
     storage.write_json(storage.join(output, MANIFEST_NAME), manifest)  # the commit point: last
     shards.clean(output)
     _log_summary(manifest, output)
     return manifest
+
+
+def plan_dataset(table, source, output, labels, layout, val_fraction, test_fraction, split_seed, strict=False,
+                 allow_missing_classes=False, allow_http=False, origin=None):
+    """Lists (or reads the label file) into `table` (a trainer.prepare.catalog.Catalog), labels, digests
+    and splits every image, and checks the classes: everything but the shards, without reading a pixel.
+
+    Returns:
+      dict with `layout`, `classes`, `skipped` (files the layout has no place for), `ignored`,
+      `duplicates`, `warnings`, `counts` ({(class, split): images}) and `sizes` ({split: bytes}).
+    """
+    origin = origin or source or labels
+    skipped, ignored = [], {"count": 0, "files": []}
+    if labels:
+        from trainer.prepare import labelfile
+
+        layout = "labels"
+        rows = labelfile.read_label_file(labels, allow_http=allow_http)
+        table.add_label_rows(rows)
+        logging.info("labels: %d images in %s (%d with their own split)", len(rows), labels,
+                     sum(split is not None for *_, split in rows))
+        del rows
+    else:
+        facts = table.add_listing(output)
+        layout = plan.resolve_layout(facts, layout, source)
+        skipped = table.label_listing(layout)
+        ignored = table.ignored_summary()
+    classes = table.classes(origin)
+    table.add_digests(origin)
+    duplicates = table.assign_splits(val_fraction, test_fraction, split_seed)
+    counts, sizes = table.counts()
+    warnings = plan.check_classes(counts, classes, strict=strict, allow_missing_classes=allow_missing_classes,
+                                  conflicts=duplicates["conflicts"])
+    return {"layout": layout, "classes": classes, "skipped": skipped, "ignored": ignored, "duplicates": duplicates,
+            "warnings": warnings, "counts": counts, "sizes": sizes}
+
+
+def store_plan(table, output, classes, split_seed, shard_size_mb, num_shards, max_side,
+               max_pixels=imagefiles.MAX_PIXELS, max_image_bytes=imagefiles.MAX_IMAGE_BYTES):
+    """Streams the shards of every split from `table` into OUTPUT/.prepare/plan.jsonl.
+
+    Returns:
+      `(entries, samples)`: each shard's `(name, digest, offset, length)` in plan order, and the
+      first training files of each class in plan order, for the preview (trainer.prepare.preview).
+    """
+    label_of = {name: index for index, name in enumerate(classes)}
+    counts, sizes = table.counts()
+    samples = preview.Samples(classes)
+
+    def lines():
+        for split in SPLITS:
+            images = sum(count for (_, name), count in counts.items() if name == split)
+            count = plan.count_shards(sizes[split], images, shard_size_mb, num_shards)
+            for index, files in enumerate(table.shards(split, count)):
+                if split == "train":
+                    samples.offer(files)
+                yield shard_name(split, index, count), shards.plan_line(
+                    shard_name(split, index, count),
+                    [(path, location, label, label_of[label], md5, size) for path, location, label, md5, size in files],
+                    max_side, max_pixels, max_image_bytes)
+
+    return shards.write_plan(output, lines()), samples.found
 
 
 def check_options(val_fraction, test_fraction, shard_size_mb, num_shards, max_side, workers, max_pixels=1,
@@ -199,27 +249,23 @@ def remove_dataset(output):
 # Writing: the shards on a runner (trainer.prepare.shards), then one manifest entry from their reports.
 
 
-def write_dataset(output, shards_plan, classes, max_side, workers, runner="local", pipeline_args=(),
-                  max_pixels=imagefiles.MAX_PIXELS, max_image_bytes=imagefiles.MAX_IMAGE_BYTES):
+def write_dataset(output, entries, classes, total, workers, runner="local", pipeline_args=()):
     """Writes every planned shard not yet committed, on `runner`, and merges the shards' reports.
+
+    Args:
+      entries: the stored plan's shards (`store_plan`); `total`: the images they hold.
 
     Returns:
       dict with `splits` (the manifest's per-split entries), `image_stats`, and `skipped`
       (`{"file", "reason", "class"}` of each file that did not decode).
     """
-    label_of = {name: index for index, name in enumerate(classes)}
-    lines = [shards.plan_line(shard_name(split, index, len(shards_plan[split])),
-                              [(file.path, file.location, file.label, label_of[file.label], file.digest, file.size)
-                               for file in files], max_side, max_pixels, max_image_bytes)
-             for split in SPLITS for index, files in enumerate(shards_plan[split])]
     interactive = sys.stderr.isatty()
-    total = sum(len(files) for split in SPLITS for files in shards_plan[split])
     with tqdm.tqdm(total=total, desc="encoding", unit="img", file=sys.stderr,
                    mininterval=0.5 if interactive else 30) as progress:
         def on_report(report):
             progress.update(report["records"] + len(report["skipped"]))
 
-        reports = runners.run(output, lines, runner=runner, workers=workers, pipeline_args=pipeline_args,
+        reports = runners.run(output, entries, runner=runner, workers=workers, pipeline_args=pipeline_args,
                              on_report=on_report)
     splits = {split: {"count": 0, "class_counts": dict.fromkeys(classes, 0), "shards": []} for split in SPLITS}
     skipped = []
@@ -273,13 +319,13 @@ def _megabytes(count):
     return f"{count / 2**20:.1f} MB"
 
 
-def _log_plan(output, layout, classes, shards, skipped, runner):
+def _log_plan(output, layout, classes, counts, sizes, entries, skipped, runner):
     logging.info("classes (%d): %s", len(classes), ", ".join(classes))
     for split in SPLITS:
-        files = sum(len(shard) for shard in shards[split])
-        size = sum(file.size for shard in shards[split] for file in shard)
-        logging.info("%s: %s, %s of source, %s", split, counted(files, "file"), _megabytes(size),
-                     counted(len(shards[split]), "shard"))
+        files = sum(count for (_, name), count in counts.items() if name == split)
+        pieces = sum(name.startswith(split + "-") for name, *_ in entries)
+        logging.info("%s: %s, %s of source, %s", split, counted(files, "file"), _megabytes(sizes[split]),
+                     counted(pieces, "shard"))
     if skipped:
         logging.info("%s not fitting the %s layout skipped", counted(len(skipped), "file"), layout)
     if isinstance(runner, int):

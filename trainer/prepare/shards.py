@@ -1,7 +1,8 @@
 """The unit of work of `trainer prepare`: one shard, the same function under every runner.
 
   1. `write_plan`: the launcher stores the plan as one JSON line per shard (its name and its files:
-     the recorded path, where to read it, class, label, MD5, size) in OUTPUT/.prepare/plan.jsonl.
+     the recorded path, where to read it, class, label, MD5, size) in OUTPUT/.prepare/plan.jsonl,
+     streamed from the table of images (trainer.prepare.catalog) one shard at a time.
      Runners are handed only `(output, offset, length)` per shard, so a Beam job graph stays small
      for any number of images.
   2. `write_shard`: reads its line; reads its images in batches of concurrent requests (object
@@ -58,13 +59,21 @@ def _digest(line):
 
 
 def write_plan(output, lines):
-    """Stores the plan lines; returns each shard's `(output, offset, length)` job."""
-    storage.write_bytes(state_location(output, PLAN_NAME), b"".join(lines))
-    jobs, offset = [], 0
-    for line in lines:
-        jobs.append((output, offset, len(line)))
-        offset += len(line)
-    return jobs
+    """Stores the plan lines as they come (one shard's line in memory at a time).
+
+    Args:
+      lines: `(shard name, plan line)` pairs, in plan order.
+
+    Returns:
+      Each shard's `(name, digest of its line, offset, length)` in plan.jsonl.
+    """
+    entries, offset = [], 0
+    with storage.open_file(state_location(output, PLAN_NAME), "wb") as handle:
+        for name, line in lines:
+            handle.write(line)
+            entries.append((name, _digest(line), offset, len(line)))
+            offset += len(line)
+    return entries
 
 
 # --- one shard ---------------------------------------------------------------------------------------
@@ -201,8 +210,8 @@ def read_reports(output, names):
         return dict(zip(names, pool.map(read, names), strict=True))
 
 
-def committed(output, names, lines):
-    """The reports of shards already written for exactly these plan lines (of shards `names`).
+def committed(output, entries):
+    """The reports of shards already written for exactly these plan lines (`write_plan`'s entries).
 
     Reports and shards of an earlier plan (other files, other shard counts) are removed.
     """
@@ -212,7 +221,7 @@ def committed(output, names, lines):
                    if name.endswith(".json")]
     except FileNotFoundError:
         return {}
-    wanted = {name: _digest(line) for name, line in zip(names, lines, strict=True)}
+    wanted = {name: digest for name, digest, *_ in entries}
     found = read_reports(output, reports)
     done, stale = {}, []
     for name, report in found.items():
