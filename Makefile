@@ -95,9 +95,11 @@ APPLY = if [ -n "$$DRY_RUN" ]; then printf '%s\n' "$$manifest"; \
 image:
 	$(BUILDER) build --tag "$$IMAGE" .
 
-# The Dataflow worker image of `trainer prepare --runner=DataflowRunner` (README: Prepare at scale).
+# The Dataflow worker image of `trainer prepare --runner=DataflowRunner` (README: Prepare at scale);
+# DATAFLOW_WORKLOAD=predict: the one of `trainer predict`, with TensorFlow (README: Predict at scale).
+DATAFLOW_WORKLOAD ?= prepare
 image-dataflow:
-	$(BUILDER) build --file Dockerfile.dataflow --tag "$$DATAFLOW_IMAGE" .
+	$(BUILDER) build --file Dockerfile.dataflow --build-arg WORKLOAD=$(DATAFLOW_WORKLOAD) --tag "$$DATAFLOW_IMAGE" .
 
 push-dataflow:
 	@case "$$DATAFLOW_IMAGE" in *YOUR_PROJECT*) echo "usage: make push-dataflow DATAFLOW_IMAGE=REGISTRY/REPO/NAME:TAG" >&2; exit 2;; esac
@@ -203,3 +205,4 @@ bench: install
 	$(PY) -m bench.sigterm --output=bench_output
 	$(PY) -m bench.evaluate_classes --output=bench_output
 	$(PY) -m bench.prepare_plan --output=bench_output
+	$(PY) -m bench.predict_scale --output=bench_output

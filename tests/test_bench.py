@@ -162,3 +162,12 @@ def test_prepare_plan_smoke_plans_a_fabricated_listing_in_a_process_per_size(tmp
     assert isinstance(results["bytes_per_image"], int) and results["entries_per_cpu_second"] > 0
     check_ratios(results)
     assert "bytes per listed image" in table
+
+
+@pytest.mark.timeout(600)
+def test_predict_scale_smoke_scores_the_bucket_three_ways(tmp_path):
+    results, table = run_bench("predict_scale", tmp_path)
+    assert set(results["loaders"]) == {"local_0ms", "local_20ms", "direct_20ms"}
+    assert all(loader["images_per_second"] > 0 for loader in results["loaders"].values())
+    check_ratios(results)
+    assert "local_20ms / local_0ms" in table

@@ -107,6 +107,10 @@ def test_dataflow_worker_image_is_beams_sdk_of_the_pinned_beam_with_this_package
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not re.search(r"^ENTRYPOINT", text, re.MULTILINE)  # Beam's boot stays the entrypoint
+    # WORKLOAD=predict adds the package's requirements and TensorFlow at setup.py's version, for GPUs.
+    (tensorflow,) = re.findall(r'"tensorflow(==[\d.*]+)"', setup)
+    assert f'"tensorflow[and-cuda]{tensorflow}"' in text and 'if [ "$WORKLOAD" = predict ]' in text
+    assert "import tensorflow, trainer.serve.batch" in text
     if hadolint():
         dockerfile = os.path.join(ROOT, "Dockerfile.dataflow")
         result = subprocess.run([hadolint(), "--failure-threshold", "info", dockerfile], capture_output=True, text=True)

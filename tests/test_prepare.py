@@ -361,7 +361,7 @@ def test_a_phone_photo_held_sideways_is_stored_upright_for_training_and_predict(
     from PIL import ImageOps
 
     from trainer.formats import imagefiles
-    from trainer.serve import predict
+    from trainer.serve import shards as shards_of_predict
 
     stored_pixels = helpers.make_image(0, size=(40, 30), seed=5)  # as the sensor wrote them: landscape
     exif = Image.Exif()
@@ -383,7 +383,7 @@ def test_a_phone_photo_held_sideways_is_stored_upright_for_training_and_predict(
     # The same picture (re-encoded once), turned the right way: not upside down.
     assert np.abs(pixels - upright).mean() < 0.5 * np.abs(pixels - upright[::-1, ::-1]).mean()
     # predict gives the model the very bytes training stored.
-    assert predict._read(str(source / "cats" / "phone.jpg"))[0] == record["encoded"]
+    assert shards_of_predict._read(str(source / "cats" / "phone.jpg"))[0] == record["encoded"]
     # An upright JPEG keeps its bytes.
     plain = (source / "cats" / "cats_0000.jpg").read_bytes()
     assert imagefiles.encode_image(plain)["encoded"] == plain

@@ -208,25 +208,33 @@ def test_storage_errors_inside_a_beam_pipeline_keep_their_kind_and_message(tmp_p
     assert str(raised.value).endswith("no answer within 20 s")
 
 
-def test_readmes_dataflow_command_has_only_known_flags_and_beam_options():
+def test_readmes_dataflow_commands_have_only_known_flags_and_beam_options():
+    """Prepare at scale and Predict at scale (with a GPU worker): our flags, then Beam's options as
+    Beam's own parser reads them."""
     import re
     import shlex
 
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    (command,) = [block for block in re.findall(r"```\n(.*?)```", readme, re.DOTALL) if "DataflowRunner" in block]
-    words = shlex.split(command.replace("\\\n", " "))
-    ours, beam = words[:words.index("--")], words[words.index("--") + 1:]
-    assert ours[:2] == ["trainer", "prepare"] and "--runner=DataflowRunner" in ours
+    commands = [block for block in re.findall(r"```\n(.*?)```", readme, re.DOTALL) if "DataflowRunner" in block]
+    assert [command.split()[1] for command in commands] == ["prepare", "predict"]
     from trainer import cli
 
     source = open(cli.__file__).read()
-    defined = source[source.index("def define_prepare_flags"):source.index("def run_prepare")]
-    for word in ours[2:]:
-        assert f'("{word.lstrip("-").split("=", 1)[0]}"' in defined, word
-    options = beam_options("DataflowRunner", beam).get_all_options()
-    for name in ("project", "region", "temp_location", "service_account_email", "machine_type",
-                 "max_num_workers", "sdk_container_image"):
-        assert options[name], name
+    for command in commands:
+        words = shlex.split(command.replace("\\\n", " "))
+        ours, beam = words[:words.index("--")], words[words.index("--") + 1:]
+        assert ours[0] == "trainer" and "--runner=DataflowRunner" in ours
+        defined = source[source.index(f"def define_{ours[1]}_flags"):source.index(f"def run_{ours[1]}")]
+        for word in ours[2:]:
+            assert f'("{word.lstrip("-").split("=", 1)[0]}"' in defined, word
+        options = beam_options("DataflowRunner", beam).get_all_options()
+        for name in ("project", "region", "temp_location", "service_account_email", "machine_type",
+                     "max_num_workers", "sdk_container_image"):
+            assert options[name], name
+        if ours[1] == "predict":  # one L4 GPU per worker, its driver installed by Dataflow
+            assert options["dataflow_service_options"] == ["worker_accelerator=type:nvidia-l4;count:1;"
+                                                           "install-nvidia-driver"]
+            assert options["machine_type"].startswith("g2-") and options["sdk_location"] == "container"
 
 
 # The subprocess reads the manifest through fsspec (the GCS server of the fixtures) and the shards

@@ -124,20 +124,35 @@ def run_evaluate(argv):
 
 def define_predict_flags():
     flags.DEFINE_string("model", None, "The exported model: JOB_DIR/model, or any copy of it.")
-    flags.DEFINE_string("input", None, "A folder, a glob, or a gs:// prefix of images.")
-    flags.DEFINE_string("output", None, "CSV to write: path, predicted class, one probability per class.")
+    flags.DEFINE_string("input", None, "A folder, a glob, a gs:// prefix of images, one image, or a Vertex AI "
+                        "label file (.csv/.jsonl, as prepare --labels takes) listing the images to score.")
+    flags.DEFINE_string("output", None, "A .csv or .jsonl file (one file, --runner=local), or a folder for shards "
+                        "predictions-00000-of-000NN.csv: path, predicted class, one probability per class, error.")
+    flags.DEFINE_enum("format", "csv", ["csv", "jsonl"], "Shards' format: csv, or jsonl in Vertex AI batch "
+                      "prediction's shape ({instance, prediction: {ids, displayNames, confidences}}).")
+    flags.DEFINE_integer("top_k", 0, "For many classes: the best K classes and their probabilities per row "
+                         "(0: every class's probability).")
+    flags.DEFINE_integer("num_shards", None, "Shards of a folder --output (default: one per 10,000 images).")
+    flags.DEFINE_bool("overwrite", False, "Replace the shards of a finished run at --output (an unfinished one "
+                      "resumes: only its missing shards are written).")
+    flags.DEFINE_string("runner", "local", "local (this process), or an Apache Beam runner (DirectRunner, "
+                        "DataflowRunner, ...) scoring the shards with RunInference; Beam's pipeline options follow a "
+                        "lone -- (README: Predict at scale).")
     flags.DEFINE_integer("batch_size", 64, "Images scored per batch.")
     flags.DEFINE_integer("max_image_bytes", MAX_IMAGE_BYTES, "An image file larger than this gets its row with the "
                          "reason instead of a score; no read goes further.")
+    flags.DEFINE_bool("allow_http", False, "A label file --input may name http(s) images.")
     flags.mark_flags_as_required(["model", "input", "output"])
 
 
 def run_predict(argv):
     from trainer.serve import predict
 
-    _no_extra_args(argv)
+    _no_extra_args(argv, passthrough_allowed=True)
     predict.predict(model_url=FLAGS.model, input_location=FLAGS.input, output_url=FLAGS.output,
-                    batch_size=FLAGS.batch_size, max_image_bytes=FLAGS.max_image_bytes)
+                    batch_size=FLAGS.batch_size, max_image_bytes=FLAGS.max_image_bytes, output_format=FLAGS.format,
+                    top_k=FLAGS.top_k, runner=FLAGS.runner, pipeline_args=tuple(_PASSTHROUGH),
+                    num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite, allow_http=FLAGS.allow_http)
 
 
 def define_promote_flags():
@@ -178,7 +193,7 @@ COMMANDS = {
     "prepare": (define_prepare_flags, run_prepare, "images -> sharded TFRecords + dataset.json"),
     "train": (define_train_flags, run_train, "train (and export) a transfer-learning classifier"),
     "evaluate": (define_evaluate_flags, run_evaluate, "metrics.json + pictures for a split; CI gate"),
-    "predict": (define_predict_flags, run_predict, "score image files with an exported model -> CSV"),
+    "predict": (define_predict_flags, run_predict, "score images with an exported model -> CSV/JSONL, here or on Beam"),
     "promote": (define_promote_flags, run_promote, "copy a candidate model to production if it passes"),
     "tflite": (define_tflite_flags, run_tflite, "TensorFlow Lite copies of an exported model (float32, float16, int8)"),
 }
