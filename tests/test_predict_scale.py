@@ -115,11 +115,12 @@ def test_vertex_jsonl_and_top_k(bucket_images, tmp_path):
             assert float(row["prob_1"]) >= float(row["prob_2"])
 
 
-def test_a_killed_run_resumes_writing_only_the_missing_shards(bucket_images, tmp_path):
+@pytest.mark.parametrize("runner", ["local", "DirectRunner"])
+def test_a_killed_run_resumes_writing_only_the_missing_shards(bucket_images, tmp_path, runner):
     bucket, model, images = bucket_images
     output = tmp_path / "out"
     command = [sys.executable, "-m", "trainer.cli", "predict", f"--model={model}", f"--input={bucket}/images",
-               f"--output={output}", "--num_shards=6", "--batch_size=1"]
+               f"--output={output}", "--num_shards=6", "--batch_size=1", f"--runner={runner}"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     markers = output / ".predict"
     while process.poll() is None and not (markers.exists() and any(markers.glob("*.json"))):
@@ -131,6 +132,8 @@ def test_a_killed_run_resumes_writing_only_the_missing_shards(bucket_images, tmp
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming: {len(written)} of 6 shards already written" in result.stderr
+    if runner == "DirectRunner":
+        assert f"scoring {6 - len(written)} shard" in result.stderr
     assert all((output / name).stat().st_mtime_ns == mtime for name, mtime in written.items())
     assert_same_rows(rows_of(str(output)), rows_of(predict.predict(model, f"{bucket}/images", str(tmp_path / "r.csv"))
                                                     and str(tmp_path / "r.csv")))
@@ -164,3 +167,25 @@ def test_bad_inputs_are_the_same_one_line_errors_on_every_runner(bucket_images, 
         with pytest.raises(UserError, match="writes a folder of shards"):
             predict.predict(model, f"{bucket}/images", str(tmp_path / "one.csv"), runner=runner)
     assert not os.path.exists(output)
+
+
+def test_an_unfinished_run_planned_again_keeps_only_its_own_shards(bucket_images, tmp_path):
+    bucket, model, _ = bucket_images
+    output = tmp_path / "out"
+    predict.predict(model, f"{bucket}/images/x", str(output), num_shards=3)
+    (output / "notes.txt").write_text("not ours")
+    (output / ".predict").mkdir()  # as a killed run leaves it
+    (output / ".predict" / "predictions-00000-of-00003.csv.json").write_text('{"plan": "another"}')
+    assert predict.predict(model, f"{bucket}/images/x", str(output), num_shards=2) == 6
+    assert sorted(os.listdir(output)) == ["notes.txt", *(f"predictions-0000{index}-of-00002.csv" for index in (0, 1))]
+    # --overwrite over an unfinished run's markers: every shard is written again.
+    (output / ".predict").mkdir()
+    (output / ".predict" / "predictions-00000-of-00002.csv.json").write_text('{"plan": "x"}')
+    (output / "predictions-00000-of-00002.csv").unlink()
+    assert predict.predict(model, f"{bucket}/images/x", str(output), num_shards=2, overwrite=True) == 6
+    assert len(rows_of_folder(output)) == 6
+
+
+def rows_of_folder(output):
+    return [row for name in sorted(os.listdir(output)) if name.startswith("predictions-")
+            for row in csv.DictReader(open(output / name))]

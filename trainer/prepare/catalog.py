@@ -174,6 +174,25 @@ class Catalog:
         if batch:
             self._insert("files", batch)
 
+    def repeated_rows(self):
+        """`(line, location, label, first line, first label)` of each label-file row naming an image
+        an earlier row named, in line order (SQL over the rows: no set of names in memory)."""
+        return self.db.execute("""
+            SELECT later.line, later.path, later.label, first.line, first.label
+            FROM (SELECT path, MIN(line) AS line FROM files GROUP BY path HAVING COUNT(*) > 1) AS firsts
+            JOIN files AS first ON first.path = firsts.path AND first.line = firsts.line
+            JOIN files AS later ON later.path = firsts.path AND later.line > firsts.line
+            ORDER BY later.line""").fetchall()
+
+    def label_counts(self):
+        """`(rows, rows with a split of their own)` of a label file's rows."""
+        return self.db.execute("SELECT COUNT(*), COUNT(given) FROM files").fetchone()
+
+    def label_rows(self):
+        """A label file's rows `(line, location, label, split or None)` back from the table, in line order."""
+        return [(line, path, label, None if given is None else SPLITS[given]) for line, path, label, given in
+                self.db.execute("SELECT line, path, label, given FROM files ORDER BY line")]
+
     def classes(self, origin):
         """Sorted class names (index -> name); raises UserError for fewer than two."""
         return plan.check_class_count([label for label, in self.db.execute(

@@ -50,36 +50,56 @@ def read_label_file(url, allow_http=False):
       UserError: the file is missing, or has bad rows (each named with its line number), or gives
         one image several labels.
     """
+    problems = []
+    located = list(label_rows(url, allow_http, problems))
+    problems += _multi_label(located)
+    if problems:
+        problems += unreadable_rows(located)
+    check_problems(url, problems, bool(located))
+    return located
+
+
+def label_rows(url, allow_http, problems):
+    """Yields the rows of a label file as it is read (one line in memory at a time), appending a
+    problem (`line N: ...`) to `problems` for each bad row instead.
+
+    Raises:
+      UserError: the file is missing or not UTF-8 text.
+    """
+    folder = storage.dirname(url)
+    jsonl = url.lower().endswith((".jsonl", ".json"))
     try:
-        text = storage.read_text(url)
+        with storage.open_file(url, "rb") as handle:
+            text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+            for line, uri, label, split in (_parse_jsonl if jsonl else _parse_csv)(text, problems):
+                if uri.lower().startswith(HTTP_SCHEMES) and not allow_http:
+                    problems.append(f"line {line}: {uri[:100]} is an http(s) URL, read only with --allow_http")
+                    continue
+                location = uri if "://" in uri or uri.startswith("/") else storage.join(folder, *uri.split("/"))
+                yield line, location, label, split
     except FileNotFoundError:
         raise UserError(f"label file not found: {url}") from None
     except UnicodeDecodeError as error:
         raise UserError(f"label file {url} is not UTF-8 text: {error}") from None
-    folder = storage.dirname(url)
-    jsonl = url.lower().endswith((".jsonl", ".json"))
-    rows, problems = (_parse_jsonl if jsonl else _parse_csv)(text)
-    located = []
-    for line, uri, label, split in rows:
-        if uri.lower().startswith(HTTP_SCHEMES) and not allow_http:
-            problems.append(f"line {line}: {uri[:100]} is an http(s) URL, read only with --allow_http")
-            continue
-        location = uri if "://" in uri or uri.startswith("/") else storage.join(folder, *uri.split("/"))
-        located.append((line, location, label, split))
-    problems += _multi_label(located)
+
+
+def check_problems(url, problems, any_rows):
+    """Raises UserError naming every bad row (the first PROBLEMS_SHOWN by line, and the count), or
+    when the file lists no image at all.
+
+    Callers add `unreadable_rows` to a file's problems when it has some: every bad row is then
+    reported at once, with the ones that name no readable image (which prepare would otherwise
+    report only once the others are fixed)."""
     if problems:
-        # Every bad row at once: with the malformed ones, the rows that name no readable image
-        # (which prepare would otherwise report only once the others are fixed).
-        problems = sorted(problems + _unreadable_rows(located), key=lambda problem: int(problem.split()[1][:-1]))
+        problems = sorted(problems, key=lambda problem: int(problem.split()[1][:-1]))
         shown = "; ".join(problems[:PROBLEMS_SHOWN])
         more = f" (and {len(problems) - PROBLEMS_SHOWN} more)" if len(problems) > PROBLEMS_SHOWN else ""
         raise UserError(f"{url}: {len(problems)} bad rows: {shown}{more}")
-    if not located:
+    if not any_rows:
         raise UserError(f"{url} lists no images")
-    return located
 
 
-def _unreadable_rows(rows):
+def unreadable_rows(rows):
     """A problem for every row whose image is missing or not a regular file (never opened)."""
 
     def problem(row):
@@ -95,8 +115,11 @@ def _unreadable_rows(rows):
             return None  # the store cannot say now: the rows already found are reported
         return None
 
+    found = []
     with futures.ThreadPoolExecutor(EXISTS_THREADS) as pool:
-        return [found for found in pool.map(problem, rows) if found]
+        for start in range(0, len(rows), 10_000):  # a bounded number of checks queued at once
+            found += [problem for problem in pool.map(problem, rows[start:start + 10_000]) if problem]
+    return found
 
 
 def _split_of(value, line):
@@ -107,9 +130,8 @@ def _split_of(value, line):
     return ML_USE[key], None
 
 
-def _parse_csv(text):
-    rows, problems = [], []
-    for line, fields in enumerate(csv.reader(io.StringIO(text)), start=1):
+def _parse_csv(text, problems):
+    for line, fields in enumerate(csv.reader(text), start=1):
         fields = [field.strip() for field in fields]
         if not any(fields):
             continue
@@ -124,12 +146,11 @@ def _parse_csv(text):
         else:
             problems.append(f"line {line}: {len(fields)} fields, expected [ML_USE,]IMAGE_URI,LABEL")
             continue
-        _add_row(rows, problems, line, uri, label, split, "image URI", "label")
-    return rows, problems
+        yield from _checked_row(problems, line, uri, label, split, "image URI", "label")
 
 
-def _add_row(rows, problems, line, uri, label, split, uri_field, label_field):
-    """Appends the row, or the problem with it (no URI, an empty label)."""
+def _checked_row(problems, line, uri, label, split, uri_field, label_field):
+    """Yields the row, or appends the problem with it (no URI, an empty label)."""
     if not uri:
         problems.append(f"line {line}: no {uri_field}")
     elif not label:
@@ -138,12 +159,11 @@ def _add_row(rows, problems, line, uri, label, split, uri_field, label_field):
         problems.append(f"line {line}: a {label_field} of {len(label)} characters (at most {MAX_LABEL_CHARACTERS}): "
                         f"{label[:40]}...")
     else:
-        rows.append((line, uri, label, split))
+        yield line, uri, label, split
 
 
-def _parse_jsonl(text):
-    rows, problems = [], []
-    for line, raw in enumerate(text.splitlines(), start=1):
+def _parse_jsonl(text, problems):
+    for line, raw in enumerate(text, start=1):
         if not raw.strip():
             continue
         try:
@@ -166,8 +186,8 @@ def _parse_jsonl(text):
         if problem:
             problems.append(problem)
         else:
-            _add_row(rows, problems, line, uri, label, split, "imageGcsUri", "classificationAnnotation.displayName")
-    return rows, problems
+            yield from _checked_row(problems, line, uri, label, split, "imageGcsUri",
+                                    "classificationAnnotation.displayName")
 
 
 def _multi_label(rows):
@@ -177,10 +197,13 @@ def _multi_label(rows):
         if location not in first:
             first[location] = (line, label)
             continue
-        earlier, earlier_label = first[location]
-        if label != earlier_label:
-            problems.append(f"line {line}: a second label {label!r} for {location} (line {earlier}: "
-                            f"{earlier_label!r}): multi-label images are not supported, one class per image")
-        else:
-            problems.append(f"line {line}: {location} again (as on line {earlier})")
+        problems.append(repeat_problem(line, location, label, *first[location]))
     return problems
+
+
+def repeat_problem(line, location, label, earlier, earlier_label):
+    """The problem of a row naming an image an earlier row named (with another label, or again)."""
+    if label != earlier_label:
+        return (f"line {line}: a second label {label!r} for {location} (line {earlier}: {earlier_label!r}): "
+                "multi-label images are not supported, one class per image")
+    return f"line {line}: {location} again (as on line {earlier})"

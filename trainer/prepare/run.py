@@ -143,12 +143,14 @@ def plan_dataset(table, source, output, labels, layout, val_fraction, test_fract
     if labels:
         from trainer.prepare import labelfile
 
-        layout = "labels"
-        rows = labelfile.read_label_file(labels, allow_http=allow_http)
-        table.add_label_rows(rows)
-        logging.info("labels: %d images in %s (%d with their own split)", len(rows), labels,
-                     sum(split is not None for *_, split in rows))
-        del rows
+        layout, problems = "labels", []
+        table.add_label_rows(labelfile.label_rows(labels, allow_http, problems))  # streamed into the table
+        problems += [labelfile.repeat_problem(*row) for row in table.repeated_rows()]
+        if problems:
+            problems += labelfile.unreadable_rows(table.label_rows())
+        images, given = table.label_counts()
+        labelfile.check_problems(labels, problems, images > 0)
+        logging.info("labels: %d images in %s (%d with their own split)", images, labels, given)
     else:
         facts = table.add_listing(output)
         layout = plan.resolve_layout(facts, layout, source)

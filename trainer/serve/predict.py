@@ -85,7 +85,7 @@ def _committed(output, entries):
         name, digest, *_ = entry
         try:
             marker = storage.read_json(shards.state_location(output, name + ".json"))
-            return name if marker.get("plan") == digest else None
+            return name if marker.get("plan") == digest and storage.exists(storage.join(output, name)) else None
         except (FileNotFoundError, ValueError):
             return None
 
@@ -93,15 +93,14 @@ def _committed(output, entries):
         return {name for name in pool.map(done, entries) if name}
 
 
-def _finished_shards(output):
-    """The prediction shards of a finished run at `output` (no state folder left), else []."""
+def _shard_files(output):
+    """`(prediction shards at output, whether an unfinished run's state folder is there)`."""
     try:
         names = [name for name, _ in folders.list_files(output)]
     except FileNotFoundError:
-        return []
-    if any(name.startswith(shards.STATE_FOLDER + "/") for name in names):
-        return []
-    return [name for name in names if name.startswith("predictions-") and "/" not in name]
+        return [], False
+    unfinished = any(name.startswith(shards.STATE_FOLDER + "/") for name in names)
+    return [name for name in names if name.startswith("predictions-") and "/" not in name], unfinished
 
 
 def _score_all(scorer, locations, batch_size, progress):
@@ -118,7 +117,7 @@ def run_local(output, entries, model_url, max_image_bytes, batch_size, total):
         for _, digest, offset, length in entries:
             task = shards.read_task(output, offset, length)
             shards.commit_shard(output, task, digest, _score_all(scorer, task["locations"], batch_size, progress),
-                         scorer.class_names)
+                                scorer.class_names)
 
 
 def predict(model_url, input_location, output_url, batch_size=64, max_image_bytes=imagefiles.MAX_IMAGE_BYTES,
@@ -174,9 +173,9 @@ def predict(model_url, input_location, output_url, batch_size=64, max_image_byte
     if not modeldir.is_complete(model_url):
         raise UserError(f"no exported model at {model_url} (expected {modeldir.METADATA_FILE} and "
                         f"{modeldir.SAVED_MODEL_FILE})")
-    finished = [] if single else _finished_shards(output_url)
-    if finished and not overwrite:
-        raise UserError(f"{output_url} already holds predictions ({finished[0]}, ...); pass --overwrite to "
+    existing, unfinished = ([], False) if single else _shard_files(output_url)
+    if existing and not unfinished and not overwrite:
+        raise UserError(f"{output_url} already holds predictions ({existing[0]}, ...); pass --overwrite to "
                         "replace them")
     class_names = shards.read_class_names(model_url)
     locations = list_images(input_location, allow_http)
@@ -185,9 +184,13 @@ def predict(model_url, input_location, output_url, batch_size=64, max_image_byte
     if single:
         return _predict_to_file(model_url, locations, output_url, output_format, top_k, batch_size,
                                 max_image_bytes, class_names)
-    for name in finished:  # --overwrite: only our own shards go
-        storage.remove(storage.join(output_url, name))
     count = max(1, min(len(locations), num_shards or math.ceil(len(locations) / IMAGES_PER_SHARD)))
+    names = {shards.shard_name(index, count, output_format) for index in range(count)}
+    if overwrite:
+        storage.remove(shards.state_location(output_url), recursive=True)
+    for name in existing:  # --overwrite's, or an earlier plan's (another shard count): only our own files go
+        if overwrite or name not in names:
+            storage.remove(storage.join(output_url, name))
     settings = {"model": model_url, "format": output_format, "top_k": top_k, "max_image_bytes": max_image_bytes}
     entries, offset = [], 0
     with storage.open_file(shards.state_location(output_url, shards.PLAN_NAME), "wb") as handle:
@@ -200,7 +203,9 @@ def predict(model_url, input_location, output_url, batch_size=64, max_image_byte
         logging.info("resuming: %d of %s already written", len(done), counted(count, "shard"))
     todo = [entry for entry in entries if entry[0] not in done]
     if todo and runner == "local":
-        run_local(output_url, todo, model_url, max_image_bytes, batch_size, len(locations))
+        sizes = {name: (index + 1) * len(locations) // count - index * len(locations) // count
+                 for index, (name, *_) in enumerate(entries)}
+        run_local(output_url, todo, model_url, max_image_bytes, batch_size, sum(sizes[name] for name, *_ in todo))
     elif todo:
         from trainer.serve import batch
 

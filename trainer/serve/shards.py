@@ -207,4 +207,5 @@ def commit_shard(output, task, digest, results, class_names):
     storage.write_text(storage.join(output, task["name"]), "".join(lines))
     storage.write_json(state_location(output, task["name"] + ".json"),
                        {"plan": digest, "rows": len(results), "failures": failures})
+    logging.info("wrote %s: %d rows (%d could not be scored)", task["name"], len(results), failures)
     return failures
