@@ -205,4 +205,4 @@ bench: install
 	$(PY) -m bench.sigterm --output=bench_output
 	$(PY) -m bench.evaluate_classes --output=bench_output
 	$(PY) -m bench.prepare_plan --output=bench_output
-	$(PY) -m bench.predict_scale --output=bench_output
+	$(PY) -m bench.predict_scale --images=3000 --output=bench_output
