@@ -313,7 +313,7 @@ def test_devices_fifos_and_links_to_them_are_never_opened(tmp_path):
 
 
 def test_http_rows_need_allow_http_and_class_names_have_a_length_limit(tmp_path):
-    from trainer.prepare import labelfile
+    from trainer.formats import labelfile
 
     labels = tmp_path / "labels.csv"
     labels.write_text(f"http://127.0.0.1:9/internal.jpg,cats\na.jpg,{'x' * 300}\nb.jpg,dogs\n")

@@ -33,10 +33,10 @@ TENSORFLOW_FREE = ["trainer.cli", "trainer.config", "trainer.errors", "trainer.i
                    "trainer.formats.manifest", "trainer.formats.jobdir", "trainer.formats.lease",
                    "trainer.formats.modeldir", "trainer.formats.production", "trainer.formats.tfrecord",
                    "trainer.formats.imagefiles", "trainer.formats.timestamps", "trainer.prepare.run",
-                   "trainer.prepare.plan", "trainer.prepare.labelfile", "trainer.prepare.shards",
-                   "trainer.prepare.runners", "trainer.prepare.preview", "trainer.evaluate.gate",
-                   "trainer.release.promote", "trainer.release.registry", "trainer.infra.figures",
-                   "trainer.infra.tracking", "trainer.infra.devices"]
+                   "trainer.prepare.plan", "trainer.prepare.catalog", "trainer.formats.labelfile",
+                   "trainer.prepare.shards", "trainer.prepare.runners", "trainer.prepare.preview",
+                   "trainer.evaluate.gate", "trainer.release.promote", "trainer.release.registry",
+                   "trainer.infra.figures", "trainer.infra.tracking", "trainer.infra.devices", "trainer.infra.beam"]
 
 
 def module_name(path):

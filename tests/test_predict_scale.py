@@ -120,7 +120,8 @@ def test_a_killed_run_resumes_writing_only_the_missing_shards(bucket_images, tmp
     bucket, model, images = bucket_images
     output = tmp_path / "out"
     command = [sys.executable, "-m", "trainer.cli", "predict", f"--model={model}", f"--input={bucket}/images",
-               f"--output={output}", "--num_shards=6", "--batch_size=1", f"--runner={runner}"]
+               f"--output={output}", "--num_shards=6", "--batch_size=1", f"--runner={runner}",
+               *(["--", "--direct_num_workers=1"] if runner == "DirectRunner" else [])]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     markers = output / ".predict"
     while process.poll() is None and not (markers.exists() and any(markers.glob("*.json"))):
@@ -153,6 +154,8 @@ def test_bad_inputs_are_the_same_one_line_errors_on_every_runner(bucket_images, 
         (lambda: predict.predict(f"{bucket}/no-model", f"{bucket}/images", output, runner=runner),
          "error: no exported model at"),
         (lambda: predict.predict(model, f"{bucket}/images", output, top_k=-1, runner=runner), "error: --top_k must"),
+        (lambda: predict.predict(model, f"{bucket}/images", output, output_format="xml", runner=runner),
+         "error: --format must be one of csv, jsonl"),
         (lambda: predict.predict(model, f"{bucket}/images", "gs://no-such-bucket/out", runner=runner),
          "error: bucket gs://no-such-bucket does not exist"),
     ]
@@ -161,6 +164,8 @@ def test_bad_inputs_are_the_same_one_line_errors_on_every_runner(bucket_images, 
     if runner == "local":
         with pytest.raises(UserError, match="are for a Beam --runner"):
             predict.predict(model, f"{bucket}/images", output, pipeline_args=("--project=p",))
+        with pytest.raises(UserError, match="--format=jsonl but --output ends in .csv"):
+            predict.predict(model, f"{bucket}/images", str(tmp_path / "one.csv"), output_format="jsonl")
     else:
         with pytest.raises(UserError, match="unknown Beam pipeline option --no_such_option"):
             predict.predict(model, f"{bucket}/images", output, runner=runner, pipeline_args=("--no_such_option=1",))

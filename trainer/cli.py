@@ -128,8 +128,8 @@ def define_predict_flags():
                         "label file (.csv/.jsonl, as prepare --labels takes) listing the images to score.")
     flags.DEFINE_string("output", None, "A .csv or .jsonl file (one file, --runner=local), or a folder for shards "
                         "predictions-00000-of-000NN.csv: path, predicted class, one probability per class, error.")
-    flags.DEFINE_enum("format", "csv", ["csv", "jsonl"], "Shards' format: csv, or jsonl in Vertex AI batch "
-                      "prediction's shape ({instance, prediction: {ids, displayNames, confidences}}).")
+    flags.DEFINE_enum("format", "csv", ["csv", "jsonl"], "csv, or jsonl in Vertex AI batch prediction's shape "
+                      "({instance, prediction: {ids, displayNames, confidences}}); a file --output's ending decides.")
     flags.DEFINE_integer("top_k", 0, "For many classes: the best K classes and their probabilities per row "
                          "(0: every class's probability).")
     flags.DEFINE_integer("num_shards", None, "Shards of a folder --output (default: one per 10,000 images).")

@@ -63,7 +63,7 @@ def prepare_dataset(source=None, output=None, layout="auto", val_fraction=0.15, 
       max_image_bytes: skip images larger than this; no read goes further.
       overwrite: replace a dataset already at `output` (only its own files are removed).
       workers: decode/encode processes (default: all cores; 1: in this process).
-      labels: instead of `source`, a Vertex AI CSV or JSONL label file (trainer.prepare.labelfile).
+      labels: instead of `source`, a Vertex AI CSV or JSONL label file (trainer.formats.labelfile).
       allow_http: a label file may name http(s) images (off: each is a request from where this runs).
       strict: suspicious classes (trainer.prepare.plan.check_classes) are errors, not warnings.
       allow_missing_classes: a class with no training image is a warning, not an error.
@@ -141,7 +141,7 @@ def plan_dataset(table, source, output, labels, layout, val_fraction, test_fract
     origin = origin or source or labels
     skipped, ignored = [], {"count": 0, "files": []}
     if labels:
-        from trainer.prepare import labelfile
+        from trainer.formats import labelfile
 
         layout, problems = "labels", []
         table.add_label_rows(labelfile.label_rows(labels, allow_http, problems))  # streamed into the table

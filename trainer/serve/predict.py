@@ -60,7 +60,7 @@ def list_images(input_location, allow_http=False):
       UserError: nothing there, no image files in it, or a label file with bad rows.
     """
     if input_location.lower().endswith(LABEL_FILE_ENDINGS) and not storage.isdir(input_location):
-        from trainer.prepare import labelfile
+        from trainer.formats import labelfile
 
         return sorted(location for _, location, _, _ in labelfile.read_label_file(input_location, allow_http))
     if storage.isdir(input_location):
@@ -162,7 +162,11 @@ def predict(model_url, input_location, output_url, batch_size=64, max_image_byte
                         "with `trainer evaluate --model=FILE.tflite`")
     single = output_url.lower().endswith(tuple(f".{name}" for name in FORMATS))
     if single:
-        output_format = output_url.lower().rsplit(".", 1)[1]
+        ending = output_url.lower().rsplit(".", 1)[1]
+        if output_format != "csv" and output_format != ending:  # (csv is the default: the ending decides)
+            raise UserError(f"--format={output_format} but --output ends in .{ending}: give a .{output_format} file "
+                            "or a folder")
+        output_format = ending
     if runner != "local":
         from trainer.infra import beam
 
