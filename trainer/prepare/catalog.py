@@ -31,6 +31,7 @@ from trainer.prepare import plan
 
 CACHE_KIB = 16 * 1024  # SQLite's page cache: its memory for sorting and grouping (it spills the rest to disk)
 BATCH = 10_000  # rows inserted, or digests computed, at a time
+PROGRESS_EVERY = 250_000  # a log line per this many files listed or hashed
 # Parallel reads when hashing files whose store gives no MD5 (local disks, composite objects).
 HASH_THREADS = 16
 SPLIT_INDEX = {name: index for index, name in enumerate(SPLITS)}
@@ -76,7 +77,7 @@ class Catalog:
         # SQLite reports a full disk (or a file-size limit) as one of these, without an errno.
         if isinstance(error, sqlite3.OperationalError) and str(error) in ("database or disk is full", "disk I/O error"):
             raise UserError(f"no space left on device for the plan's table in {os.path.dirname(self.folder)} "
-                            f"({error}; about 150 bytes per image): free space, or point TMPDIR at a larger disk"
+                            f"({error}; about 160 bytes per image): free space, or point TMPDIR at a larger disk"
                             ) from None
 
     def _insert(self, table, rows):
@@ -108,7 +109,9 @@ class Catalog:
             inside = output_key[len(source_key) + 1:].replace(os.sep, "/") + "/"
         facts, images, others, hidden = plan.LayoutFacts(), [], [], 0
         try:
-            for entry in folders.iter_files(source):
+            for count, entry in enumerate(folders.iter_files(source), start=1):
+                if count % PROGRESS_EVERY == 0:  # a listing of millions takes minutes
+                    logging.info("listing %s: %s so far", source, counted(count, "file"))
                 path = entry[0]
                 if is_hidden(path) or (inside and path.startswith(inside)):
                     hidden += 1
@@ -207,7 +210,8 @@ class Catalog:
         Raises:
           UserError: a file that does not exist (a label file's row naming a missing image: by line).
         """
-        absent, count, last = [], 0, 0
+        absent, count, last, done = [], 0, 0, 0
+        todo = self.db.execute("SELECT COUNT(*) FROM files WHERE digest IS NULL").fetchone()[0]
 
         def digest(row):
             try:
@@ -220,7 +224,9 @@ class Catalog:
         with futures.ThreadPoolExecutor(HASH_THREADS) as pool:
             while batch := self.db.execute("SELECT rowid, path, line FROM files WHERE digest IS NULL AND rowid > ? "
                                            "ORDER BY rowid LIMIT ?", (last, BATCH)).fetchall():
-                last, found = batch[-1][0], []
+                last, found, done = batch[-1][0], [], done + len(batch)
+                if todo >= PROGRESS_EVERY and done % PROGRESS_EVERY < BATCH:
+                    logging.info("hashing the files the store gives no MD5 for: %d of %d", done, todo)
                 for row, value in zip(batch, pool.map(digest, batch), strict=True):
                     if isinstance(value, str):
                         count += 1
