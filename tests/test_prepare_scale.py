@@ -215,7 +215,7 @@ def test_readmes_dataflow_commands_have_only_known_flags_and_beam_options():
     import shlex
 
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    commands = [block for block in re.findall(r"```\n(.*?)```", readme, re.DOTALL) if "DataflowRunner" in block]
+    commands = [block for block in re.findall(r"```[a-z]*\n(.*?)```", readme, re.DOTALL) if "DataflowRunner" in block]
     assert [command.split()[1] for command in commands] == ["prepare", "predict"]
     from trainer import cli
 
