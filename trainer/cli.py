@@ -14,6 +14,17 @@ import sys
 # Before TensorFlow is imported anywhere: keep its C++ INFO lines out of the user's terminal.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def _stopped_while_starting(signum, frame):
+    """SIGTERM or Ctrl-C before the command has started (while importing, parsing flags): nothing
+    is written yet, so the process ends at once with the same line and exit 75 as later on."""
+    sys.stderr.write(f"interrupted ({signal.Signals(signum).name}); rerun to go on\n")
+    os._exit(75)
+
+
+for _signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_signum, _stopped_while_starting)
+
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config, errors  # noqa: E402
@@ -297,7 +308,10 @@ def main(argv=None):
             signal.signal(signum, _interrupted)
         errors.exit_after_signal(STOP_SIGNALS, SIGTERM_EXIT_SECONDS, errors.EXIT_RETRYABLE,
                                  "interrupted ({signal}); rerun to go on")
-    app.run(_run_safely(run), argv=[program, *rest], flags_parser=_parse_flags)
+    try:
+        app.run(_run_safely(run), argv=[program, *rest], flags_parser=_parse_flags)
+    except KeyboardInterrupt as stop:  # while absl parsed the flags, before the command ran
+        _exit(errors.EXIT_RETRYABLE, f"interrupted ({stop.args[0] if stop.args else 'SIGINT'}); rerun to go on")
 
 
 SIGTERM_EXIT_SECONDS = 25  # below the manifests' terminationGracePeriodSeconds (30)
