@@ -8,6 +8,9 @@ import json
 import multiprocessing.pool
 import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 
 import helpers
@@ -18,7 +21,7 @@ from PIL import Image, ImageFile
 
 from trainer.errors import UserError
 from trainer.infra import storage
-from trainer.prepare import catalog, plan, shards
+from trainer.prepare import catalog, plan, runners, shards
 from trainer.prepare import run as prepare
 
 EXAMPLE_KEYS = {"image/encoded", "image/format", "image/class/label", "image/class/text",
@@ -416,6 +419,28 @@ def test_imap_bounded_keeps_a_bounded_window():
         for result in shards.imap_bounded(pool, lambda value: value * 2, items(), window=4):
             consumed.append(result)
     assert consumed == [value * 2 for value in range(40)]
+
+
+def _a_worker_with_a_python_sigterm_handler():
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(75))  # as trainer.cli's start-up handler was
+    runners._worker_signals()
+
+
+def _sigterm_is_default():
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_prepares_pool_workers_end_by_sigterms_default_action():
+    # Pool.__exit__ ends idle workers with SIGTERM while they wait on a semaphore. A worker whose
+    # SIGTERM had a Python handler (trainer.cli's start-up one: a spawned worker runs that module as
+    # __mp_main__) was seen blocked there with the signal delivered and its handler never run, and
+    # prepare waiting on it for ever after its last shard (CI's prepare benchmark).
+    with multiprocessing.get_context("spawn").Pool(1, initializer=_a_worker_with_a_python_sigterm_handler) as pool:
+        assert pool.apply(_sigterm_is_default)
+    as_a_worker = subprocess.run([sys.executable, "-c", "import runpy, signal; runpy.run_module('trainer.cli', "
+                                  "run_name='__mp_main__'); print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)"],
+                                 capture_output=True, text=True, timeout=300)
+    assert as_a_worker.stdout.strip() == "True", as_a_worker.stderr[-2000:]
 
 
 def stratified(rows, seed=3, count=1):

@@ -22,8 +22,11 @@ def _stopped_while_starting(signum, frame):
     os._exit(75)
 
 
-for _signum in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(_signum, _stopped_while_starting)
+# Not in a worker process that `multiprocessing` spawned (it runs this module as __mp_main__): its
+# parent ends it, and must not see this line then.
+if __name__ != "__mp_main__":
+    for _signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_signum, _stopped_while_starting)
 
 from absl import app, flags, logging  # noqa: E402
 

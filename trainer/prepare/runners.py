@@ -46,9 +46,13 @@ def _write_shard_job(job):
     return shards.write_shard(*job)
 
 
-def _ignore_interrupts():
+def _worker_signals():
     # Ctrl-C reaches the whole process group: the parent stops the pool; workers need not print.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The pool ends its idle workers with SIGTERM while they wait on a semaphore: only the default
+    # action ends them there. A Python handler runs in the main thread alone, so a SIGTERM landing on
+    # another of the worker's threads left it waiting, and prepare hung after its last shard.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def run_local(jobs, workers, on_report=None):
@@ -64,7 +68,7 @@ def run_local(jobs, workers, on_report=None):
         return
     # spawn, not fork: the parent may hold gcsfs's threads, which fork does not carry over safely.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(processes, initializer=_ignore_interrupts) as pool:
+    with context.Pool(processes, initializer=_worker_signals) as pool:
         for report in pool.imap_unordered(_write_shard_job, jobs):
             if on_report:
                 on_report(report)
